@@ -1,0 +1,1 @@
+//! Local throwaway PostgreSQL clusters (being written).

@@ -1,0 +1,17 @@
+//! pgtide: a PostgreSQL connection pooler.
+//!
+//! Data flows one way: [`listener`] accepts a socket and hands it to a [`client`] session,
+//! which checks out a [`server`] connection from a [`pool`] for each transaction.
+//! [`protocol`] and [`config`] are leaves that import nothing of ours.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod listener;
+pub mod pool;
+pub mod protocol;
+pub mod server;
+mod shutdown;
+
+pub use listener::{start, Pooler};
