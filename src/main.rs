@@ -1,1 +1,151 @@
-fn main() {}
+//! The `pgtide` binary: parse the command line, load the config, run the pooler until a
+//! signal. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pgtide::config::Config;
+
+#[derive(Parser)]
+#[command(name = "pgtide", version, about = "A PostgreSQL connection pooler")]
+struct Cli {
+    /// Configuration file (TOML). Without it, --upstream or DATABASE_URL is used.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Zero-config mode: pool this one database (postgres://user:pass@host:port/db).
+    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    upstream: Option<String>,
+    /// Listen address, overriding the config (default 127.0.0.1:6432).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file and print every problem; exit status 1 on error.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL primary and streaming replica, and pgtide in front
+    /// of them; Ctrl-C stops everything and removes it.
+    Demo,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGTIDE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::CheckConfig { file }) => match Config::from_file(file) {
+            Ok(_) => {
+                println!("{}: OK", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {} problem(s):", file.display(), e.problems.len());
+                for p in &e.problems {
+                    if p.key.is_empty() {
+                        eprintln!("  {}", p.message);
+                    } else {
+                        eprintln!("  {}: {}", p.key, p.message);
+                    }
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Demo) => {
+            init_logging(cli.log_format);
+            let rt = runtime();
+            match rt.block_on(pgtide::demo::run_demo(cli.listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pgtide demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {
+            init_logging(cli.log_format);
+            let loaded = match (&cli.config, &cli.upstream) {
+                (Some(path), _) => Config::from_file(path),
+                (None, Some(url)) => Config::from_upstream_url(url),
+                (None, None) => {
+                    eprintln!("pgtide: give --config FILE, or --upstream URL (or DATABASE_URL) for zero-config mode");
+                    return ExitCode::from(2);
+                }
+            };
+            let mut config = match loaded {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("pgtide: invalid configuration:\n{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(listen) = cli.listen {
+                config.pgtide.listen = listen;
+            }
+            runtime().block_on(serve(config))
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+async fn serve(config: Config) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen = config.pgtide.listen;
+    let pooler = match pgtide::start(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pgtide: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(listen = %pooler.local_addr(), version = env!("CARGO_PKG_VERSION"), "pgtide is ready");
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        eprintln!("pgtide: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received: finishing in-flight transactions (a second signal exits at once)");
+    pooler.shutdown();
+    let wait = pooler.wait();
+    tokio::select! {
+        _ = wait => {
+            tracing::info!("all clients gone; bye");
+            ExitCode::SUCCESS
+        }
+        _ = term.recv() => ExitCode::from(1),
+        _ = int.recv() => ExitCode::from(1),
+    }
+}

@@ -1,1 +1,384 @@
-//! Pools.
+//! Pools of server connections keyed by (database, user): checkout with a fair FIFO
+//! queue of waiting clients, limits, connect retries with back-off, and reaping of idle
+//! and old connections.
+//!
+//! A connection goes back into a pool only through [`Pool::checkin`], which the client
+//! session calls once the connection is idle (ReadyForQuery `I`, nothing pending);
+//! anything else is [`Pool::discard`]ed.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::auth::SaltedPasswordCache;
+use crate::config::PoolSettings;
+use crate::server::{LoginParams, ServerConn, ServerError, ServerTarget};
+
+/// Timeouts and retry policy a pool needs from the config.
+#[derive(Clone, Debug)]
+pub struct PoolTimeouts {
+    pub connect_timeout: Duration,
+    pub connect_retries: u32,
+    pub connect_backoff: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub lifetime: Option<Duration>,
+    pub max_message: u32,
+}
+
+/// A per-database connection budget shared by the pools of every user of that database
+/// (`max_db_connections`; 0 = unlimited).
+#[derive(Debug, Default)]
+pub struct DbLimit {
+    max: AtomicU32,
+    used: AtomicU32,
+}
+
+impl DbLimit {
+    pub fn new(max: u32) -> Arc<DbLimit> {
+        Arc::new(DbLimit {
+            max: AtomicU32::new(max),
+            used: AtomicU32::new(0),
+        })
+    }
+
+    fn try_acquire(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                if max == 0 || u < max {
+                    Some(u + 1)
+                } else {
+                    None
+                }
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.used.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a checkout failed.
+#[derive(Debug)]
+pub enum CheckoutError {
+    /// Every connection stayed busy for `query_wait_timeout`.
+    Exhausted { waited: Duration, pool_size: u32 },
+    /// The server could not be reached or refused the login, after all retries.
+    Connect { attempts: u32, error: Arc<ServerError> },
+}
+
+impl fmt::Display for CheckoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckoutError::Exhausted { waited, pool_size } => write!(
+                f,
+                "the pool is exhausted: all {pool_size} server connections stayed busy for {} (query_wait_timeout); \
+                 raise pool_size or query_wait_timeout, or shorten transactions",
+                humantime::format_duration(*waited)
+            ),
+            CheckoutError::Connect { attempts, error } => {
+                write!(f, "{error} (after {attempts} attempt{})", if *attempts == 1 { "" } else { "s" })
+            }
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<ServerConn, Arc<ServerError>>>;
+
+struct Inner {
+    /// Idle connections; the most recently used is at the back.
+    idle: Vec<ServerConn>,
+    /// Open connections (idle, in use, and being opened).
+    total: u32,
+    waiters: VecDeque<Waiter>,
+    settings: PoolSettings,
+}
+
+/// The server connections of one (database, user).
+pub struct Pool {
+    pub database: String,
+    pub user: String,
+    target: ServerTarget,
+    timeouts: PoolTimeouts,
+    salted: Arc<SaltedPasswordCache>,
+    db_limit: Arc<DbLimit>,
+    inner: Mutex<Inner>,
+    login_params: OnceLock<LoginParams>,
+}
+
+impl Pool {
+    pub fn new(
+        database: String,
+        user: String,
+        target: ServerTarget,
+        settings: PoolSettings,
+        timeouts: PoolTimeouts,
+        salted: Arc<SaltedPasswordCache>,
+        db_limit: Arc<DbLimit>,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            database,
+            user,
+            target,
+            timeouts,
+            salted,
+            db_limit,
+            inner: Mutex::new(Inner {
+                idle: Vec::new(),
+                total: 0,
+                waiters: VecDeque::new(),
+                settings,
+            }),
+            login_params: OnceLock::new(),
+        })
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        self.lock().settings.clone()
+    }
+
+    pub fn target(&self) -> &ServerTarget {
+        &self.target
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock would be a bug in this file; the data is still
+        // consistent enough to go on (counts are only ever changed in one statement).
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The ParameterStatus set a server of this pool reports at login, once known.
+    pub fn login_params(&self) -> Option<LoginParams> {
+        self.login_params.get().cloned()
+    }
+
+    /// Returns an idle connection, opens a new one if the pool has room, or waits in
+    /// line (FIFO) for one to be checked in, up to `wait`.
+    pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<ServerConn, CheckoutError> {
+        let rx = {
+            let mut inner = self.lock();
+            while let Some(conn) = inner.idle.pop() {
+                if self.usable(&conn) {
+                    return Ok(conn);
+                }
+                inner.total -= 1;
+                self.db_limit.release();
+                drop_in_background(conn);
+            }
+            if inner.total < inner.settings.pool_size && self.db_limit.try_acquire() {
+                inner.total += 1;
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                inner.waiters.push_back(tx);
+                Some(rx)
+            }
+        };
+        match rx {
+            None => match self.open().await {
+                Ok(conn) => Ok(conn),
+                Err((attempts, error)) => {
+                    self.forget_one();
+                    Err(CheckoutError::Connect { attempts, error })
+                }
+            },
+            Some(rx) => match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(Ok(conn))) => Ok(conn),
+                Ok(Ok(Err(error))) => Err(CheckoutError::Connect { attempts: 1, error }),
+                // The sender was dropped (pool shut down) or the wait timed out.
+                Ok(Err(_)) | Err(_) => Err(CheckoutError::Exhausted {
+                    waited: wait,
+                    pool_size: self.settings().pool_size,
+                }),
+            },
+        }
+    }
+
+    fn usable(&self, conn: &ServerConn) -> bool {
+        let now = Instant::now();
+        if let Some(l) = self.timeouts.lifetime {
+            if now.duration_since(conn.created) >= l {
+                return false;
+            }
+        }
+        if let Some(t) = self.timeouts.idle_timeout {
+            if now.duration_since(conn.last_used) >= t {
+                return false;
+            }
+        }
+        conn.is_quiet()
+    }
+
+    /// Opens a connection for a slot already counted in `total`, with retries and
+    /// exponential back-off.
+    async fn open(&self) -> Result<ServerConn, (u32, Arc<ServerError>)> {
+        let attempts = self.timeouts.connect_retries + 1;
+        let mut backoff = self.timeouts.connect_backoff;
+        let mut last = None;
+        for attempt in 1..=attempts {
+            let r = tokio::time::timeout(
+                self.timeouts.connect_timeout,
+                ServerConn::connect(&self.target, &self.salted, self.timeouts.max_message),
+            )
+            .await
+            .unwrap_or(Err(ServerError::Timeout));
+            match r {
+                Ok((conn, login)) => {
+                    let _ = self.login_params.set(login);
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    let retryable = matches!(e, ServerError::Io(_) | ServerError::Timeout)
+                        || matches!(&e, ServerError::Rejected { code, .. } if code.starts_with("57P") || code == "53300");
+                    tracing::warn!(
+                        database = %self.database, user = %self.user, server = %self.target.address(),
+                        attempt, error = %e, "server connect failed"
+                    );
+                    last = Some(e);
+                    if !retryable || attempt == attempts {
+                        return Err((attempt, Arc::new(last.take().unwrap_or(ServerError::Timeout))));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = backoff.saturating_mul(2);
+                }
+            }
+        }
+        Err((attempts, Arc::new(last.unwrap_or(ServerError::Timeout))))
+    }
+
+    /// Gives back an idle, clean connection: to the first waiter still waiting, or to the
+    /// idle list.
+    pub fn checkin(self: &Arc<Self>, mut conn: ServerConn) {
+        conn.last_used = Instant::now();
+        if let Some(l) = self.timeouts.lifetime {
+            if conn.created.elapsed() >= l {
+                self.discard(conn);
+                return;
+            }
+        }
+        let mut inner = self.lock();
+        if inner.total > inner.settings.pool_size && inner.waiters.is_empty() {
+            // The pool was shrunk by a reload: close the surplus.
+            drop(inner);
+            self.discard(conn);
+            return;
+        }
+        loop {
+            let Some(w) = inner.waiters.pop_front() else {
+                inner.idle.push(conn);
+                return;
+            };
+            match w.send(Ok(conn)) {
+                // The waiter gave up (timed out or left): try the next one.
+                Err(Ok(back)) => conn = back,
+                Ok(()) | Err(Err(_)) => return,
+            }
+        }
+    }
+
+    /// Closes a connection that must not be reused, and opens a replacement when clients
+    /// are waiting for one.
+    pub fn discard(self: &Arc<Self>, conn: ServerConn) {
+        drop_in_background(conn);
+        self.forget_one();
+    }
+
+    /// Gives up one slot; if clients wait, uses the slot to open a connection for them.
+    fn forget_one(self: &Arc<Self>) {
+        let mut inner = self.lock();
+        inner.waiters.retain(|w| !w.is_closed());
+        if !inner.waiters.is_empty() {
+            // Keep the slot and open a connection for the first waiter.
+            drop(inner);
+            let pool = self.clone();
+            tokio::spawn(async move {
+                match pool.open().await {
+                    Ok(conn) => pool.checkin(conn),
+                    Err((_, e)) => {
+                        let waiter = pool.lock().waiters.pop_front();
+                        if let Some(w) = waiter {
+                            let _ = w.send(Err(e));
+                        }
+                        pool.forget_one();
+                    }
+                }
+            });
+            return;
+        }
+        inner.total -= 1;
+        self.db_limit.release();
+    }
+
+    /// Closes idle connections past `server_idle_timeout` or `server_lifetime`, or that
+    /// the server closed, and opens connections up to `min_pool_size`.
+    pub fn maintain(self: &Arc<Self>) {
+        let mut closed = Vec::new();
+        let to_open;
+        {
+            let mut inner = self.lock();
+            let mut i = 0;
+            while i < inner.idle.len() {
+                if self.usable(&inner.idle[i]) {
+                    i += 1;
+                } else {
+                    closed.push(inner.idle.swap_remove(i));
+                }
+            }
+            for _ in &closed {
+                inner.total -= 1;
+                self.db_limit.release();
+            }
+            let mut n = 0;
+            while inner.total < inner.settings.min_pool_size.min(inner.settings.pool_size)
+                && self.db_limit.try_acquire()
+            {
+                inner.total += 1;
+                n += 1;
+            }
+            to_open = n;
+        }
+        for conn in closed {
+            drop_in_background(conn);
+        }
+        for _ in 0..to_open {
+            let pool = self.clone();
+            tokio::spawn(async move {
+                match pool.open().await {
+                    Ok(conn) => pool.checkin(conn),
+                    Err(_) => pool.forget_one(),
+                }
+            });
+        }
+    }
+
+    /// Counts for observability and tests: (open, idle, waiting).
+    pub fn counts(&self) -> (u32, usize, usize) {
+        let inner = self.lock();
+        (inner.total, inner.idle.len(), inner.waiters.len())
+    }
+
+    /// Closes every idle connection (shutdown).
+    pub fn close_idle(&self) {
+        let idle: Vec<ServerConn> = {
+            let mut inner = self.lock();
+            let idle = std::mem::take(&mut inner.idle);
+            inner.total -= idle.len() as u32;
+            idle
+        };
+        for conn in idle {
+            self.db_limit.release();
+            drop_in_background(conn);
+        }
+    }
+}
+
+fn drop_in_background(conn: ServerConn) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(conn.terminate());
+    }
+}

@@ -1,0 +1,678 @@
+//! The transaction loop of one logged-in client.
+//!
+//! Bytes from the client are framed (not copied) and forwarded to the server connection
+//! checked out for the current transaction; the server's replies are framed and forwarded
+//! back. The session watches only what it must: Query / Sync / FunctionCall (each owes
+//! one ReadyForQuery), extended-protocol messages since the last Sync, ReadyForQuery's
+//! status byte, ParameterStatus, FATAL errors and COPY IN. In transaction mode the server
+//! goes back to the pool when every ReadyForQuery owed has arrived, the last one said
+//! idle (`I`) and no extended-protocol message is waiting for its Sync.
+//!
+//! Both directions are driven from this one task with non-blocking reads and writes, so
+//! a client that pipelines many batches before it reads cannot deadlock the pair.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::login::{self, LoggedIn, NoSession};
+use super::params::may_change_settings;
+use super::Shared;
+use crate::config::PoolMode;
+use crate::protocol::backend::{self, Severity};
+use crate::protocol::{frontend, sqlstate, status, tag, ScanError, Scanner};
+use crate::server::ServerConn;
+use crate::shutdown::{Phase, ShutdownSignal};
+
+/// Read at most this much ahead of what the other side has taken.
+const HIGH_WATER: usize = 256 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Runs one client connection from its first byte to its end.
+pub(super) async fn run(mut stream: TcpStream, shared: &Arc<Shared>, signal: ShutdownSignal, over_limit: bool) {
+    if signal.phase() != Phase::Running {
+        login::send_fatal(&mut stream, sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down", None).await;
+        return;
+    }
+    let logged_in = match login::login(&mut stream, shared, over_limit).await {
+        Ok(l) => l,
+        Err(NoSession::Done) | Err(NoSession::Refused) => return,
+    };
+    let key = logged_in.key_pid;
+    let log = shared.config.pgtide.log_connections;
+    let (user, database) = (logged_in.user.clone(), logged_in.database.clone());
+    let mut session = Session::new(stream, shared.clone(), logged_in, signal);
+    let end = session.run().await;
+    session.finish(&end).await;
+    shared.cancels.unregister(key);
+    if log {
+        tracing::info!(%user, %database, reason = %end, "client disconnected");
+    }
+}
+
+/// Why a session ended.
+enum End {
+    /// Terminate, or the client closed its socket.
+    ClientLeft,
+    /// The client broke the protocol or an I/O error occurred on its socket.
+    ClientError(String),
+    /// pgtide ended the session and told the client why (a FATAL went out).
+    Told(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::ClientLeft => f.write_str("client left"),
+            End::ClientError(e) => write!(f, "client error: {e}"),
+            End::Told(m) => f.write_str(m),
+        }
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    client: TcpStream,
+    login: LoggedIn,
+    signal: ShutdownSignal,
+    /// Bytes from the client; `c2s[..c_ready]` is framed and goes to the server.
+    c2s: BytesMut,
+    c_scan: Scanner,
+    c_ready: usize,
+    /// Bytes from the server; `s2c[..s_ready]` is framed and goes to the client.
+    s2c: BytesMut,
+    s_scan: Scanner,
+    s_ready: usize,
+    server: Option<ServerConn>,
+    /// ReadyForQuery messages the server still owes.
+    pending: u32,
+    /// Extended-protocol messages were sent since the last Sync.
+    unsynced: bool,
+    /// The server is in COPY IN, waiting for the client's data.
+    copy_in: bool,
+    /// Status byte of the last ReadyForQuery.
+    tx_status: u8,
+    /// A statement may have changed unreported settings: read them back before release.
+    settings_changed: bool,
+    /// The client sent Terminate.
+    terminated: bool,
+    /// The server sent a FATAL error (it is going away): its message.
+    server_fatal: Option<String>,
+}
+
+enum Event {
+    ClientReadable,
+    ServerReadable,
+    ServerWritable,
+    ClientWritable,
+    Timeout,
+    Phase,
+}
+
+fn client_whole(t: u8) -> bool {
+    matches!(t, tag::QUERY | tag::PARSE | tag::TERMINATE)
+}
+
+fn server_whole(t: u8) -> bool {
+    matches!(t, tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE)
+}
+
+/// Reads what is available into `buf`: `Ok(None)` when nothing was (spurious wake-up).
+fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
+    }
+    match stream.try_read_buf(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes as much of `buf[..*ready]` as the socket takes without blocking.
+fn write_some(stream: &TcpStream, buf: &mut BytesMut, ready: &mut usize) -> io::Result<()> {
+    while *ready > 0 {
+        match stream.try_write(&buf[..*ready]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf.advance(n);
+                *ready -= n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Session {
+    fn new(client: TcpStream, shared: Arc<Shared>, login: LoggedIn, signal: ShutdownSignal) -> Self {
+        let max = shared.config.pgtide.max_message_size;
+        Session {
+            shared,
+            client,
+            login,
+            signal,
+            c2s: BytesMut::new(),
+            c_scan: Scanner::new(max),
+            c_ready: 0,
+            s2c: BytesMut::new(),
+            s_scan: Scanner::new(max),
+            s_ready: 0,
+            server: None,
+            pending: 0,
+            unsynced: false,
+            copy_in: false,
+            tx_status: status::IDLE,
+            settings_changed: false,
+            terminated: false,
+            server_fatal: None,
+        }
+    }
+
+    /// True when the server may go back to the pool (or be reset) as it is.
+    fn server_idle(&self) -> bool {
+        self.pending == 0
+            && !self.unsynced
+            && !self.copy_in
+            && self.tx_status == status::IDLE
+            && self.c_ready == 0
+            && !self.c_scan.mid_message()
+            && self.s_ready == self.s2c.len()
+            && !self.s_scan.mid_message()
+    }
+
+    async fn run(&mut self) -> End {
+        loop {
+            if let Err(end) = self.step().await {
+                return end;
+            }
+        }
+    }
+
+    /// One turn: frame new input, attach or release a server, write what can be written,
+    /// then wait for the next event.
+    async fn step(&mut self) -> Result<(), End> {
+        self.scan_client()?;
+        if self.server.is_none() && self.c_ready > 0 {
+            self.attach().await?;
+        }
+        if let Some(server) = &self.server {
+            if let Err(e) = write_some(&server.stream, &mut self.c2s, &mut self.c_ready) {
+                return Err(self.server_lost(&e.to_string()).await_told(self).await);
+            }
+        }
+        if self.s_ready > 0 {
+            write_some(&self.client, &mut self.s2c, &mut self.s_ready).map_err(|e| End::ClientError(e.to_string()))?;
+        }
+        if let Some(msg) = self.server_fatal.take() {
+            return Err(self.server_lost(&msg).await_told(self).await);
+        }
+        if self.server.is_some() && self.login.mode == PoolMode::Transaction && self.server_idle() {
+            self.release().await;
+        }
+        if self.terminated && self.server.is_none() {
+            return Err(End::ClientLeft);
+        }
+        if self.terminated && self.server_idle() {
+            return Err(End::ClientLeft);
+        }
+        match self.signal.phase() {
+            Phase::Running => {}
+            Phase::Draining => {
+                let idle = match self.server {
+                    None => true,
+                    Some(_) => self.login.mode == PoolMode::Session && self.server_idle(),
+                };
+                if idle && self.s_ready == 0 {
+                    return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
+                }
+            }
+            Phase::Now => {
+                return Err(self
+                    .tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down: shutdown_timeout passed")
+                    .await)
+            }
+        }
+        if self.server.is_none() && self.c2s.is_empty() && self.s2c.is_empty() {
+            // Idle clients hold no buffers.
+            self.c2s = BytesMut::new();
+            self.s2c = BytesMut::new();
+        }
+
+        match self.wait().await {
+            Event::ClientReadable => match read_some(&self.client, &mut self.c2s) {
+                Ok(Some(0)) => Err(End::ClientLeft),
+                Ok(_) => Ok(()),
+                Err(e) => Err(End::ClientError(e.to_string())),
+            },
+            Event::ServerReadable => {
+                let Some(server) = &self.server else { return Ok(()) };
+                match read_some(&server.stream, &mut self.s2c) {
+                    Ok(Some(0)) => Err(self.server_lost("the server closed the connection").await_told(self).await),
+                    Ok(_) => self.scan_server(),
+                    Err(e) => Err(self.server_lost(&e.to_string()).await_told(self).await),
+                }
+            }
+            Event::ServerWritable | Event::ClientWritable | Event::Phase => Ok(()),
+            Event::Timeout => {
+                if self.server.is_some() {
+                    Err(self
+                        .tell(
+                            sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                            "terminating connection due to idle-in-transaction timeout (idle_transaction_timeout)",
+                        )
+                        .await)
+                } else {
+                    Err(self
+                        .tell(
+                            sqlstate::IDLE_SESSION_TIMEOUT,
+                            "terminating connection due to idle-session timeout (client_idle_timeout)",
+                        )
+                        .await)
+                }
+            }
+        }
+    }
+
+    /// Waits for the next thing to do.
+    async fn wait(&mut self) -> Event {
+        let g = &self.shared.config.pgtide;
+        let timer = match &self.server {
+            None => g.client_idle_timeout.enabled(),
+            Some(_) if self.pending == 0 && self.tx_status != status::IDLE && self.c_ready == 0 => {
+                g.idle_transaction_timeout.enabled()
+            }
+            Some(_) => None,
+        };
+        let phase = self.signal.phase();
+        let server = self.server.as_ref().map(|s| &s.stream);
+        let want_client = !self.terminated && (self.c_ready == 0 || self.c2s.len() < HIGH_WATER);
+        let want_server = server.is_some() && (self.s_ready == 0 || self.s2c.len() < HIGH_WATER);
+        let client = &self.client;
+        let signal = &mut self.signal;
+        tokio::select! {
+            biased;
+            _ = async {
+                match phase {
+                    Phase::Running => signal.reached(Phase::Draining).await,
+                    _ => signal.reached(Phase::Now).await,
+                }
+            }, if phase != Phase::Now => Event::Phase,
+            r = async { server.expect("guarded").readable().await }, if want_server => {
+                let _ = r;
+                Event::ServerReadable
+            }
+            r = client.readable(), if want_client => {
+                let _ = r;
+                Event::ClientReadable
+            }
+            r = async { server.expect("guarded").writable().await }, if server.is_some() && self.c_ready > 0 => {
+                let _ = r;
+                Event::ServerWritable
+            }
+            r = client.writable(), if self.s_ready > 0 => {
+                let _ = r;
+                Event::ClientWritable
+            }
+            _ = async { tokio::time::sleep(timer.unwrap_or_default()).await }, if timer.is_some() => Event::Timeout,
+        }
+    }
+
+    /// Frames new client bytes and notes what they owe and change.
+    fn scan_client(&mut self) -> Result<(), End> {
+        let mut pos = self.c_ready;
+        pos += self.c_scan.resume(&self.c2s[pos..]);
+        loop {
+            let start = pos;
+            let frame = match self.c_scan.next(&self.c2s, &mut pos, client_whole) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(self.protocol_error(e)),
+            };
+            match frame.tag {
+                tag::QUERY => {
+                    self.pending += 1;
+                    if let Some(sql) = frame.body.and_then(frontend::query_text) {
+                        self.settings_changed |= may_change_settings(sql);
+                    }
+                }
+                tag::PARSE => {
+                    self.unsynced = true;
+                    if let Some((_, sql)) = frame.body.and_then(frontend::parse_statement) {
+                        self.settings_changed |= may_change_settings(sql);
+                    }
+                }
+                tag::SYNC => {
+                    self.pending += 1;
+                    self.unsynced = false;
+                }
+                tag::FUNCTION_CALL => self.pending += 1,
+                tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => self.unsynced = true,
+                tag::COPY_DONE | tag::COPY_FAIL => self.copy_in = false,
+                tag::TERMINATE => {
+                    self.c2s.truncate(start);
+                    pos = start;
+                    self.terminated = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        self.c_ready = pos;
+        Ok(())
+    }
+
+    /// Frames new server bytes and follows the transaction state.
+    fn scan_server(&mut self) -> Result<(), End> {
+        let mut pos = self.s_ready;
+        pos += self.s_scan.resume(&self.s2c[pos..]);
+        loop {
+            let start = pos;
+            let frame = match self.s_scan.next(&self.s2c, &mut pos, server_whole) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    // The server broke framing: nothing more it sends can be trusted.
+                    self.s2c.truncate(start);
+                    pos = start;
+                    self.server_fatal = Some(format!("invalid data from the server: {e}"));
+                    break;
+                }
+            };
+            match (frame.tag, frame.body) {
+                (tag::READY_FOR_QUERY, Some(body)) => {
+                    self.pending = self.pending.saturating_sub(1);
+                    self.tx_status = body.first().copied().unwrap_or(status::IDLE);
+                    self.copy_in = false;
+                }
+                (tag::PARAMETER_STATUS, Some(body)) => {
+                    if let Some((k, v)) = backend::parse_parameter_status(body) {
+                        self.login.params.observe(k, v);
+                        if let Some(s) = self.server.as_mut() {
+                            s.params.insert(k.to_ascii_lowercase(), v.to_string());
+                        }
+                    }
+                }
+                (tag::ERROR_RESPONSE, Some(body)) => {
+                    let f = backend::parse_error_fields(body);
+                    if f.is_fatal() {
+                        let msg = format!("{} (SQLSTATE {})", f.message, f.code);
+                        self.s2c.truncate(start);
+                        pos = start;
+                        self.server_fatal = Some(msg);
+                        break;
+                    }
+                }
+                (tag::COPY_IN_RESPONSE, _) => self.copy_in = true,
+                _ => {}
+            }
+        }
+        self.s_ready = pos;
+        Ok(())
+    }
+
+    /// Checks out a server for the transaction the client has started, and brings the
+    /// server's settings in line with the client's.
+    async fn attach(&mut self) -> Result<(), End> {
+        let wait = self.shared.config.pgtide.query_wait_timeout.0;
+        let checkout = self.login.pool.checkout(wait);
+        let mut signal = self.signal.clone();
+        let r = tokio::select! {
+            r = checkout => r,
+            _ = signal.reached(Phase::Now) => {
+                return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
+            }
+        };
+        let mut server = match r {
+            Ok(s) => s,
+            Err(e @ crate::pool::CheckoutError::Exhausted { .. }) => {
+                return Err(self.tell(sqlstate::TOO_MANY_CONNECTIONS, &e.to_string()).await);
+            }
+            Err(e) => {
+                let msg = format!(
+                    "pgtide could not connect to the server {}: {e}",
+                    self.login.pool.target().address()
+                );
+                return Err(self.tell(sqlstate::CONNECTION_FAILURE, &msg).await);
+            }
+        };
+        if let Some(sql) = self.login.params.sync_sql(&server.params) {
+            match server.run_internal(&sql, login::internal_timeout(&self.shared)).await {
+                Ok(r) => match r.error {
+                    None => self.login.params.synced_to(&mut server.params),
+                    Some((code, message)) => {
+                        self.login.pool.checkin(server);
+                        let msg = format!("invalid run-time parameter for this session: {message}");
+                        return Err(self.tell(&code, &msg).await);
+                    }
+                },
+                Err(e) => {
+                    self.login.pool.discard(server);
+                    let msg = format!("server connection failed while applying session settings: {e}");
+                    return Err(self.tell(sqlstate::CONNECTION_FAILURE, &msg).await);
+                }
+            }
+        }
+        self.login.cancel.attach(server.cancel);
+        self.tx_status = status::IDLE;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Gives the idle server back to the pool, after reading back settings the
+    /// transaction may have changed.
+    async fn release(&mut self) {
+        let Some(mut server) = self.server.take() else { return };
+        self.login.cancel.detach().await;
+        if std::mem::take(&mut self.settings_changed) && !self.refresh_settings(&mut server).await {
+            self.login.pool.discard(server);
+            return;
+        }
+        // Any bytes left in the scanner state belong to no message: start clean.
+        self.s_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        self.login.pool.checkin(server);
+    }
+
+    /// Reads back unreported settings after a statement that may have changed them.
+    async fn refresh_settings(&mut self, server: &mut ServerConn) -> bool {
+        let Some((sql, names)) = self.login.params.refresh_sql(&server.params) else {
+            return true;
+        };
+        match server.run_internal(&sql, login::internal_timeout(&self.shared)).await {
+            Ok(r) if r.error.is_none() && r.rows.len() == 1 => {
+                self.login.params.refreshed(&names, &r.rows[0], &mut server.params);
+                true
+            }
+            Ok(r) => {
+                tracing::warn!(error = ?r.error, "could not read back session settings; closing the server connection");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read back session settings; closing the server connection");
+                false
+            }
+        }
+    }
+
+    /// Sends the client a FATAL and ends the session.
+    async fn tell(&mut self, code: &str, message: &str) -> End {
+        // What the server already said goes first.
+        let mut ready = self.s_ready;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            if ready > 0 {
+                let _ = self.client.write_all(&self.s2c[..ready]).await;
+                self.s2c.advance(ready);
+                ready = 0;
+            }
+        })
+        .await;
+        self.s_ready = ready;
+        let mut b = BytesMut::with_capacity(128 + message.len());
+        backend::error_response(&mut b, Severity::Fatal, code, message, None, None);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&b)).await;
+        End::Told(message.to_string())
+    }
+
+    fn protocol_error(&mut self, e: ScanError) -> End {
+        End::ClientError(format!("protocol violation: {e}"))
+    }
+
+    /// The server connection broke while the client was using it.
+    fn server_lost(&mut self, why: &str) -> ServerLost {
+        if let Some(server) = self.server.take() {
+            self.login.pool.discard(server);
+        }
+        self.pending = 0;
+        self.unsynced = false;
+        self.copy_in = false;
+        self.c_ready = 0;
+        self.c2s.clear();
+        self.c_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        ServerLost(format!(
+            "server connection lost ({}): {why}; the transaction's outcome is unknown, reconnect and check",
+            self.login.pool.target().address()
+        ))
+    }
+
+    /// Ends the session: the server goes back clean or is closed.
+    async fn finish(&mut self, end: &End) {
+        if let End::ClientError(msg) = end {
+            if msg.starts_with("protocol violation") {
+                let mut b = BytesMut::new();
+                backend::error_response(&mut b, Severity::Fatal, sqlstate::PROTOCOL_VIOLATION, msg, None, None);
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&b)).await;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
+        let Some(server) = self.server.take() else { return };
+        self.login.cancel.detach().await;
+        if let Some(server) = self.recover(server).await {
+            self.login.pool.checkin(server);
+        }
+    }
+
+    /// Brings a server whose client is gone back to idle: ends a COPY, syncs an open
+    /// extended batch, cancels a running query, rolls back a transaction, and in session
+    /// mode runs `server_reset_query`. `None` when that fails (the connection is closed).
+    async fn recover(&mut self, mut server: ServerConn) -> Option<ServerConn> {
+        let timeout = login::internal_timeout(&self.shared);
+        let pool = self.login.pool.clone();
+        let give_up = |server: ServerConn| {
+            pool.discard(server);
+            None
+        };
+        if self.c_scan.mid_message() || self.c_ready > 0 || self.server_fatal.is_some() {
+            // Part of a message went out, or unsent client bytes: the server's state
+            // cannot be completed safely.
+            return give_up(server);
+        }
+        let mut out = BytesMut::new();
+        if self.copy_in {
+            out.extend_from_slice(&[tag::COPY_FAIL, 0, 0, 0, 4 + 19]);
+            out.extend_from_slice(b"client disconnected");
+            out.extend_from_slice(&[0]);
+            let len = (out.len() - 1) as u32;
+            out[1..5].copy_from_slice(&len.to_be_bytes());
+        }
+        if self.unsynced {
+            out.extend_from_slice(&[tag::SYNC, 0, 0, 0, 4]);
+            self.pending += 1;
+        }
+        if !out.is_empty() && tokio::time::timeout(timeout, server.stream.write_all(&out)).await.is_err() {
+            return give_up(server);
+        }
+        if self.pending > 0 {
+            if !self.copy_in {
+                // A query may be running for a client that left: cancel it. A backend
+                // that is idle when the signal arrives ignores it.
+                let _ = crate::server::send_cancel(server.cancel, timeout).await;
+            }
+            if !self.drain(&mut server, timeout).await {
+                return give_up(server);
+            }
+        }
+        if self.tx_status != status::IDLE {
+            match server.run_internal("ROLLBACK", timeout).await {
+                Ok(r) if r.error.is_none() => {}
+                _ => return give_up(server),
+            }
+        }
+        if self.login.mode == PoolMode::Session {
+            let reset = self.shared.config.pgtide.server_reset_query.clone();
+            if !reset.trim().is_empty() {
+                match server.run_internal(&reset, timeout).await {
+                    Ok(r) if r.error.is_none() => {
+                        // DISCARD ALL / RESET ALL put every setting back to its default.
+                        let login = pool.login_params().unwrap_or_default();
+                        server.params = login.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+                    }
+                    _ => return give_up(server),
+                }
+            }
+        } else if std::mem::take(&mut self.settings_changed) && !self.refresh_settings(&mut server).await {
+            return give_up(server);
+        }
+        Some(server)
+    }
+
+    /// Reads and drops server output until every ReadyForQuery owed has arrived.
+    async fn drain(&mut self, server: &mut ServerConn, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Start from what the server sent that was not framed yet.
+        let mut buf = self.s2c.split_off(self.s_ready);
+        let mut scan = self.s_scan.clone();
+        loop {
+            let mut pos = scan.resume(&buf);
+            loop {
+                match scan.next(&buf, &mut pos, server_whole) {
+                    Ok(Some(f)) => {
+                        if let (tag::READY_FOR_QUERY, Some(body)) = (f.tag, f.body) {
+                            self.pending = self.pending.saturating_sub(1);
+                            self.tx_status = body.first().copied().unwrap_or(status::IDLE);
+                        }
+                        if let (tag::ERROR_RESPONSE, Some(body)) = (f.tag, f.body) {
+                            if backend::parse_error_fields(body).is_fatal() {
+                                return false;
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(_) => return false,
+                }
+            }
+            buf.advance(pos);
+            if self.pending == 0 {
+                return buf.is_empty();
+            }
+            buf.reserve(READ_CHUNK);
+            let read = tokio::time::timeout_at(deadline, async {
+                use tokio::io::AsyncReadExt;
+                server.stream.read_buf(&mut buf).await
+            });
+            match read.await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return false,
+            }
+        }
+    }
+}
+
+/// The message for a client whose server connection broke; sending it ends the session.
+struct ServerLost(String);
+
+impl ServerLost {
+    async fn await_told(self, session: &mut Session) -> End {
+        session.tell(sqlstate::CONNECTION_FAILURE, &self.0).await
+    }
+}
+
+impl From<ServerLost> for End {
+    fn from(s: ServerLost) -> End {
+        End::Told(s.0)
+    }
+}
