@@ -823,3 +823,6 @@ pub(super) fn from_upstream_url(text: &str) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;
