@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 mod validate;
-pub use validate::ConfigError;
+pub use validate::{ConfigError, Problem};
 
 /// How long a server connection stays with one client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +84,9 @@ impl<'de> Deserialize<'de> for ConfigDuration {
         }
         match Raw::deserialize(d)? {
             Raw::Millis(ms) => Ok(ConfigDuration(Duration::from_millis(ms))),
-            Raw::Text(s) => parse_duration(&s).map(ConfigDuration).map_err(serde::de::Error::custom),
+            Raw::Text(s) => parse_duration(&s)
+                .map(ConfigDuration)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -263,6 +265,12 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::single("", format!("cannot read {}: {e}", path.display())))?;
         Self::from_toml_str(&text)
+    }
+
+    /// Runs the checks that span several keys (pool sizes, passwords and auth types, ...)
+    /// on a configuration built in code; files get them from `from_toml_str`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate::check(self)
     }
 
     /// Zero-config sidecar mode: one database and one user taken from a

@@ -1,6 +1,20 @@
 //! Parsing with precise error reports, semantic checks, and the upstream-URL quick mode.
+//!
+//! A document is checked in three passes, and every problem of every pass is reported:
+//! 1. TOML syntax (`toml::Table`), with the line and column of the error;
+//! 2. shape: a walker checks each key against a table of allowed keys per section and
+//!    checks each value on its own against the key's [`Kind`]; unknown and invalid
+//!    keys are reported and dropped;
+//! 3. meaning: what is left is deserialized into [`Config`] and [`semantic_problems`]
+//!    checks the rules that span several keys (pool sizes, passwords and auth types...).
+//!    Problems on keys already reported in pass 2 are not reported twice.
 
+use std::collections::BTreeSet;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use base64::Engine as _;
+use toml::{Table, Value};
 
 use super::{AuthType, Config, Database, User};
 
@@ -17,13 +31,19 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
 impl ConfigError {
     pub fn single(key: &str, message: impl Into<String>) -> Self {
         ConfigError {
-            problems: vec![Problem {
-                key: key.to_string(),
-                message: message.into(),
-            }],
+            problems: vec![Problem::new(key, message)],
         }
     }
 }
@@ -46,26 +66,380 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-pub(super) fn parse_and_validate(text: &str) -> Result<Config, ConfigError> {
-    let config: Config = toml::from_str(text).map_err(|e| ConfigError::single("", e.to_string()))?;
-    check(&config)?;
-    Ok(config)
+// ---------------------------------------------------------------------------------------
+// Pass 2: the shape of the document.
+
+/// What a key's value must look like.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Kind {
+    Bool,
+    U32,
+    Port,
+    Str,
+    /// A string that is never echoed back in an error message.
+    Secret,
+    Duration,
+    Enum(&'static [&'static str]),
+    Listen,
+    StrList,
 }
 
-fn check(config: &Config) -> Result<(), ConfigError> {
-    let mut problems = Vec::new();
-    if config.databases.is_empty() {
-        problems.push(Problem {
-            key: "databases".into(),
-            message: "no database is configured; add a [databases.NAME] table".into(),
-        });
+pub(super) const POOL_MODES: &[&str] = &["transaction", "session"];
+pub(super) const AUTH_TYPES: &[&str] = &["trust", "md5", "scram-sha-256"];
+
+/// The keys of `[pgtide]`, in the order of [`super::General`].
+pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
+    ("listen", Kind::Listen),
+    ("pool_mode", Kind::Enum(POOL_MODES)),
+    ("pool_size", Kind::U32),
+    ("min_pool_size", Kind::U32),
+    ("max_db_connections", Kind::U32),
+    ("max_client_conn", Kind::U32),
+    ("query_wait_timeout", Kind::Duration),
+    ("server_connect_timeout", Kind::Duration),
+    ("server_connect_retries", Kind::U32),
+    ("server_connect_backoff", Kind::Duration),
+    ("server_idle_timeout", Kind::Duration),
+    ("server_lifetime", Kind::Duration),
+    ("idle_transaction_timeout", Kind::Duration),
+    ("client_idle_timeout", Kind::Duration),
+    ("client_login_timeout", Kind::Duration),
+    ("shutdown_timeout", Kind::Duration),
+    ("server_reset_query", Kind::Str),
+    ("auth_type", Kind::Enum(AUTH_TYPES)),
+    ("track_extra_params", Kind::StrList),
+    ("max_message_size", Kind::U32),
+    ("log_connections", Kind::Bool),
+];
+
+/// The keys of `[databases.NAME]`.
+pub(super) const DATABASE_KEYS: &[(&str, Kind)] = &[
+    ("host", Kind::Str),
+    ("port", Kind::Port),
+    ("dbname", Kind::Str),
+    ("pool_mode", Kind::Enum(POOL_MODES)),
+    ("pool_size", Kind::U32),
+    ("min_pool_size", Kind::U32),
+    ("max_db_connections", Kind::U32),
+];
+
+/// The keys of `[users.NAME]`.
+pub(super) const USER_KEYS: &[(&str, Kind)] = &[
+    ("password", Kind::Secret),
+    ("auth_type", Kind::Enum(AUTH_TYPES)),
+    ("pool_mode", Kind::Enum(POOL_MODES)),
+    ("pool_size", Kind::U32),
+];
+
+const TOP_KEYS: &[&str] = &["pgtide", "databases", "users"];
+
+/// Joins a dotted key, quoting `name` the way TOML would when it is not a bare key.
+fn join(parent: &str, name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    let name = if bare {
+        name.to_string()
+    } else {
+        format!("{name:?}")
+    };
+    if parent.is_empty() {
+        name
+    } else {
+        format!("{parent}.{name}")
     }
-    if config.pgtide.pool_size == 0 {
-        problems.push(Problem {
-            key: "pgtide.pool_size".into(),
-            message: "must be at least 1".into(),
-        });
+}
+
+/// "the string \"ten\"", "the integer 5", ...
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.chars().count() > 60 => {
+            let short: String = s.chars().take(57).collect();
+            format!("the string {:?}", short + "...")
+        }
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Integer(i) => format!("the integer {i}"),
+        Value::Float(x) => format!("the float {x}"),
+        Value::Boolean(b) => format!("the boolean {b}"),
+        Value::Datetime(d) => format!("the datetime {d}"),
+        Value::Array(_) => "an array".to_string(),
+        Value::Table(_) => "a table".to_string(),
     }
+}
+
+/// Like [`describe`] but without the value itself.
+fn describe_type(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Integer(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Boolean(_) => "a boolean",
+        Value::Datetime(_) => "a datetime",
+        Value::Array(_) => "an array",
+        Value::Table(_) => "a table",
+    }
+}
+
+/// `"a"`, `"a" or "b"`, `"a", "b" or "c"`.
+fn one_of(options: &[&str]) -> String {
+    let quoted: Vec<String> = options.iter().map(|o| format!("{o:?}")).collect();
+    match quoted.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+fn wrong_type(expected: &str, got: &Value) -> String {
+    format!("expected {expected}, got {}", describe(got))
+}
+
+/// Checks one value against its kind; array items get their own keys (`key[2]`).
+fn check_value(kind: Kind, key: &str, v: &Value, out: &mut Vec<Problem>) {
+    let message = match (kind, v) {
+        (Kind::Bool, Value::Boolean(_)) => return,
+        (Kind::Bool, _) => wrong_type("true or false", v),
+        (Kind::U32, Value::Integer(i)) if u32::try_from(*i).is_ok() => return,
+        (Kind::U32, Value::Integer(i)) => {
+            format!("{i} is out of range; use a whole number from 0 to {}", u32::MAX)
+        }
+        (Kind::U32, _) => wrong_type("an integer", v),
+        (Kind::Port, Value::Integer(i)) if (1..=65535).contains(i) => return,
+        (Kind::Port, Value::Integer(i)) => format!("{i} is not a port; use 1 to 65535"),
+        (Kind::Port, _) => wrong_type("a port number (an integer from 1 to 65535)", v),
+        (Kind::Str, Value::String(_)) | (Kind::Secret, Value::String(_)) => return,
+        (Kind::Str, _) => wrong_type("a string", v),
+        (Kind::Secret, _) => format!("expected a string, got {}", describe_type(v)),
+        (Kind::Duration, Value::Integer(i)) if *i >= 0 => return,
+        (Kind::Duration, Value::Integer(i)) => format!(
+            "{i} is negative; a duration is a string like \"30s\" or an integer of milliseconds, 0 or more"
+        ),
+        (Kind::Duration, Value::String(s)) => match super::parse_duration(s) {
+            Ok(_) => return,
+            Err(e) => e,
+        },
+        (Kind::Duration, _) => wrong_type(
+            "a duration (a string like \"500ms\", \"30s\", \"5m\" or an integer of milliseconds)",
+            v,
+        ),
+        (Kind::Enum(options), Value::String(s)) if options.contains(&s.as_str()) => return,
+        (Kind::Enum(options), Value::String(s)) => {
+            format!("{s:?} is not allowed; use {}", one_of(options))
+        }
+        (Kind::Enum(options), _) => wrong_type(&format!("a string ({})", one_of(options)), v),
+        (Kind::Listen, Value::String(s)) => match s.trim().parse::<SocketAddr>() {
+            Ok(_) => return,
+            Err(_) => match s.trim().parse::<IpAddr>() {
+                Ok(ip) => format!(
+                    "{s:?} has no port; write e.g. {:?}",
+                    SocketAddr::new(ip, 6432).to_string()
+                ),
+                Err(_) => format!(
+                    "{s:?} is not an IP address and port; write e.g. \"127.0.0.1:6432\", \"0.0.0.0:6432\" or \"[::]:6432\" (host names are not resolved)"
+                ),
+            },
+        },
+        (Kind::Listen, _) => wrong_type("an address like \"127.0.0.1:6432\"", v),
+        (Kind::StrList, Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                check_value(Kind::Str, &format!("{key}[{i}]"), item, out);
+            }
+            return;
+        }
+        (Kind::StrList, _) => wrong_type("an array of strings, e.g. [\"search_path\"]", v),
+    };
+    out.push(Problem::new(key, message));
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+fn unknown_key(key: String, name: &str, section: &str, allowed: &[&str]) -> Problem {
+    let hint = allowed
+        .iter()
+        .map(|a| (distance(&name.to_ascii_lowercase(), a), a))
+        .filter(|(d, a)| *d <= 2.max(a.len() / 4))
+        .min()
+        .map(|(_, a)| format!("did you mean {a:?}? "))
+        .unwrap_or_default();
+    Problem::new(
+        key,
+        format!(
+            "unknown key; {hint}allowed keys in {section} are: {}",
+            allowed.join(", ")
+        ),
+    )
+}
+
+/// Checks the keys of one table; drops unknown and invalid ones, remembering the latter.
+fn walk_table(
+    table: &mut Table,
+    path: &str,
+    section: &str,
+    keys: &[(&str, Kind)],
+    out: &mut Vec<Problem>,
+    bad: &mut BTreeSet<String>,
+) {
+    let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+    table.retain(|name, value| {
+        let key = join(path, name);
+        let Some((_, kind)) = keys.iter().find(|(k, _)| *k == name) else {
+            out.push(unknown_key(key, name, section, &names));
+            return false;
+        };
+        let before = out.len();
+        check_value(*kind, &key, value, out);
+        if out.len() == before {
+            true
+        } else {
+            bad.insert(key);
+            false
+        }
+    });
+}
+
+/// Makes sure `value` is a table (replacing it with an empty one if not) and returns it.
+fn expect_table<'a>(
+    value: &'a mut Value,
+    key: &str,
+    what: &str,
+    out: &mut Vec<Problem>,
+    bad: &mut BTreeSet<String>,
+) -> &'a mut Table {
+    if !value.is_table() {
+        out.push(Problem::new(
+            key,
+            format!("expected a table ({what}), got {}", describe(value)),
+        ));
+        bad.insert(key.to_string());
+        *value = Value::Table(Table::new());
+    }
+    match value {
+        Value::Table(t) => t,
+        _ => unreachable!("replaced by a table above"),
+    }
+}
+
+/// Walks the whole document. Returns the problems and the keys that had a type problem.
+fn walk(doc: &mut Table) -> (Vec<Problem>, BTreeSet<String>) {
+    let mut out = Vec::new();
+    let mut bad = BTreeSet::new();
+    doc.retain(|name, value| {
+        let key = join("", name);
+        match name {
+            "pgtide" => {
+                let t = expect_table(value, &key, "[pgtide]", &mut out, &mut bad);
+                walk_table(t, &key, "[pgtide]", GENERAL_KEYS, &mut out, &mut bad);
+            }
+            "databases" | "users" => {
+                let (one, keys) = if name == "databases" {
+                    ("database", DATABASE_KEYS)
+                } else {
+                    ("user", USER_KEYS)
+                };
+                let what = format!("[{name}.NAME] tables");
+                let entries = expect_table(value, &key, &what, &mut out, &mut bad);
+                for (entry_name, entry) in entries.iter_mut() {
+                    let entry_key = join(&key, entry_name);
+                    let section = format!("[{entry_key}]");
+                    let what = format!("{section}, describing one {one}");
+                    let t = expect_table(entry, &entry_key, &what, &mut out, &mut bad);
+                    walk_table(t, &entry_key, &section, keys, &mut out, &mut bad);
+                }
+            }
+            _ => {
+                out.push(unknown_key(key, name, "the top level", TOP_KEYS));
+                return false;
+            }
+        }
+        true
+    });
+    (out, bad)
+}
+
+/// "line 3, column 7" of a byte offset, counting columns in characters like toml does.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
+pub(super) fn parse_and_validate(text: &str) -> Result<Config, ConfigError> {
+    let mut doc: Table = text.parse().map_err(|e: toml::de::Error| {
+        let message = e.message().trim().replace('\n', "; ");
+        match e.span() {
+            Some(span) => {
+                let (line, column) = line_column(text, span.start);
+                ConfigError::single(
+                    "",
+                    format!("TOML syntax error at line {line}, column {column}: {message}"),
+                )
+            }
+            None => ConfigError::single("", format!("TOML syntax error: {message}")),
+        }
+    })?;
+    let (mut problems, bad) = walk(&mut doc);
+    let result = finish(doc, &mut problems, &bad);
+    // Report section by section: syntax, [pgtide], [databases.*], [users.*], the rest.
+    problems.sort_by_key(|p| {
+        let section = p.key.split(['.', '[']).next().unwrap_or("");
+        match section {
+            "" => 0,
+            "pgtide" => 1,
+            "databases" => 2,
+            "users" => 3,
+            _ => 4,
+        }
+    });
+    match result {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(ConfigError { problems }),
+    }
+}
+
+/// Deserializes what the walker left and adds the semantic problems that do not concern
+/// keys in `bad`.
+fn finish(doc: Table, problems: &mut Vec<Problem>, bad: &BTreeSet<String>) -> Option<Config> {
+    // What is left has only known keys with values of the right type, so this succeeds;
+    // `deny_unknown_fields` on the types is the backstop if the key tables drift.
+    match Value::Table(doc).try_into::<Config>() {
+        Ok(config) => {
+            problems.extend(
+                semantic_problems(&config)
+                    .into_iter()
+                    .filter(|p| !bad.contains(&p.key)),
+            );
+            Some(config)
+        }
+        Err(e) => {
+            problems.push(Problem::new("", e.message().trim().replace('\n', "; ")));
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Pass 3: rules that need the whole configuration.
+
+pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
+    let problems = semantic_problems(config);
     if problems.is_empty() {
         Ok(())
     } else {
@@ -73,26 +447,349 @@ fn check(config: &Config) -> Result<(), ConfigError> {
     }
 }
 
+const MIN_MESSAGE_SIZE: u32 = 1024;
+const MAX_MESSAGE_SIZE: u32 = 1 << 30;
+
+fn semantic_problems(config: &Config) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let g = &config.pgtide;
+    let mut push = |key: String, message: String| out.push(Problem::new(key, message));
+
+    if config.databases.is_empty() {
+        push(
+            "databases".into(),
+            "no database is configured; add a [databases.NAME] table".into(),
+        );
+    }
+    if g.pool_size == 0 {
+        push("pgtide.pool_size".into(), "must be at least 1".into());
+    } else if g.min_pool_size > g.pool_size {
+        push(
+            "pgtide.min_pool_size".into(),
+            format!(
+                "{} is larger than pgtide.pool_size ({}); it must be at most pool_size",
+                g.min_pool_size, g.pool_size
+            ),
+        );
+    }
+    if g.max_client_conn == 0 {
+        push("pgtide.max_client_conn".into(), "must be at least 1".into());
+    }
+    if !(MIN_MESSAGE_SIZE..=MAX_MESSAGE_SIZE).contains(&g.max_message_size) {
+        push(
+            "pgtide.max_message_size".into(),
+            format!(
+                "{} is out of range; use {MIN_MESSAGE_SIZE} (1 KiB) to {MAX_MESSAGE_SIZE} (1 GiB) bytes",
+                g.max_message_size
+            ),
+        );
+    }
+    for (i, name) in g.track_extra_params.iter().enumerate() {
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if !valid {
+            push(
+                format!("pgtide.track_extra_params[{i}]"),
+                format!(
+                    "{name:?} is not a run-time parameter name; use letters, digits, '_' and '.' only"
+                ),
+            );
+        }
+    }
+
+    for (name, d) in &config.databases {
+        let key = join("databases", name);
+        if name.is_empty() {
+            push(key.clone(), "a database name cannot be empty".into());
+        }
+        check_database(&key, d, g, &mut push);
+    }
+
+    for (name, u) in &config.users {
+        let key = join("users", name);
+        if name.is_empty() {
+            push(key.clone(), "a user name cannot be empty".into());
+        }
+        if let Some(size) = u.pool_size {
+            if size == 0 {
+                push(format!("{key}.pool_size"), "must be at least 1".into());
+            } else {
+                for (db_name, d) in &config.databases {
+                    let min = d.min_pool_size.unwrap_or(g.min_pool_size);
+                    if min > size {
+                        push(
+                            format!("{key}.pool_size"),
+                            format!(
+                                "{size} is smaller than min_pool_size {min} of database {db_name:?}; it must be at least min_pool_size"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let (auth, origin) = match u.auth_type {
+            Some(a) => (a, ""),
+            None => (g.auth_type, " (inherited from pgtide.auth_type)"),
+        };
+        check_password(&format!("{key}.password"), u, auth, origin, &mut push);
+    }
+    out
+}
+
+fn check_database(
+    key: &str,
+    d: &Database,
+    g: &super::General,
+    push: &mut impl FnMut(String, String),
+) {
+    if d.host.trim().is_empty() {
+        push(
+            format!("{key}.host"),
+            "must not be empty; give a host name or IP address".into(),
+        );
+    }
+    if d.port == 0 {
+        push(
+            format!("{key}.port"),
+            "0 is not a port; use 1 to 65535".into(),
+        );
+    }
+    if d.dbname.as_deref().is_some_and(|n| n.is_empty()) {
+        push(
+            format!("{key}.dbname"),
+            "must not be empty; remove it to use the name clients connect with".into(),
+        );
+    }
+    if d.pool_size == Some(0) {
+        push(format!("{key}.pool_size"), "must be at least 1".into());
+    }
+    let size = d.pool_size.unwrap_or(g.pool_size);
+    let min = d.min_pool_size.unwrap_or(g.min_pool_size);
+    let overridden = d.pool_size.is_some() || d.min_pool_size.is_some();
+    if overridden && size > 0 && min > size {
+        let (at, which) = if d.min_pool_size.is_some() {
+            ("min_pool_size", "")
+        } else {
+            ("pool_size", " (inherited from pgtide.min_pool_size)")
+        };
+        push(
+            format!("{key}.{at}"),
+            format!("min_pool_size {min}{which} is larger than pool_size {size}; min_pool_size must be at most pool_size"),
+        );
+    }
+}
+
+/// What a `password` value holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Secret {
+    Plain,
+    Md5,
+    Scram,
+}
+
+fn secret_kind(password: &str) -> Secret {
+    if password.starts_with("SCRAM-SHA-256$") {
+        Secret::Scram
+    } else if password.starts_with("md5") && password.chars().count() == 35 {
+        Secret::Md5
+    } else {
+        Secret::Plain
+    }
+}
+
+fn check_password(
+    key: &str,
+    u: &User,
+    auth: AuthType,
+    origin: &str,
+    push: &mut impl FnMut(String, String),
+) {
+    let password = match u.password.as_deref() {
+        None => {
+            if auth != AuthType::Trust {
+                push(
+                    key.to_string(),
+                    format!(
+                        "required for auth_type {auth}{origin}; set a password or auth_type = \"trust\""
+                    ),
+                );
+            }
+            return;
+        }
+        Some(p) => p,
+    };
+    if password.is_empty() {
+        push(
+            key.to_string(),
+            "an empty password is not allowed; remove the key for a user without a password".into(),
+        );
+        return;
+    }
+    match secret_kind(password) {
+        Secret::Plain => {}
+        Secret::Md5 => {
+            let hex = password.get(3..).unwrap_or("");
+            if !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                push(
+                    key.to_string(),
+                    "looks like an md5 hash (\"md5\" and 32 more characters) but those are not lowercase hex digits; an md5 hash is \"md5\" followed by the 32 hex digits of md5(password || user name)".into(),
+                );
+            } else if auth == AuthType::ScramSha256 {
+                push(
+                    key.to_string(),
+                    format!(
+                        "auth_type is scram-sha-256{origin}, and a SCRAM exchange cannot be checked against an md5 hash; give the plain password or a SCRAM verifier, or set auth_type = \"md5\""
+                    ),
+                );
+            }
+        }
+        Secret::Scram => {
+            if let Err(e) = check_scram_verifier(password) {
+                push(
+                    key.to_string(),
+                    format!(
+                        "not a valid SCRAM verifier: {e}; the shape is SCRAM-SHA-256$<iterations>:<base64 salt>$<base64 StoredKey>:<base64 ServerKey>"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Checks `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`, as stored in
+/// `pg_authid.rolpassword`. Never echoes the parts.
+fn check_scram_verifier(v: &str) -> Result<(), String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let rest = v
+        .strip_prefix("SCRAM-SHA-256$")
+        .ok_or("it does not start with SCRAM-SHA-256$")?;
+    let (iter_salt, keys) = rest
+        .split_once('$')
+        .ok_or("the '$' between <iterations>:<salt> and <StoredKey>:<ServerKey> is missing")?;
+    let (iterations, salt) = iter_salt
+        .split_once(':')
+        .ok_or("the ':' between <iterations> and <salt> is missing")?;
+    match iterations.parse::<u32>() {
+        Ok(n) if n >= 1 => {}
+        _ => return Err("the iteration count is not a positive integer".into()),
+    }
+    match b64.decode(salt) {
+        Ok(s) if !s.is_empty() => {}
+        _ => return Err("the salt is not non-empty base64".into()),
+    }
+    let (stored, server) = keys
+        .split_once(':')
+        .ok_or("the ':' between <StoredKey> and <ServerKey> is missing")?;
+    for (name, part) in [("StoredKey", stored), ("ServerKey", server)] {
+        match b64.decode(part) {
+            Ok(k) if k.len() == 32 => {}
+            Ok(k) => return Err(format!("{name} is {} bytes, not 32", k.len())),
+            Err(_) => return Err(format!("{name} is not base64")),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The zero-config `--upstream URL` / `DATABASE_URL` mode.
+
+const URL_SHAPE: &str = "postgres://user:password@host:port/dbname";
+
+fn decode(part: &str, what: &str) -> Result<String, String> {
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| format!("the {what} is not valid UTF-8 once percent-decoded"))
+}
+
 pub(super) fn from_upstream_url(text: &str) -> Result<Config, ConfigError> {
-    let url = url::Url::parse(text)
-        .map_err(|e| ConfigError::single("upstream", format!("{text:?} is not a URL: {e}")))?;
+    const KEY: &str = "upstream";
+    // The URL holds a password: never echo it.
+    let url = url::Url::parse(text.trim()).map_err(|e| {
+        ConfigError::single(
+            KEY,
+            format!("not a valid URL ({e}); expected {URL_SHAPE}, with special characters percent-encoded"),
+        )
+    })?;
     if url.scheme() != "postgres" && url.scheme() != "postgresql" {
         return Err(ConfigError::single(
-            "upstream",
-            "the URL must start with postgres:// or postgresql://",
+            KEY,
+            format!(
+                "the URL must start with postgres:// or postgresql://, not {}://",
+                url.scheme()
+            ),
         ));
     }
-    let user = percent(url.username());
-    if user.is_empty() {
-        return Err(ConfigError::single("upstream", "the URL must name a user"));
+    let mut problems = Vec::new();
+    let mut fail = |m: String| problems.push(Problem::new(KEY, m));
+
+    let user = decode(url.username(), "user name").unwrap_or_else(|e| {
+        fail(e);
+        String::new()
+    });
+    if user.is_empty() && url.username().is_empty() {
+        fail(format!("the URL must name a user: {URL_SHAPE}"));
     }
-    let password = url.password().map(percent);
-    let host = url.host_str().unwrap_or("127.0.0.1").to_string();
-    let port = url.port().unwrap_or(5432);
-    let dbname = match url.path().trim_start_matches('/') {
-        "" => user.clone(),
-        p => percent(p),
+    let password = match url.password().map(|p| decode(p, "password")) {
+        None => None,
+        Some(Ok(p)) if p.is_empty() => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            fail(e);
+            None
+        }
     };
+    let host = match url.host() {
+        None => "127.0.0.1".to_string(),
+        Some(url::Host::Ipv4(a)) => a.to_string(),
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        Some(url::Host::Domain(d)) => decode(d, "host").unwrap_or_else(|e| {
+            fail(e);
+            String::new()
+        }),
+    };
+    let port = url.port().unwrap_or(5432);
+    let path = url.path().strip_prefix('/').unwrap_or(url.path());
+    let dbname = if path.is_empty() {
+        user.clone()
+    } else if path.contains('/') {
+        fail("the URL path must be a single database name (write '/' in a name as %2F)".into());
+        String::new()
+    } else {
+        decode(path, "database name").unwrap_or_else(|e| {
+            fail(e);
+            String::new()
+        })
+    };
+    for (name, value) in url.query_pairs() {
+        match name.as_ref() {
+            "sslmode" => match value.as_ref() {
+                "disable" | "allow" | "prefer" => {}
+                "require" | "verify-ca" | "verify-full" => fail(format!(
+                    "sslmode={value}: TLS to the server is not supported yet; use sslmode=disable, allow or prefer"
+                )),
+                _ => fail(format!(
+                    "sslmode={value:?} is not a valid sslmode; use disable, allow or prefer"
+                )),
+            },
+            "application_name" => {}
+            _ => fail(format!(
+                "unknown URL parameter {name:?}; pgtide accepts sslmode and application_name"
+            )),
+        }
+    }
+    if url.fragment().is_some() {
+        fail("the URL has a '#' fragment; if the password contains '#', write it as %23".into());
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+
     let mut config = Config::default();
     config.databases.insert(
         dbname,
@@ -115,13 +812,17 @@ pub(super) fn from_upstream_url(text: &str) -> Result<Config, ConfigError> {
             ..User::default()
         },
     );
-    check(&config)?;
+    // The checks name config keys the user never wrote: report them on the URL.
+    check(&config).map_err(|e| ConfigError {
+        problems: e
+            .problems
+            .into_iter()
+            .map(|p| Problem::new(KEY, p.message))
+            .collect(),
+    })?;
     Ok(config)
 }
 
-fn percent(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_else(|| s.to_string())
-}
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

@@ -1,0 +1,810 @@
+//! Tests of parsing, validation and the upstream-URL mode.
+
+use super::super::{AuthType, Config, Database, General, PoolMode, User};
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../pooler.toml.example");
+
+const SCRAM: &str = "SCRAM-SHA-256$4096:cGd0aWRlLWV4YW1wbGUtcw==$tfM6crE0U35wHzABYZlPsQOHs9cSIsgYSIW/DoerpYQ=:xfck9cYYGm81aWMXatoRkRWPEJv6Wb2yvDzSuPbFwX4=";
+const MD5: &str = "md531db687e942b9b9f99b11f2ee54c34ed";
+
+/// A valid base to which each test appends its own lines.
+const BASE: &str = "[databases.app]\nhost = \"db\"\n[users.app]\npassword = \"pw\"\n";
+
+fn problems(text: &str) -> Vec<Problem> {
+    match Config::from_toml_str(text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems,
+    }
+}
+
+/// The problems on `key`, as messages.
+fn on(text: &str, key: &str) -> Vec<String> {
+    problems(text)
+        .into_iter()
+        .filter(|p| p.key == key)
+        .map(|p| p.message)
+        .collect()
+}
+
+/// Asserts that exactly one problem is reported, on `key`, containing `needle`.
+#[track_caller]
+fn only(text: &str, key: &str, needle: &str) {
+    let ps = problems(text);
+    assert_eq!(ps.len(), 1, "expected one problem on {key}, got {ps:#?}");
+    assert_eq!(ps[0].key, key, "{ps:#?}");
+    assert!(
+        ps[0].message.contains(needle),
+        "{:?} does not contain {needle:?}",
+        ps[0].message
+    );
+}
+
+#[track_caller]
+fn ok(text: &str) -> Config {
+    match Config::from_toml_str(text) {
+        Ok(c) => c,
+        Err(e) => panic!("unexpected problems:\n{e}"),
+    }
+}
+
+fn with_pgtide(lines: &str) -> String {
+    format!("[pgtide]\n{lines}\n{BASE}")
+}
+
+fn with_user(lines: &str) -> String {
+    format!("[databases.app]\n[users.u]\n{lines}\n")
+}
+
+// --- the example file --------------------------------------------------------------------
+
+#[test]
+fn example_parses_and_validates() {
+    let c = ok(EXAMPLE);
+    assert_eq!(c.databases.len(), 2);
+    assert_eq!(c.users.len(), 3);
+    assert_eq!(c.pgtide.pool_size, 10);
+    assert_eq!(
+        c.databases["analytics"].dbname.as_deref(),
+        Some("warehouse")
+    );
+    assert_eq!(c.auth_type("reporting"), AuthType::Md5);
+    assert_eq!(c.auth_type("app"), AuthType::ScramSha256);
+    assert_eq!(
+        c.pool_settings("analytics", "app").pool_mode,
+        PoolMode::Session
+    );
+    assert_eq!(c.users["admin"].password.as_deref(), Some(SCRAM));
+    assert_eq!(c.users["reporting"].password.as_deref(), Some(MD5));
+}
+
+/// Every `#key = value` and `# default: key = value` line of `[pgtide]` in the example
+/// must be the real default.
+#[test]
+fn example_shows_the_real_defaults() {
+    let section: String = EXAMPLE
+        .split("\n[pgtide]\n")
+        .nth(1)
+        .and_then(|s| s.split("\n[databases.").next())
+        .unwrap_or_default()
+        .to_string();
+    let mut shown = String::new();
+    let mut keys = BTreeSet::new();
+    for line in section.lines() {
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let rest = rest.strip_prefix("default: ").unwrap_or(rest);
+        let Some((key, _)) = rest.split_once(" = ") else {
+            continue;
+        };
+        if key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+            assert!(keys.insert(key.to_string()), "{key} shown twice");
+            shown.push_str(rest);
+            shown.push('\n');
+        }
+    }
+    let all: BTreeSet<String> = GENERAL_KEYS.iter().map(|(k, _)| k.to_string()).collect();
+    assert_eq!(keys, all, "every [pgtide] option shows its default");
+    let parsed: General = toml::from_str(&shown).expect("defaults parse");
+    assert_eq!(format!("{parsed:?}"), format!("{:?}", General::default()));
+}
+
+// --- the key tables match the types --------------------------------------------------
+
+fn serialized_keys<T: serde::Serialize>(value: &T) -> BTreeSet<String> {
+    match toml::Value::try_from(value) {
+        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        other => panic!("not a table: {other:?}"),
+    }
+}
+
+fn table_keys(keys: &[(&str, Kind)]) -> BTreeSet<String> {
+    keys.iter().map(|(k, _)| k.to_string()).collect()
+}
+
+#[test]
+fn key_tables_match_the_types() {
+    assert_eq!(
+        serialized_keys(&General::default()),
+        table_keys(GENERAL_KEYS)
+    );
+    let d = Database {
+        dbname: Some("x".into()),
+        pool_mode: Some(PoolMode::Session),
+        pool_size: Some(1),
+        min_pool_size: Some(1),
+        max_db_connections: Some(1),
+        ..Database::default()
+    };
+    assert_eq!(serialized_keys(&d), table_keys(DATABASE_KEYS));
+    let u = User {
+        password: Some("x".into()),
+        auth_type: Some(AuthType::Md5),
+        pool_mode: Some(PoolMode::Session),
+        pool_size: Some(1),
+    };
+    assert_eq!(serialized_keys(&u), table_keys(USER_KEYS));
+}
+
+#[test]
+fn enum_tables_match_the_types() {
+    for m in POOL_MODES {
+        let v: PoolMode = toml::Value::String(m.to_string()).try_into().unwrap();
+        assert_eq!(v.to_string(), *m);
+    }
+    for a in AUTH_TYPES {
+        let v: AuthType = toml::Value::String(a.to_string()).try_into().unwrap();
+        assert_eq!(v.to_string(), *a);
+    }
+}
+
+// --- every problem, each with its key -------------------------------------------------
+
+#[test]
+fn three_mistakes_are_all_reported() {
+    let text = r#"
+[pgtide]
+pool_size = "ten"
+pool_mode = "statement"
+
+[databases.app]
+host = "db"
+prot = 5433
+
+[users.app]
+password = "pw"
+"#;
+    let ps = problems(text);
+    let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["pgtide.pool_mode", "pgtide.pool_size", "databases.app.prot"],
+        "sections in a fixed order: {ps:#?}"
+    );
+    assert_eq!(
+        ps[0].message,
+        "\"statement\" is not allowed; use \"transaction\" or \"session\""
+    );
+    assert_eq!(ps[1].message, "expected an integer, got the string \"ten\"");
+    assert!(
+        ps[2].message.contains("did you mean \"port\"?"),
+        "{}",
+        ps[2].message
+    );
+    // And the Display has one line per problem, each starting with its key.
+    let shown = ConfigError { problems: ps }.to_string();
+    assert_eq!(shown.lines().count(), 3);
+    assert!(shown.contains("pgtide.pool_size: expected an integer, got the string \"ten\""));
+}
+
+#[test]
+fn shape_and_semantic_problems_are_reported_together() {
+    let text = "[pgtide]\npool_size = true\nmax_client_conn = 0\n";
+    let ps = problems(text);
+    let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["pgtide.pool_size", "pgtide.max_client_conn", "databases"],
+        "{ps:#?}"
+    );
+}
+
+#[test]
+fn unknown_keys_list_the_allowed_keys() {
+    let ps = on(&with_pgtide("colour = 1"), "pgtide.colour");
+    assert_eq!(ps.len(), 1);
+    for (k, _) in GENERAL_KEYS {
+        assert!(ps[0].contains(k), "{} lacks {k}", ps[0]);
+    }
+    assert!(ps[0].contains("allowed keys in [pgtide]"), "{}", ps[0]);
+
+    let ps = on(
+        &format!("{BASE}[databases.app2]\npasword = 1\n"),
+        "databases.app2.pasword",
+    );
+    assert!(ps[0].contains("[databases.app2]"), "{}", ps[0]);
+    assert!(ps[0].contains("host, port, dbname"), "{}", ps[0]);
+
+    let ps = on(
+        &format!("{BASE}[users.x]\npasword = \"p\"\n"),
+        "users.x.pasword",
+    );
+    assert!(ps[0].contains("did you mean \"password\"?"), "{}", ps[0]);
+    assert!(
+        ps[0].contains("password, auth_type, pool_mode, pool_size"),
+        "{}",
+        ps[0]
+    );
+
+    only(
+        &format!("{BASE}[database.x]\n"),
+        "database",
+        "did you mean \"databases\"?",
+    );
+    only(
+        &format!("{BASE}[pgbouncer]\n"),
+        "pgbouncer",
+        "pgtide, databases, users",
+    );
+}
+
+#[test]
+fn names_that_are_not_bare_keys_are_quoted() {
+    only(
+        "[databases.\"my.db\"]\nport = 0\n",
+        "databases.\"my.db\".port",
+        "not a port",
+    );
+}
+
+#[test]
+fn wrong_types() {
+    only(
+        &with_pgtide("log_connections = \"yes\""),
+        "pgtide.log_connections",
+        "expected true or false, got the string \"yes\"",
+    );
+    only(
+        &with_pgtide("max_client_conn = 1.5"),
+        "pgtide.max_client_conn",
+        "expected an integer, got the float 1.5",
+    );
+    only(
+        &with_pgtide("pool_size = -1"),
+        "pgtide.pool_size",
+        "-1 is out of range",
+    );
+    only(
+        &with_pgtide("pool_size = 4294967296"),
+        "pgtide.pool_size",
+        "out of range",
+    );
+    only(
+        &with_pgtide("server_reset_query = 1"),
+        "pgtide.server_reset_query",
+        "expected a string, got the integer 1",
+    );
+    only(
+        &with_pgtide("auth_type = 5"),
+        "pgtide.auth_type",
+        "expected a string (\"trust\", \"md5\" or \"scram-sha-256\")",
+    );
+    only(
+        &with_pgtide("auth_type = \"password\""),
+        "pgtide.auth_type",
+        "\"password\" is not allowed; use \"trust\", \"md5\" or \"scram-sha-256\"",
+    );
+    only(
+        &with_pgtide("track_extra_params = \"search_path\""),
+        "pgtide.track_extra_params",
+        "expected an array of strings",
+    );
+    only(
+        &with_pgtide("track_extra_params = [\"a\", 2]"),
+        "pgtide.track_extra_params[1]",
+        "expected a string, got the integer 2",
+    );
+    only(
+        &format!("pgtide = 3\n{BASE}"),
+        "pgtide",
+        "expected a table ([pgtide]), got the integer 3",
+    );
+    only("databases = []\n", "databases", "expected a table");
+    only(
+        &format!("{BASE}[databases]\nhost = \"x\"\n"),
+        "databases.host",
+        "describing one database",
+    );
+    only(
+        &format!("{BASE}[databases.b]\nport = 70000\n"),
+        "databases.b.port",
+        "70000 is not a port; use 1 to 65535",
+    );
+    only(
+        &format!("{BASE}[databases.b]\nport = \"5432\"\n"),
+        "databases.b.port",
+        "expected a port number",
+    );
+}
+
+#[test]
+fn a_wrongly_typed_password_is_not_echoed() {
+    let ps = on(
+        &with_user("password = 123456\nauth_type = \"md5\""),
+        "users.u.password",
+    );
+    assert_eq!(ps, ["expected a string, got an integer"]);
+}
+
+#[test]
+fn durations() {
+    let c = ok(&with_pgtide(
+        "query_wait_timeout = \"1m 30s\"\nserver_connect_timeout = 250\nserver_lifetime = \"0\"\nclient_idle_timeout = 0",
+    ));
+    assert_eq!(c.pgtide.query_wait_timeout.0.as_secs(), 90);
+    assert_eq!(c.pgtide.server_connect_timeout.0.as_millis(), 250);
+    assert_eq!(c.pgtide.server_lifetime.enabled(), None);
+    only(
+        &with_pgtide("shutdown_timeout = \"5 parsecs\""),
+        "pgtide.shutdown_timeout",
+        "\"5 parsecs\" is not a duration",
+    );
+    only(
+        &with_pgtide("shutdown_timeout = -5"),
+        "pgtide.shutdown_timeout",
+        "-5 is negative",
+    );
+    only(
+        &with_pgtide("shutdown_timeout = 1.5"),
+        "pgtide.shutdown_timeout",
+        "expected a duration",
+    );
+    only(
+        &with_pgtide("shutdown_timeout = true"),
+        "pgtide.shutdown_timeout",
+        "got the boolean true",
+    );
+}
+
+#[test]
+fn listen_addresses() {
+    assert_eq!(
+        ok(&with_pgtide("listen = \"[::]:7000\""))
+            .pgtide
+            .listen
+            .port(),
+        7000
+    );
+    only(
+        &with_pgtide("listen = \"localhost:6432\""),
+        "pgtide.listen",
+        "is not an IP address and port",
+    );
+    only(
+        &with_pgtide("listen = \"10.1.2.3\""),
+        "pgtide.listen",
+        "has no port; write e.g. \"10.1.2.3:6432\"",
+    );
+    only(
+        &with_pgtide("listen = \"::1\""),
+        "pgtide.listen",
+        "\"[::1]:6432\"",
+    );
+    only(
+        &with_pgtide("listen = 6432"),
+        "pgtide.listen",
+        "expected an address",
+    );
+}
+
+#[test]
+fn syntax_errors_have_line_and_column() {
+    let ps = problems("[pgtide]\npool_size = 10\npool_mode = transaction\n");
+    assert_eq!(ps.len(), 1, "{ps:#?}");
+    assert!(
+        ps[0]
+            .message
+            .starts_with("TOML syntax error at line 3, column 13"),
+        "{}",
+        ps[0].message
+    );
+    let ps = problems("[pgtide]\npool_size = 1\npool_size = 2\n");
+    assert!(ps[0].message.contains("line 3"), "{}", ps[0].message);
+    assert!(problems("[pgtide\n")[0].message.contains("line 1"));
+}
+
+// --- semantic rules ---------------------------------------------------------------------
+
+#[test]
+fn at_least_one_database() {
+    only("", "databases", "no database is configured");
+    only(
+        "[users.u]\nauth_type = \"trust\"\n",
+        "databases",
+        "add a [databases.NAME] table",
+    );
+}
+
+#[test]
+fn pool_sizes() {
+    only(
+        &with_pgtide("pool_size = 0"),
+        "pgtide.pool_size",
+        "must be at least 1",
+    );
+    only(
+        &with_pgtide("min_pool_size = 21"),
+        "pgtide.min_pool_size",
+        "21 is larger than pgtide.pool_size (20)",
+    );
+    ok(&with_pgtide("min_pool_size = 20"));
+    only(
+        &format!("{BASE}[databases.b]\npool_size = 0\n"),
+        "databases.b.pool_size",
+        "must be at least 1",
+    );
+    only(
+        &format!("{BASE}[databases.b]\npool_size = 3\nmin_pool_size = 4\n"),
+        "databases.b.min_pool_size",
+        "min_pool_size 4 is larger than pool_size 3",
+    );
+    only(
+        &format!("[pgtide]\nmin_pool_size = 5\n{BASE}[databases.b]\npool_size = 3\n"),
+        "databases.b.pool_size",
+        "inherited from pgtide.min_pool_size",
+    );
+    only(
+        &format!("{BASE}[users.x]\nauth_type = \"trust\"\npool_size = 0\n"),
+        "users.x.pool_size",
+        "must be at least 1",
+    );
+    only(&format!("{BASE}[databases.app]\nmin_pool_size = 3\n[users.x]\nauth_type = \"trust\"\npool_size = 2\n").replace("[databases.app]\nhost = \"db\"\n", ""), "users.x.pool_size", "smaller than min_pool_size 3 of database \"app\"");
+}
+
+#[test]
+fn limits() {
+    only(
+        &with_pgtide("max_client_conn = 0"),
+        "pgtide.max_client_conn",
+        "must be at least 1",
+    );
+    only(
+        &with_pgtide("max_message_size = 1023"),
+        "pgtide.max_message_size",
+        "use 1024 (1 KiB) to 1073741824 (1 GiB)",
+    );
+    only(
+        &with_pgtide("max_message_size = 1073741825"),
+        "pgtide.max_message_size",
+        "out of range",
+    );
+    ok(&with_pgtide("max_message_size = 1024"));
+    ok(&with_pgtide("max_message_size = 1073741824"));
+}
+
+#[test]
+fn databases() {
+    only(
+        "[databases.a]\nhost = \" \"\n",
+        "databases.a.host",
+        "must not be empty",
+    );
+    only(
+        "[databases.a]\nport = 0\n",
+        "databases.a.port",
+        "not a port",
+    );
+    only(
+        "[databases.a]\ndbname = \"\"\n",
+        "databases.a.dbname",
+        "must not be empty",
+    );
+    only(
+        "[databases.\"\"]\n",
+        "databases.\"\"",
+        "a database name cannot be empty",
+    );
+    let c = ok("[databases.a]\nhost = \"::1\"\nport = 65535\n");
+    assert_eq!(c.databases["a"].port, 65535);
+}
+
+#[test]
+fn server_reset_query_may_be_empty() {
+    assert_eq!(
+        ok(&with_pgtide("server_reset_query = \"\""))
+            .pgtide
+            .server_reset_query,
+        ""
+    );
+}
+
+#[test]
+fn track_extra_params_are_guc_names() {
+    let c = ok(&with_pgtide(
+        "track_extra_params = [\"search_path\", \"myext.some_setting2\"]",
+    ));
+    assert_eq!(c.pgtide.track_extra_params.len(), 2);
+    only(
+        &with_pgtide("track_extra_params = [\"ok\", \"search path\"]"),
+        "pgtide.track_extra_params[1]",
+        "\"search path\" is not a run-time parameter name",
+    );
+    only(
+        &with_pgtide("track_extra_params = [\"\"]"),
+        "pgtide.track_extra_params[0]",
+        "not a run-time parameter name",
+    );
+    only(
+        &with_pgtide("track_extra_params = [\"x;drop\"]"),
+        "pgtide.track_extra_params[0]",
+        "letters, digits",
+    );
+}
+
+#[test]
+fn passwords_and_auth_types() {
+    // A password is needed unless the user is trusted.
+    only(
+        &with_user("auth_type = \"md5\""),
+        "users.u.password",
+        "required for auth_type md5",
+    );
+    only(
+        &with_user("auth_type = \"scram-sha-256\""),
+        "users.u.password",
+        "required for auth_type scram-sha-256",
+    );
+    only(
+        &with_user(""),
+        "users.u.password",
+        "required for auth_type scram-sha-256 (inherited from pgtide.auth_type)",
+    );
+    ok(&with_user("auth_type = \"trust\""));
+    ok(&format!(
+        "[pgtide]\nauth_type = \"trust\"\n{}",
+        with_user("")
+    ));
+    only(
+        &with_user("password = \"\"\nauth_type = \"trust\""),
+        "users.u.password",
+        "empty password",
+    );
+
+    // Plain passwords work with every method.
+    for auth in AUTH_TYPES {
+        ok(&with_user(&format!(
+            "password = \"pw\"\nauth_type = \"{auth}\""
+        )));
+    }
+    // md5 with a SCRAM verifier is fine: PostgreSQL falls back to SCRAM.
+    ok(&with_user(&format!(
+        "password = \"{SCRAM}\"\nauth_type = \"md5\""
+    )));
+    ok(&with_user(&format!(
+        "password = \"{SCRAM}\"\nauth_type = \"scram-sha-256\""
+    )));
+    // md5 hash: fine for md5, not for SCRAM.
+    ok(&with_user(&format!(
+        "password = \"{MD5}\"\nauth_type = \"md5\""
+    )));
+    only(
+        &with_user(&format!(
+            "password = \"{MD5}\"\nauth_type = \"scram-sha-256\""
+        )),
+        "users.u.password",
+        "a SCRAM exchange cannot be checked against an md5 hash",
+    );
+    only(
+        &with_user(&format!("password = \"{MD5}\"")),
+        "users.u.password",
+        "inherited from pgtide.auth_type",
+    );
+    // "md5" and 32 more characters must be hex.
+    only(
+        &with_user("password = \"md5zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz\"\nauth_type = \"md5\""),
+        "users.u.password",
+        "not lowercase hex digits",
+    );
+    only(
+        &with_user(&format!(
+            "password = \"{}\"\nauth_type = \"md5\"",
+            MD5.to_uppercase().replacen("MD5", "md5", 1)
+        )),
+        "users.u.password",
+        "lowercase hex",
+    );
+    // Other lengths are plain passwords.
+    ok(&with_user("password = \"md5-is-a-fine-prefix\""));
+}
+
+#[test]
+fn scram_verifiers() {
+    assert_eq!(check_scram_verifier(SCRAM), Ok(()));
+    let (head, keys) = SCRAM.rsplit_once('$').unwrap();
+    let (stored, server) = keys.split_once(':').unwrap();
+    let cases = [
+        ("SCRAM-SHA-256$4096:c2FsdA==".to_string(), "'$' between"),
+        (
+            "SCRAM-SHA-256$4096$a:b".to_string(),
+            "':' between <iterations>",
+        ),
+        (SCRAM.replace("$4096:", "$0:"), "iteration count"),
+        (SCRAM.replace("$4096:", "$many:"), "iteration count"),
+        (SCRAM.replace("cGd0aWRlLWV4YW1wbGUtcw==", "***"), "salt"),
+        (SCRAM.replace("cGd0aWRlLWV4YW1wbGUtcw==", ""), "salt"),
+        (format!("{head}${stored}"), "':' between <StoredKey>"),
+        (format!("{head}$!!!:{server}"), "StoredKey is not base64"),
+        (
+            format!("{head}${stored}:c2hvcnQ="),
+            "ServerKey is 5 bytes, not 32",
+        ),
+    ];
+    for (verifier, needle) in cases {
+        let text = with_user(&format!("password = {verifier:?}"));
+        only(&text, "users.u.password", needle);
+        let ps = problems(&text);
+        assert!(
+            ps[0].message.contains("<base64 StoredKey>"),
+            "{}",
+            ps[0].message
+        );
+        assert!(
+            !ps[0].message.contains(stored),
+            "the verifier is not echoed"
+        );
+    }
+}
+
+#[test]
+fn no_input_panics() {
+    let texts = [
+        "", "=", "[", "[[pgtide]]\n", "[[databases]]\n", "[users]\nx = []\n", "a.b.c = 1\n",
+        "[databases.a]\nport = -1\n", "[pgtide]\nlisten = \"\u{1F600}\"\n",
+        "[databases.\"\u{e9}\"]\n[users.\"\"]\npassword = \"md5\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\"\n",
+        "[users.u]\npassword = \"SCRAM-SHA-256$\"\n", "x = \"\u{e9}\n",
+    ];
+    for t in texts {
+        assert!(
+            Config::from_toml_str(t).is_err(),
+            "{t:?} should not be valid"
+        );
+    }
+    assert_eq!(line_column("a\n\u{e9}\u{e9}x", 100), (2, 4));
+    assert_eq!(line_column("ab\ncd", 4), (2, 2));
+}
+
+#[test]
+fn validate_checks_configs_built_in_code() {
+    let mut c = ok(BASE);
+    assert_eq!(c.validate(), Ok(()));
+    c.pgtide.pool_size = 0;
+    c.users.insert(String::new(), User::default());
+    let keys: Vec<String> = c
+        .validate()
+        .unwrap_err()
+        .problems
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
+    assert_eq!(
+        keys,
+        ["pgtide.pool_size", "users.\"\"", "users.\"\".password"]
+    );
+}
+
+// --- the upstream URL -------------------------------------------------------------------
+
+fn url_ok(url: &str) -> (String, Database, String, User) {
+    match Config::from_upstream_url(url) {
+        Ok(c) => {
+            let (db, d) = c.databases.into_iter().next().unwrap();
+            let (user, u) = c.users.into_iter().next().unwrap();
+            (db, d, user, u)
+        }
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+#[track_caller]
+fn url_err(url: &str, needle: &str) {
+    match Config::from_upstream_url(url) {
+        Ok(_) => panic!("{url} should be refused"),
+        Err(e) => assert!(
+            e.problems
+                .iter()
+                .any(|p| p.key == "upstream" && p.message.contains(needle)),
+            "{url}: {e} does not contain {needle:?}"
+        ),
+    }
+}
+
+#[test]
+fn upstream_url_basics() {
+    let (db, d, user, u) = url_ok("postgres://alice:secret@db.example.com:6543/shop");
+    assert_eq!(
+        (db.as_str(), d.host.as_str(), d.port),
+        ("shop", "db.example.com", 6543)
+    );
+    assert_eq!(user, "alice");
+    assert_eq!(u.password.as_deref(), Some("secret"));
+    assert_eq!(u.auth_type, Some(AuthType::ScramSha256));
+
+    let (db, d, user, u) = url_ok("postgresql://bob@localhost");
+    assert_eq!(
+        (db.as_str(), d.host.as_str(), d.port),
+        ("bob", "localhost", 5432)
+    );
+    assert_eq!(user, "bob");
+    assert_eq!(u.password, None);
+    assert_eq!(u.auth_type, Some(AuthType::Trust));
+
+    let (.., u) = url_ok("postgres://bob:@localhost/x");
+    assert_eq!(u.password, None);
+}
+
+#[test]
+fn upstream_url_percent_decoding() {
+    let (db, _, user, u) = url_ok("postgres://al%40ice:p%40ss+w%2Frd%3A%25%20x@h/my%20db");
+    assert_eq!(user, "al@ice");
+    // '+' is not a space in the userinfo.
+    assert_eq!(u.password.as_deref(), Some("p@ss+w/rd:% x"));
+    assert_eq!(db, "my db");
+    let (.., u) = url_ok("postgres://u:caf%C3%A9@h/d");
+    assert_eq!(u.password.as_deref(), Some("caf\u{e9}"));
+    url_err("postgres://u:%FF@h/d", "password is not valid UTF-8");
+}
+
+#[test]
+fn upstream_url_ipv6() {
+    let (_, d, ..) = url_ok("postgres://u:p@[::1]:5433/d");
+    assert_eq!((d.host.as_str(), d.port), ("::1", 5433));
+    let (_, d, ..) = url_ok("postgresql://u@[2001:db8::7]/d");
+    assert_eq!(d.host, "2001:db8::7");
+    let (_, d, ..) = url_ok("postgres://u@10.0.0.1/d");
+    assert_eq!(d.host, "10.0.0.1");
+}
+
+#[test]
+fn upstream_url_parameters() {
+    for mode in ["disable", "allow", "prefer"] {
+        url_ok(&format!("postgres://u:p@h/d?sslmode={mode}"));
+    }
+    url_ok("postgres://u:p@h/d?application_name=web&sslmode=disable");
+    for mode in ["require", "verify-ca", "verify-full"] {
+        url_err(
+            &format!("postgres://u:p@h/d?sslmode={mode}"),
+            "TLS to the server is not supported yet",
+        );
+    }
+    url_err(
+        "postgres://u:p@h/d?sslmode=sometimes",
+        "not a valid sslmode",
+    );
+    url_err(
+        "postgres://u:p@h/d?connect_timeout=5",
+        "unknown URL parameter \"connect_timeout\"",
+    );
+    // All problems at once.
+    let e = Config::from_upstream_url("postgres://h/d/e?sslmode=require&x=1").unwrap_err();
+    assert_eq!(e.problems.len(), 4, "{e}");
+}
+
+#[test]
+fn upstream_url_mistakes() {
+    url_err(
+        "mysql://u:p@h/d",
+        "must start with postgres:// or postgresql://",
+    );
+    url_err("postgres://h/d", "must name a user");
+    url_err("postgres://u:p@h:0/d", "not a port");
+    url_err("postgres://u:pa#ss@h/d", "not a valid URL");
+    url_err("postgres://u@h/d#x", "'#' fragment");
+    url_err("postgres://u@h/a/b", "single database name");
+    // The password is never echoed.
+    let e = Config::from_upstream_url("postgres://u:hunter2@h:99999/d").unwrap_err();
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+    let e = Config::from_upstream_url("not a url hunter2").unwrap_err();
+    assert!(!e.to_string().contains("hunter2"), "{e}");
+}
