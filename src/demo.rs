@@ -1,2 +1,4 @@
 //! TEMPORARY STUB (replaced by the cluster branch).
-pub async fn run_demo(_listen: Option<std::net::SocketAddr>) -> Result<(), String> { Err("todo".into()) }
+pub async fn run_demo(_listen: Option<std::net::SocketAddr>) -> Result<(), String> {
+    Err("todo".into())
+}

@@ -48,7 +48,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGTIDE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -129,7 +131,10 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     tracing::info!(listen = %pooler.local_addr(), version = env!("CARGO_PKG_VERSION"), "pgtide is ready");
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         eprintln!("pgtide: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
@@ -137,7 +142,9 @@ async fn serve(config: Config) -> ExitCode {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    tracing::info!("signal received: finishing in-flight transactions (a second signal exits at once)");
+    tracing::info!(
+        "signal received: finishing in-flight transactions (a second signal exits at once)"
+    );
     pooler.shutdown();
     let wait = pooler.wait();
     tokio::select! {

@@ -69,7 +69,10 @@ pub enum CheckoutError {
     /// Every connection stayed busy for `query_wait_timeout`.
     Exhausted { waited: Duration, pool_size: u32 },
     /// The server could not be reached or refused the login, after all retries.
-    Connect { attempts: u32, error: Arc<ServerError> },
+    Connect {
+        attempts: u32,
+        error: Arc<ServerError>,
+    },
 }
 
 impl fmt::Display for CheckoutError {
@@ -241,7 +244,10 @@ impl Pool {
                     );
                     last = Some(e);
                     if !retryable || attempt == attempts {
-                        return Err((attempt, Arc::new(last.take().unwrap_or(ServerError::Timeout))));
+                        return Err((
+                            attempt,
+                            Arc::new(last.take().unwrap_or(ServerError::Timeout)),
+                        ));
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = backoff.saturating_mul(2);

@@ -50,7 +50,10 @@ pub enum ServerError {
     Io(io::Error),
     Timeout,
     /// The server answered with an ErrorResponse.
-    Rejected { code: String, message: String },
+    Rejected {
+        code: String,
+        message: String,
+    },
     /// The server sent something pgtide did not expect.
     Protocol(String),
     Auth(auth::AuthError),
@@ -114,13 +117,18 @@ impl ServerConn {
         let mut out = BytesMut::with_capacity(128);
         frontend::startup_message(
             &mut out,
-            [("user", target.user.as_str()), ("database", target.dbname.as_str())],
+            [
+                ("user", target.user.as_str()),
+                ("database", target.dbname.as_str()),
+            ],
         );
         stream.write_all(&out).await?;
         auth::authenticate_server(&mut stream, &target.user, target.secret.as_deref(), salted)
             .await
             .map_err(|e| match e {
-                auth::AuthError::Server { code, message } => ServerError::Rejected { code, message },
+                auth::AuthError::Server { code, message } => {
+                    ServerError::Rejected { code, message }
+                }
                 auth::AuthError::Io(e) => ServerError::Io(e),
                 other => ServerError::Auth(other),
             })?;
@@ -198,7 +206,11 @@ impl ServerConn {
     /// Runs `sql` as a simple query that pgtide owns (nothing reaches a client), reads
     /// up to ReadyForQuery, keeps `params` current from ParameterStatus, and returns the
     /// rows and the first error. Fails if the connection ends up anywhere but idle.
-    pub async fn run_internal(&mut self, sql: &str, timeout: Duration) -> Result<InternalResult, ServerError> {
+    pub async fn run_internal(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<InternalResult, ServerError> {
         match tokio::time::timeout(timeout, self.run_internal_inner(sql)).await {
             Ok(r) => r,
             Err(_) => Err(ServerError::Timeout),
@@ -217,9 +229,11 @@ impl ServerConn {
                 tag::DATA_ROW => {
                     let row = backend::parse_data_row(&body)
                         .ok_or_else(|| ServerError::Protocol("malformed DataRow".into()))?;
-                    result
-                        .rows
-                        .push(row.into_iter().map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned())).collect());
+                    result.rows.push(
+                        row.into_iter()
+                            .map(|f| f.map(|b| String::from_utf8_lossy(b).into_owned()))
+                            .collect(),
+                    );
                 }
                 tag::PARAMETER_STATUS => {
                     if let Some((k, v)) = backend::parse_parameter_status(&body) {
@@ -245,7 +259,9 @@ impl ServerConn {
                         )));
                     }
                     if !buf.is_empty() {
-                        return Err(ServerError::Protocol("unexpected bytes after ReadyForQuery".into()));
+                        return Err(ServerError::Protocol(
+                            "unexpected bytes after ReadyForQuery".into(),
+                        ));
                     }
                     return Ok(result);
                 }
@@ -287,7 +303,10 @@ pub async fn send_cancel(target: CancelTarget, timeout: Duration) -> io::Result<
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "cancel request timed out")),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "cancel request timed out",
+        )),
     }
 }
 

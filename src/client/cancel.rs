@@ -80,7 +80,10 @@ impl CancelRegistry {
     }
 
     pub fn unregister(&self, pid: i32) {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
     }
 
     /// Handles a CancelRequest: when the key matches a client that is running on a

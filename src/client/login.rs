@@ -38,7 +38,12 @@ pub(super) enum NoSession {
 }
 
 /// Writes a FATAL ErrorResponse; errors writing it are ignored (the connection closes).
-pub(super) async fn send_fatal(stream: &mut TcpStream, code: &str, message: &str, hint: Option<&str>) {
+pub(super) async fn send_fatal(
+    stream: &mut TcpStream,
+    code: &str,
+    message: &str,
+    hint: Option<&str>,
+) {
     let mut b = BytesMut::with_capacity(128 + message.len());
     backend::error_response(&mut b, Severity::Fatal, code, message, None, hint);
     let _ = stream.write_all(&b).await;
@@ -92,7 +97,11 @@ async fn read_first_packet(stream: &mut TcpStream) -> Result<StartupPacket, NoSe
     }
 }
 
-async fn login_inner(stream: &mut TcpStream, shared: &Arc<Shared>, over_limit: bool) -> Result<LoggedIn, NoSession> {
+async fn login_inner(
+    stream: &mut TcpStream,
+    shared: &Arc<Shared>,
+    over_limit: bool,
+) -> Result<LoggedIn, NoSession> {
     let mut negotiated = false;
     let (version, params) = loop {
         match read_first_packet(stream).await? {
@@ -104,7 +113,13 @@ async fn login_inner(stream: &mut TcpStream, shared: &Arc<Shared>, over_limit: b
                 negotiated = true;
             }
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                send_fatal(stream, sqlstate::PROTOCOL_VIOLATION, "unexpected second encryption request", None).await;
+                send_fatal(
+                    stream,
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "unexpected second encryption request",
+                    None,
+                )
+                .await;
                 return Err(NoSession::Refused);
             }
             StartupPacket::CancelRequest { pid, secret } => {
@@ -162,19 +177,21 @@ async fn login_inner(stream: &mut TcpStream, shared: &Arc<Shared>, over_limit: b
                     return Err(NoSession::Refused);
                 }
             }
-            "options" => match startup::parse_options(&v) {
-                Ok(opts) => settings.extend(opts),
-                Err(word) => {
-                    send_fatal(
+            "options" => {
+                match startup::parse_options(&v) {
+                    Ok(opts) => settings.extend(opts),
+                    Err(word) => {
+                        send_fatal(
                         stream,
                         sqlstate::FEATURE_NOT_SUPPORTED,
                         &format!("unsupported option {word:?} in the options startup parameter"),
                         Some("pgtide accepts only run-time settings: -c name=value or --name=value"),
                     )
                     .await;
-                    return Err(NoSession::Refused);
+                        return Err(NoSession::Refused);
+                    }
                 }
-            },
+            }
             k if k.starts_with("_pq_.") => unknown_protocol_options.push(k.to_string()),
             _ => settings.push((k, v)),
         }
@@ -207,12 +224,18 @@ async fn login_inner(stream: &mut TcpStream, shared: &Arc<Shared>, over_limit: b
         .await;
         return Err(NoSession::Refused);
     };
-    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
 
     // Authenticate before saying anything about the database, as PostgreSQL does.
     let config = &shared.config;
     let known = config.users.contains_key(&user);
-    let cred = if known { shared.credential(&user) } else { None };
+    let cred = if known {
+        shared.credential(&user)
+    } else {
+        None
+    };
     let method = config.auth_type(&user);
     let max = config.pgtide.max_message_size as usize;
     let method = if known {
@@ -221,7 +244,9 @@ async fn login_inner(stream: &mut TcpStream, shared: &Arc<Shared>, over_limit: b
         // Unknown users go through a full exchange that fails, revealing nothing.
         crate::config::AuthType::ScramSha256
     };
-    if let Err(e) = crate::auth::authenticate_client(stream, method, &user, cred.as_deref(), max).await {
+    if let Err(e) =
+        crate::auth::authenticate_client(stream, method, &user, cred.as_deref(), max).await
+    {
         tracing::debug!(%user, error = %e, "client authentication failed");
         return Err(NoSession::Refused);
     }
@@ -307,5 +332,10 @@ async fn login_inner(stream: &mut TcpStream, shared: &Arc<Shared>, over_limit: b
 
 /// Used by the session for its own timeouts on internal queries.
 pub(super) fn internal_timeout(shared: &Shared) -> Duration {
-    shared.config.pgtide.server_connect_timeout.0.max(Duration::from_secs(5))
+    shared
+        .config
+        .pgtide
+        .server_connect_timeout
+        .0
+        .max(Duration::from_secs(5))
 }

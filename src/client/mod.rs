@@ -116,7 +116,11 @@ impl Shared {
 }
 
 /// Accepts clients until shutdown, then waits for the sessions to end.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, controller: ShutdownController) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    controller: ShutdownController,
+) {
     let mut signal = controller.signal();
     let maintenance = tokio::spawn(maintain(shared.clone(), controller.signal()));
     loop {

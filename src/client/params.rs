@@ -48,7 +48,11 @@ pub struct ClientParams {
 impl ClientParams {
     /// `login` is the ParameterStatus set of the pool's servers; `startup` the client's
     /// settings (startup packet and `options`), `extras` the configured extra names.
-    pub fn new(login: &[(String, String)], startup: &[(String, String)], extras: &[String]) -> Self {
+    pub fn new(
+        login: &[(String, String)],
+        startup: &[(String, String)],
+        extras: &[String],
+    ) -> Self {
         let mut values = HashMap::new();
         let mut reported = Vec::new();
         for (k, v) in login {
@@ -79,7 +83,10 @@ impl ClientParams {
 
     /// The ParameterStatus set this client sees at login: the pool's, with the client's
     /// own values for the reported names it set.
-    pub fn login_status<'a>(&'a self, login: &'a [(String, String)]) -> impl Iterator<Item = (&'a str, &'a str)> {
+    pub fn login_status<'a>(
+        &'a self,
+        login: &'a [(String, String)],
+    ) -> impl Iterator<Item = (&'a str, &'a str)> {
         login.iter().map(|(k, v)| {
             let own = self.values.get(&k.to_ascii_lowercase()).map(String::as_str);
             (k.as_str(), own.unwrap_or(v.as_str()))
@@ -109,7 +116,11 @@ impl ClientParams {
         for k in &self.synced {
             if let Some(v) = self.values.get(k) {
                 if server.get(k) != Some(v) {
-                    sets.push(format!("set_config({}, {}, false)", quote_literal(k), quote_literal(v)));
+                    sets.push(format!(
+                        "set_config({}, {}, false)",
+                        quote_literal(k),
+                        quote_literal(v)
+                    ));
                 }
             }
         }
@@ -176,7 +187,12 @@ impl ClientParams {
     }
 
     /// Applies the row `refresh_sql` returned to both the client and the server.
-    pub fn refreshed(&mut self, names: &[String], row: &[Option<String>], server: &mut HashMap<String, String>) {
+    pub fn refreshed(
+        &mut self,
+        names: &[String],
+        row: &[Option<String>],
+        server: &mut HashMap<String, String>,
+    ) {
         for (k, v) in names.iter().zip(row) {
             match v {
                 Some(v) => {
@@ -233,12 +249,18 @@ pub fn may_change_settings(sql: &[u8]) -> bool {
                 .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
                 .map_or(n, |p| i + p);
             let word = &sql[i..word_end];
-            if word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"reset") || word.eq_ignore_ascii_case(b"discard") {
+            if word.eq_ignore_ascii_case(b"set")
+                || word.eq_ignore_ascii_case(b"reset")
+                || word.eq_ignore_ascii_case(b"discard")
+            {
                 return true;
             }
             at_start = false;
         }
-        if (c == b's' || c == b'S') && sql.len() - i >= 10 && sql[i..i + 10].eq_ignore_ascii_case(b"set_config") {
+        if (c == b's' || c == b'S')
+            && sql.len() - i >= 10
+            && sql[i..i + 10].eq_ignore_ascii_case(b"set_config")
+        {
             return true;
         }
         i += 1;
@@ -271,11 +293,27 @@ mod tests {
 
     #[test]
     fn sync_sets_differences_and_resets_foreign_settings() {
-        let c = ClientParams::new(&login(), &[("application_name".into(), "app".into()), ("extra_float_digits".into(), "3".into())], &[]);
-        let mut server: HashMap<String, String> = login().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+        let c = ClientParams::new(
+            &login(),
+            &[
+                ("application_name".into(), "app".into()),
+                ("extra_float_digits".into(), "3".into()),
+            ],
+            &[],
+        );
+        let mut server: HashMap<String, String> = login()
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
         let sql = c.sync_sql(&server).unwrap();
-        assert!(sql.contains("set_config(E'application_name', E'app', false)"), "{sql}");
-        assert!(sql.contains("set_config(E'extra_float_digits', E'3', false)"), "{sql}");
+        assert!(
+            sql.contains("set_config(E'application_name', E'app', false)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("set_config(E'extra_float_digits', E'3', false)"),
+            "{sql}"
+        );
         assert!(!sql.contains("RESET"), "{sql}");
         server.insert("application_name".into(), "app".into());
         let mut c2 = c.clone();
@@ -285,6 +323,9 @@ mod tests {
         let other = ClientParams::new(&login(), &[], &[]);
         let sql = other.sync_sql(&server).unwrap();
         assert!(sql.contains("RESET \"extra_float_digits\""), "{sql}");
-        assert!(sql.contains("set_config(E'application_name', E'', false)"), "{sql}");
+        assert!(
+            sql.contains("set_config(E'application_name', E'', false)"),
+            "{sql}"
+        );
     }
 }

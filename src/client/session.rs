@@ -33,9 +33,20 @@ const HIGH_WATER: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Runs one client connection from its first byte to its end.
-pub(super) async fn run(mut stream: TcpStream, shared: &Arc<Shared>, signal: ShutdownSignal, over_limit: bool) {
+pub(super) async fn run(
+    mut stream: TcpStream,
+    shared: &Arc<Shared>,
+    signal: ShutdownSignal,
+    over_limit: bool,
+) {
     if signal.phase() != Phase::Running {
-        login::send_fatal(&mut stream, sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down", None).await;
+        login::send_fatal(
+            &mut stream,
+            sqlstate::ADMIN_SHUTDOWN,
+            "pgtide is shutting down",
+            None,
+        )
+        .await;
         return;
     }
     let logged_in = match login::login(&mut stream, shared, over_limit).await {
@@ -118,7 +129,10 @@ fn client_whole(t: u8) -> bool {
 }
 
 fn server_whole(t: u8) -> bool {
-    matches!(t, tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE)
+    matches!(
+        t,
+        tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE
+    )
 }
 
 /// Reads what is available into `buf`: `Ok(None)` when nothing was (spurious wake-up).
@@ -150,7 +164,12 @@ fn write_some(stream: &TcpStream, buf: &mut BytesMut, ready: &mut usize) -> io::
 }
 
 impl Session {
-    fn new(client: TcpStream, shared: Arc<Shared>, login: LoggedIn, signal: ShutdownSignal) -> Self {
+    fn new(
+        client: TcpStream,
+        shared: Arc<Shared>,
+        login: LoggedIn,
+        signal: ShutdownSignal,
+    ) -> Self {
         let max = shared.config.pgtide.max_message_size;
         Session {
             shared,
@@ -207,7 +226,8 @@ impl Session {
             }
         }
         if self.s_ready > 0 {
-            write_some(&self.client, &mut self.s2c, &mut self.s_ready).map_err(|e| End::ClientError(e.to_string()))?;
+            write_some(&self.client, &mut self.s2c, &mut self.s_ready)
+                .map_err(|e| End::ClientError(e.to_string()))?;
         }
         if let Some(msg) = self.server_fatal.take() {
             return Err(self.server_lost(&msg).await_told(self).await);
@@ -229,12 +249,17 @@ impl Session {
                     Some(_) => self.login.mode == PoolMode::Session && self.server_idle(),
                 };
                 if idle && self.s_ready == 0 {
-                    return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
+                    return Err(self
+                        .tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down")
+                        .await);
                 }
             }
             Phase::Now => {
                 return Err(self
-                    .tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down: shutdown_timeout passed")
+                    .tell(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "pgtide is shutting down: shutdown_timeout passed",
+                    )
                     .await)
             }
         }
@@ -251,9 +276,14 @@ impl Session {
                 Err(e) => Err(End::ClientError(e.to_string())),
             },
             Event::ServerReadable => {
-                let Some(server) = &self.server else { return Ok(()) };
+                let Some(server) = &self.server else {
+                    return Ok(());
+                };
                 match read_some(&server.stream, &mut self.s2c) {
-                    Ok(Some(0)) => Err(self.server_lost("the server closed the connection").await_told(self).await),
+                    Ok(Some(0)) => Err(self
+                        .server_lost("the server closed the connection")
+                        .await_told(self)
+                        .await),
                     Ok(_) => self.scan_server(),
                     Err(e) => Err(self.server_lost(&e.to_string()).await_told(self).await),
                 }
@@ -352,7 +382,9 @@ impl Session {
                     self.unsynced = false;
                 }
                 tag::FUNCTION_CALL => self.pending += 1,
-                tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => self.unsynced = true,
+                tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
+                    self.unsynced = true
+                }
                 tag::COPY_DONE | tag::COPY_FAIL => self.copy_in = false,
                 tag::TERMINATE => {
                     self.c2s.truncate(start);
@@ -431,7 +463,9 @@ impl Session {
         let mut server = match r {
             Ok(s) => s,
             Err(e @ crate::pool::CheckoutError::Exhausted { .. }) => {
-                return Err(self.tell(sqlstate::TOO_MANY_CONNECTIONS, &e.to_string()).await);
+                return Err(self
+                    .tell(sqlstate::TOO_MANY_CONNECTIONS, &e.to_string())
+                    .await);
             }
             Err(e) => {
                 let msg = format!(
@@ -442,7 +476,10 @@ impl Session {
             }
         };
         if let Some(sql) = self.login.params.sync_sql(&server.params) {
-            match server.run_internal(&sql, login::internal_timeout(&self.shared)).await {
+            match server
+                .run_internal(&sql, login::internal_timeout(&self.shared))
+                .await
+            {
                 Ok(r) => match r.error {
                     None => self.login.params.synced_to(&mut server.params),
                     Some((code, message)) => {
@@ -453,7 +490,8 @@ impl Session {
                 },
                 Err(e) => {
                     self.login.pool.discard(server);
-                    let msg = format!("server connection failed while applying session settings: {e}");
+                    let msg =
+                        format!("server connection failed while applying session settings: {e}");
                     return Err(self.tell(sqlstate::CONNECTION_FAILURE, &msg).await);
                 }
             }
@@ -467,7 +505,9 @@ impl Session {
     /// Gives the idle server back to the pool, after reading back settings the
     /// transaction may have changed.
     async fn release(&mut self) {
-        let Some(mut server) = self.server.take() else { return };
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
         self.login.cancel.detach().await;
         if std::mem::take(&mut self.settings_changed) && !self.refresh_settings(&mut server).await {
             self.login.pool.discard(server);
@@ -483,9 +523,14 @@ impl Session {
         let Some((sql, names)) = self.login.params.refresh_sql(&server.params) else {
             return true;
         };
-        match server.run_internal(&sql, login::internal_timeout(&self.shared)).await {
+        match server
+            .run_internal(&sql, login::internal_timeout(&self.shared))
+            .await
+        {
             Ok(r) if r.error.is_none() && r.rows.len() == 1 => {
-                self.login.params.refreshed(&names, &r.rows[0], &mut server.params);
+                self.login
+                    .params
+                    .refreshed(&names, &r.rows[0], &mut server.params);
                 true
             }
             Ok(r) => {
@@ -544,12 +589,22 @@ impl Session {
         if let End::ClientError(msg) = end {
             if msg.starts_with("protocol violation") {
                 let mut b = BytesMut::new();
-                backend::error_response(&mut b, Severity::Fatal, sqlstate::PROTOCOL_VIOLATION, msg, None, None);
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&b)).await;
+                backend::error_response(
+                    &mut b,
+                    Severity::Fatal,
+                    sqlstate::PROTOCOL_VIOLATION,
+                    msg,
+                    None,
+                    None,
+                );
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&b)).await;
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
-        let Some(server) = self.server.take() else { return };
+        let Some(server) = self.server.take() else {
+            return;
+        };
         self.login.cancel.detach().await;
         if let Some(server) = self.recover(server).await {
             self.login.pool.checkin(server);
@@ -583,7 +638,11 @@ impl Session {
             out.extend_from_slice(&[tag::SYNC, 0, 0, 0, 4]);
             self.pending += 1;
         }
-        if !out.is_empty() && tokio::time::timeout(timeout, server.stream.write_all(&out)).await.is_err() {
+        if !out.is_empty()
+            && tokio::time::timeout(timeout, server.stream.write_all(&out))
+                .await
+                .is_err()
+        {
             return give_up(server);
         }
         if self.pending > 0 {
@@ -609,12 +668,17 @@ impl Session {
                     Ok(r) if r.error.is_none() => {
                         // DISCARD ALL / RESET ALL put every setting back to its default.
                         let login = pool.login_params().unwrap_or_default();
-                        server.params = login.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+                        server.params = login
+                            .iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                            .collect();
                     }
                     _ => return give_up(server),
                 }
             }
-        } else if std::mem::take(&mut self.settings_changed) && !self.refresh_settings(&mut server).await {
+        } else if std::mem::take(&mut self.settings_changed)
+            && !self.refresh_settings(&mut server).await
+        {
             return give_up(server);
         }
         Some(server)

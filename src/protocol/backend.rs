@@ -20,7 +20,9 @@ pub fn authentication_ok(buf: &mut BytesMut) {
 }
 
 pub fn authentication_cleartext(buf: &mut BytesMut) {
-    with_len(buf, tag::AUTHENTICATION, |b| b.put_i32(auth_code::CLEARTEXT_PASSWORD));
+    with_len(buf, tag::AUTHENTICATION, |b| {
+        b.put_i32(auth_code::CLEARTEXT_PASSWORD)
+    });
 }
 
 pub fn authentication_md5(buf: &mut BytesMut, salt: [u8; 4]) {
@@ -184,7 +186,10 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
 pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     let (name, rest) = cstr(body)?;
     let (value, _) = cstr(rest)?;
-    Some((std::str::from_utf8(name).ok()?, std::str::from_utf8(value).ok()?))
+    Some((
+        std::str::from_utf8(name).ok()?,
+        std::str::from_utf8(value).ok()?,
+    ))
 }
 
 /// The fields of one DataRow body, each `None` for SQL NULL.
@@ -222,7 +227,14 @@ mod tests {
     #[test]
     fn error_response_round_trips() {
         let mut b = BytesMut::new();
-        error_response(&mut b, Severity::Fatal, "28P01", "password authentication failed", Some("d"), None);
+        error_response(
+            &mut b,
+            Severity::Fatal,
+            "28P01",
+            "password authentication failed",
+            Some("d"),
+            None,
+        );
         assert_eq!(b[0], b'E');
         let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
         assert_eq!(len + 1, b.len());

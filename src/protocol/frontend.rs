@@ -17,7 +17,10 @@ fn with_len(buf: &mut BytesMut, t: Option<u8>, body: impl FnOnce(&mut BytesMut))
 }
 
 /// StartupMessage for protocol 3.0 with the given parameters.
-pub fn startup_message<'a>(buf: &mut BytesMut, params: impl IntoIterator<Item = (&'a str, &'a str)>) {
+pub fn startup_message<'a>(
+    buf: &mut BytesMut,
+    params: impl IntoIterator<Item = (&'a str, &'a str)>,
+) {
     with_len(buf, None, |b| {
         b.put_i32(super::startup::PROTOCOL_3_0);
         for (k, v) in params {

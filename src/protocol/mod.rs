@@ -9,7 +9,7 @@ pub mod frontend;
 mod scan;
 pub mod startup;
 
-pub use scan::{Frame, Scanner, ScanError};
+pub use scan::{Frame, ScanError, Scanner};
 
 /// Message tags, as the protocol chapter of the PostgreSQL documentation names them.
 pub mod tag {

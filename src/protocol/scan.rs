@@ -165,8 +165,14 @@ mod tests {
     fn rejects_bad_lengths() {
         let mut s = Scanner::new(1000);
         let buf = [b'Q', 0, 0, 0, 3];
-        assert!(matches!(s.next(&buf, &mut 0, |_| true), Err(ScanError::BadLength { .. })));
+        assert!(matches!(
+            s.next(&buf, &mut 0, |_| true),
+            Err(ScanError::BadLength { .. })
+        ));
         let buf = [b'Q', 0, 1, 0, 0];
-        assert!(matches!(s.next(&buf, &mut 0, |_| true), Err(ScanError::TooLarge { .. })));
+        assert!(matches!(
+            s.next(&buf, &mut 0, |_| true),
+            Err(ScanError::TooLarge { .. })
+        ));
     }
 }

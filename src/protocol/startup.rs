@@ -162,7 +162,10 @@ mod tests {
             p,
             StartupPacket::Startup {
                 version: PROTOCOL_3_0,
-                params: vec![("user".into(), "alice".into()), ("database".into(), "app".into())]
+                params: vec![
+                    ("user".into(), "alice".into()),
+                    ("database".into(), "app".into())
+                ]
             }
         );
     }
@@ -177,7 +180,8 @@ mod tests {
     #[test]
     fn parses_options() {
         assert_eq!(
-            parse_options(r"-c search_path=a,b -cstatement_timeout=5s --work-mem=64kB -c x=a\ b").unwrap(),
+            parse_options(r"-c search_path=a,b -cstatement_timeout=5s --work-mem=64kB -c x=a\ b")
+                .unwrap(),
             vec![
                 ("search_path".into(), "a,b".into()),
                 ("statement_timeout".into(), "5s".into()),
