@@ -1,1 +1,0 @@
-//! Local throwaway PostgreSQL clusters (being written).
