@@ -1,0 +1,134 @@
+//! `pgtide demo`: a throwaway PostgreSQL primary and streaming replica ([`LocalCluster`])
+//! with pgtide in front of it, until Ctrl-C or SIGTERM; then everything is stopped and
+//! removed.
+
+mod cluster;
+
+pub use cluster::{find_bindir, quote_ident, quote_literal, ClusterOptions, LocalCluster};
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::config::{Config, Database, General, User};
+
+/// Where `pgtide demo` listens unless told otherwise.
+pub const DEFAULT_DEMO_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 6432);
+
+/// How long pgtide may take to drain at the end of the demo.
+const DEMO_SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+/// The pgtide configuration of the demo: database `demo` on the primary at
+/// `primary_port`, user `demo` / `demo`.
+pub fn demo_config(listen: SocketAddr, primary_port: u16) -> Config {
+    let mut databases = BTreeMap::new();
+    databases.insert(
+        "demo".to_string(),
+        Database {
+            host: "127.0.0.1".to_string(),
+            port: primary_port,
+            dbname: Some("demo".to_string()),
+            ..Database::default()
+        },
+    );
+    let mut users = BTreeMap::new();
+    users.insert(
+        "demo".to_string(),
+        User {
+            password: Some("demo".to_string()),
+            ..User::default()
+        },
+    );
+    Config {
+        pgtide: General {
+            listen,
+            ..General::default()
+        },
+        databases,
+        users,
+    }
+}
+
+/// Runs the demo: starts a cluster (user `demo`/`demo`, database `demo`), pgtide on
+/// `listen` (default 127.0.0.1:6432), prints how to connect, waits for Ctrl-C or SIGTERM,
+/// then shuts pgtide down and stops and removes the cluster.
+pub async fn run_demo(listen: Option<SocketAddr>) -> Result<(), String> {
+    let listen = listen.unwrap_or_else(|| SocketAddr::from(DEFAULT_DEMO_LISTEN));
+    println!("Starting a throwaway PostgreSQL primary and streaming replica...");
+    let opts = ClusterOptions {
+        users: vec![("demo".to_string(), "demo".to_string(), false)],
+        databases: vec!["demo".to_string()],
+        with_replica: true,
+    };
+    let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&opts))
+        .await
+        .map_err(|e| format!("starting the cluster panicked: {e}"))??;
+
+    let config = demo_config(listen, cluster.primary_port);
+    let pooler = match crate::listener::start(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            stop_cluster(cluster).await;
+            return Err(format!(
+                "cannot start pgtide on {listen}: {e} (is something else listening there? \
+                 choose another address with --listen)"
+            ));
+        }
+    };
+    let addr = pooler.local_addr();
+
+    println!();
+    println!("pgtide is listening on {addr}, in front of:");
+    println!(
+        "  primary  postgres://demo:demo@127.0.0.1:{}/demo",
+        cluster.primary_port
+    );
+    if let Some(port) = cluster.replica_port {
+        println!("  replica  postgres://demo:demo@127.0.0.1:{port}/demo (hot standby)");
+    }
+    println!("  data     {}", cluster.dir.display());
+    println!();
+    println!("Connect with:");
+    println!("  psql \"postgres://demo:demo@{addr}/demo\"");
+    println!("  export DATABASE_URL=postgres://demo:demo@{addr}/demo");
+    println!();
+    println!("Ctrl-C to stop and remove everything.");
+
+    let signal = wait_for_stop_signal().await;
+    println!();
+    println!("{signal}: shutting pgtide down...");
+    pooler.shutdown();
+    if tokio::time::timeout(DEMO_SHUTDOWN_WAIT, pooler.wait())
+        .await
+        .is_err()
+    {
+        println!(
+            "pgtide did not finish draining within {}s; stopping anyway",
+            DEMO_SHUTDOWN_WAIT.as_secs()
+        );
+    }
+    let dir = cluster.dir.clone();
+    stop_cluster(cluster).await;
+    println!("Stopped PostgreSQL and removed {}. Bye.", dir.display());
+    Ok(())
+}
+
+async fn stop_cluster(mut cluster: LocalCluster) {
+    // pg_ctl stop blocks; keep it off the async worker threads.
+    let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM and says which one it was.
+async fn wait_for_stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "Ctrl-C",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
+}
