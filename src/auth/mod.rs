@@ -2,3 +2,6 @@
 
 pub mod md5;
 pub mod scram;
+mod credential;
+
+pub use credential::{mock_verifier, CredentialCache, SaltedPasswordCache, Secret, StoredCredential};
