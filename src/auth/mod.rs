@@ -1,46 +1,83 @@
-//! TEMPORARY STUB (replaced by the auth branch).
-use crate::config::AuthType;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-pub struct StoredCredential;
-#[derive(Default)]
-pub struct SaltedPasswordCache;
-#[derive(Default)]
-pub struct CredentialCache;
-impl CredentialCache {
-    pub fn get(&self, _user: &str, _password: &str) -> std::sync::Arc<StoredCredential> {
-        std::sync::Arc::new(StoredCredential)
-    }
-}
+//! Authentication, both ways.
+//!
+//! - Clients logging in to pgtide: [`authenticate_client`] plays the PostgreSQL server for
+//!   `trust`, `md5` and `scram-sha-256`, against a [`StoredCredential`].
+//! - pgtide logging in to PostgreSQL: [`authenticate_server`] plays the client for
+//!   cleartext, md5 and SCRAM-SHA-256, with a [`SaltedPasswordCache`] so that reconnects
+//!   skip PBKDF2.
+//! - Configured passwords: [`Secret`] (plain, `md5…` hash, or `SCRAM-SHA-256$…` verifier)
+//!   and [`CredentialCache`], which derives a SCRAM verifier once per plain password.
+
+mod credential;
+mod exchange;
+mod login;
+pub mod md5;
+pub mod scram;
+
+use std::fmt;
+
+pub use credential::{
+    mock_verifier, CredentialCache, SaltedPasswordCache, Secret, StoredCredential,
+};
+pub use exchange::authenticate_client;
+pub use login::authenticate_server;
+pub use scram::{ScramClient, ScramError, ScramServer, ScramVerifier};
+
+/// Why an authentication did not succeed.
 #[derive(Debug)]
 pub enum AuthError {
+    /// Wrong password or unknown user (the client was sent FATAL 28P01).
     Failed,
+    /// The peer broke the protocol (a client was sent FATAL 08P01).
     Protocol(String),
+    /// The connection failed or closed mid-exchange.
     Io(std::io::Error),
+    /// The PostgreSQL server refused pgtide's login with this ErrorResponse.
     Server { code: String, message: String },
+    /// The server asks for a password pgtide cannot provide from the config.
     NoServerPassword(String),
 }
-impl std::fmt::Display for AuthError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
+
+impl fmt::Display for AuthError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthError::Failed => f.write_str("password authentication failed"),
+            AuthError::Protocol(m) => write!(f, "protocol violation during authentication: {m}"),
+            AuthError::Io(e) => write!(f, "connection lost during authentication: {e}"),
+            AuthError::Server { code, message } => {
+                write!(
+                    f,
+                    "server refused authentication: {message} (SQLSTATE {code})"
+                )
+            }
+            AuthError::NoServerPassword(m) => f.write_str(m),
+        }
     }
 }
-impl std::error::Error for AuthError {}
-pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
-    _s: &mut S,
-    _m: AuthType,
-    _u: &str,
-    _c: Option<&StoredCredential>,
-    _max: usize,
-) -> Result<(), AuthError> {
-    Ok(())
+
+impl std::error::Error for AuthError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AuthError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
 }
-pub async fn authenticate_server<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    _u: &str,
-    _c: Option<&StoredCredential>,
-    _cache: &SaltedPasswordCache,
-) -> Result<(), AuthError> {
-    let mut b = [0u8; 9];
-    s.read_exact(&mut b).await.map_err(AuthError::Io)?;
-    Ok(())
+
+impl From<std::io::Error> for AuthError {
+    fn from(e: std::io::Error) -> Self {
+        AuthError::Io(e)
+    }
 }
+
+impl From<ScramError> for AuthError {
+    fn from(e: ScramError) -> Self {
+        match e {
+            ScramError::Protocol(m) => AuthError::Protocol(m),
+            ScramError::Failed => AuthError::Failed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -35,12 +35,19 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Arc<Config>) -> Arc<Shared> {
+        let credentials = CredentialCache::default();
+        // Derive every SCRAM verifier now, once, rather than during a login.
+        for (user, u) in &config.users {
+            if let Some(password) = &u.password {
+                credentials.get(user, password);
+            }
+        }
         Arc::new(Shared {
             config,
             pools: Mutex::new(HashMap::new()),
             db_limits: Mutex::new(HashMap::new()),
             cancels: CancelRegistry::default(),
-            credentials: CredentialCache::default(),
+            credentials,
             salted: Arc::new(SaltedPasswordCache::default()),
             clients: AtomicU32::new(0),
         })
