@@ -18,10 +18,10 @@ struct Cli {
     #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
     upstream: Option<String>,
     /// Listen address, overriding the config (default 127.0.0.1:6432).
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", global = true)]
     listen: Option<SocketAddr>,
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
