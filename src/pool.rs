@@ -91,7 +91,29 @@ impl fmt::Display for CheckoutError {
     }
 }
 
-type Waiter = oneshot::Sender<Result<ServerConn, Arc<ServerError>>>;
+type Waiter = oneshot::Sender<Result<Handoff, Arc<ServerError>>>;
+
+/// A connection on its way to a waiting client. If the client stopped waiting (timed
+/// out, disconnected) between the send and the receive, dropping the handoff puts the
+/// connection back into the pool instead of losing its slot.
+struct Handoff {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+}
+
+impl Handoff {
+    fn take(mut self) -> ServerConn {
+        self.conn.take().expect("a handoff holds its connection until taken")
+    }
+}
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.checkin(conn);
+        }
+    }
+}
 
 struct Inner {
     /// Idle connections; the most recently used is at the back.
@@ -100,6 +122,17 @@ struct Inner {
     total: u32,
     waiters: VecDeque<Waiter>,
     settings: PoolSettings,
+}
+
+/// A counted slot for a connection being opened: dropping it gives the slot back.
+struct Slot(Option<Arc<Pool>>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.forget_one();
+        }
+    }
 }
 
 /// The server connections of one (database, user).
@@ -183,15 +216,22 @@ impl Pool {
             }
         };
         match rx {
-            None => match self.open().await {
-                Ok(conn) => Ok(conn),
-                Err((attempts, error)) => {
-                    self.forget_one();
-                    Err(CheckoutError::Connect { attempts, error })
+            None => {
+                // The slot is given back if this future is dropped mid-connect.
+                let mut slot = Slot(Some(self.clone()));
+                match self.open().await {
+                    Ok(conn) => {
+                        slot.0 = None;
+                        Ok(conn)
+                    }
+                    Err((attempts, error)) => {
+                        drop(slot);
+                        Err(CheckoutError::Connect { attempts, error })
+                    }
                 }
-            },
+            }
             Some(rx) => match tokio::time::timeout(wait, rx).await {
-                Ok(Ok(Ok(conn))) => Ok(conn),
+                Ok(Ok(Ok(handoff))) => Ok(handoff.take()),
                 Ok(Ok(Err(error))) => Err(CheckoutError::Connect { attempts: 1, error }),
                 // The sender was dropped (pool shut down) or the wait timed out.
                 Ok(Err(_)) | Err(_) => Err(CheckoutError::Exhausted {
@@ -279,9 +319,14 @@ impl Pool {
                 inner.idle.push(conn);
                 return;
             };
-            match w.send(Ok(conn)) {
-                // The waiter gave up (timed out or left): try the next one.
-                Err(Ok(back)) => conn = back,
+            let handoff = Handoff {
+                conn: Some(conn),
+                pool: self.clone(),
+            };
+            match w.send(Ok(handoff)) {
+                // The waiter gave up (timed out or left): try the next one. The
+                // connection is taken out before the handoff drops, under our lock.
+                Err(Ok(back)) => conn = back.take(),
                 Ok(()) | Err(Err(_)) => return,
             }
         }
