@@ -255,10 +255,13 @@ class Bench:
         log(f"pgbench -i -s {self.scale}")
         self.run(argv)
 
-    def sql(self, query, port=None, db="bench"):
+    def sql(self, *queries, port=None, db="bench"):
+        """Runs each query as its own -c (so each is its own transaction: VACUUM needs that)."""
         port = port or self.ports["direct"]
-        r = self.run([self.psql, "-X", "-A", "-t", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                      "-d", db, "-c", query])
+        argv = [self.psql, "-X", "-A", "-t", "-q", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", db]
+        for q in queries:
+            argv += ["-c", q]
+        r = self.run(argv)
         return r.stdout.strip()
 
     def start_pgbouncer(self):
@@ -372,7 +375,7 @@ dbname = "bench"
         """What pgbench does before a run without -n, done directly against the server so
         that every target starts from the same table state."""
         if workload == "tpcb-like":
-            self.sql("VACUUM pgbench_branches; VACUUM pgbench_tellers; TRUNCATE pgbench_history")
+            self.sql("VACUUM pgbench_branches", "VACUUM pgbench_tellers", "TRUNCATE pgbench_history")
         self.sql("CHECKPOINT")
 
     def one_run(self, target, workload, protocol, clients):
@@ -507,7 +510,7 @@ dbname = "bench"
             pass
         commit = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty", "--abbrev=12"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip() or "unknown"
-        knobs = " ".join(f"{k}={os.environ[k]}" for k in
+        knobs = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in
                          ["SMOKE", "CLIENTS", "DURATION", "ROUNDS", "SCALE", "POOL", "JOBS", "WORKLOADS",
                           "PROTOCOLS", "TARGETS", "MAX_CONNECTIONS", "LATENCY_SAMPLING"] if os.environ.get(k))
         out = []
