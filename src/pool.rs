@@ -103,7 +103,9 @@ struct Handoff {
 
 impl Handoff {
     fn take(mut self) -> ServerConn {
-        self.conn.take().expect("a handoff holds its connection until taken")
+        self.conn
+            .take()
+            .expect("a handoff holds its connection until taken")
     }
 }
 
