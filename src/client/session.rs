@@ -217,6 +217,28 @@ impl Session {
     /// then wait for the next event.
     async fn step(&mut self) -> Result<(), End> {
         self.scan_client()?;
+        match self.signal.phase() {
+            Phase::Running => {}
+            Phase::Draining => {
+                let idle = match self.server {
+                    None => true,
+                    Some(_) => self.login.mode == PoolMode::Session && self.server_idle(),
+                };
+                if idle {
+                    return Err(self
+                        .tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down")
+                        .await);
+                }
+            }
+            Phase::Now => {
+                return Err(self
+                    .tell(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "pgtide is shutting down: shutdown_timeout passed",
+                    )
+                    .await)
+            }
+        }
         if self.server.is_none() && self.c_ready > 0 {
             self.attach().await?;
         }
@@ -234,34 +256,16 @@ impl Session {
         }
         if self.server.is_some() && self.login.mode == PoolMode::Transaction && self.server_idle() {
             self.release().await;
+            if self.signal.phase() != Phase::Running {
+                // Shutting down: this client is idle now; the next turn tells it.
+                return Ok(());
+            }
         }
         if self.terminated && self.server.is_none() {
             return Err(End::ClientLeft);
         }
         if self.terminated && self.server_idle() {
             return Err(End::ClientLeft);
-        }
-        match self.signal.phase() {
-            Phase::Running => {}
-            Phase::Draining => {
-                let idle = match self.server {
-                    None => true,
-                    Some(_) => self.login.mode == PoolMode::Session && self.server_idle(),
-                };
-                if idle && self.s_ready == 0 {
-                    return Err(self
-                        .tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down")
-                        .await);
-                }
-            }
-            Phase::Now => {
-                return Err(self
-                    .tell(
-                        sqlstate::ADMIN_SHUTDOWN,
-                        "pgtide is shutting down: shutdown_timeout passed",
-                    )
-                    .await)
-            }
         }
         if self.server.is_none() && self.c2s.is_empty() && self.s2c.is_empty() {
             // Idle clients hold no buffers.
