@@ -1,5 +1,8 @@
 //! Integration tests against real PostgreSQL (a primary and a streaming replica started by
 //! [`harness`]). Each area of pgtide adds its own `mod` here.
 
+mod auth;
+mod cli;
 mod harness;
+mod pgbench;
 mod smoke;

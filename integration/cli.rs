@@ -1,0 +1,602 @@
+//! The `pgtide` binary as a user runs it: `check-config`, zero-config mode (`--upstream`
+//! and `DATABASE_URL`), signals and graceful shutdown, and `pgtide demo`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::harness::{self, tcp_connect_string};
+
+const PGTIDE: &str = env!("CARGO_BIN_EXE_pgtide");
+/// Every wait in this file ends after this long at most.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A child process that is killed (by its PID) and reaped when dropped, e.g. when an
+/// assertion fails. Its stderr goes to a temporary file, for failure messages.
+struct ChildGuard {
+    child: Child,
+    stderr: tempfile::NamedTempFile,
+    what: String,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` with stdin closed and stderr captured (stdout as configured by the
+    /// caller, null by default).
+    fn spawn(mut cmd: Command, what: &str, pipe_stdout: bool) -> ChildGuard {
+        let stderr = tempfile::NamedTempFile::new().expect("temp file");
+        cmd.stdin(Stdio::null())
+            .stdout(if pipe_stdout {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stderr(stderr.reopen().expect("reopen temp file"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+        ChildGuard {
+            child,
+            stderr,
+            what: what.to_string(),
+        }
+    }
+
+    fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet
+        // (we only reap through `wait_timeout`/`Drop`), so the PID cannot be reused.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
+    }
+
+    fn stderr_text(&self) -> String {
+        let mut s = String::new();
+        let _ = self
+            .stderr
+            .reopen()
+            .and_then(|mut f| f.read_to_string(&mut s));
+        s
+    }
+
+    /// The exit status, if the child ends within `timeout`.
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn has_exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits until something accepts TCP connections on `addr`; panics if the child exits
+    /// or 30 s pass.
+    fn wait_accepting(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.has_exited() {
+                panic!(
+                    "{} exited ({status}) before accepting on {addr}:\n{}",
+                    self.what,
+                    self.stderr_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} does not accept on {addr} after 30 s:\n{}",
+                self.what,
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill(); // SIGKILL to this child's PID
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A loopback address on a port that was free a moment ago.
+fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap()
+}
+
+/// `psql -X -At -c sql` with a connection URL (or other conninfo) and an optional
+/// PGPASSWORD; returns (success, stdout, stderr). Killed by PID after 30 s.
+fn psql_url(conninfo: &str, password: Option<&str>, sql: &str) -> (bool, String, String) {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-d",
+        conninfo,
+        "-c",
+        sql,
+    ])
+    .env("PGCONNECT_TIMEOUT", "20");
+    match password {
+        Some(p) => cmd.env("PGPASSWORD", p),
+        None => cmd.env_remove("PGPASSWORD"),
+    };
+    let mut child = ChildGuard::spawn(cmd, "psql", true);
+    let mut stdout = child.child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status = child
+        .wait_timeout(TIMEOUT)
+        .unwrap_or_else(|| panic!("psql {conninfo} -c {sql:?} did not finish within 30 s"));
+    let out = reader.join().unwrap();
+    (
+        status.success(),
+        out.trim().to_string(),
+        child.stderr_text(),
+    )
+}
+
+/// Runs an async block on a small runtime of its own (the tests of this file are plain
+/// `#[test]`s driving child processes).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// `pgtide check-config FILE`: (exit status, stdout + stderr).
+fn check_config(file: &Path) -> (ExitStatus, String) {
+    let mut cmd = Command::new(PGTIDE);
+    cmd.arg("check-config").arg(file);
+    let mut child = ChildGuard::spawn(cmd, "pgtide check-config", true);
+    let mut stdout = child.child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status = child
+        .wait_timeout(TIMEOUT)
+        .expect("pgtide check-config did not finish within 30 s");
+    let out = reader.join().unwrap();
+    (status, format!("{out}{}", child.stderr_text()))
+}
+
+#[test]
+fn check_config_accepts_good_files_and_names_every_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        r#"
+[pgtide]
+listen = "127.0.0.1:6432"
+pool_mode = "session"
+pool_size = 7
+query_wait_timeout = "30s"
+
+[databases.app]
+host = "127.0.0.1"
+port = 5432
+
+[users.app]
+password = "secret"
+auth_type = "md5"
+"#,
+    )
+    .unwrap();
+    let (status, out) = check_config(&good);
+    assert_eq!(status.code(), Some(0), "a valid file was refused:\n{out}");
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"
+[pgtide]
+listen = "127.0.0.1:6432"
+listen_adress = "127.0.0.1:7000"
+auth_type = "password"
+max_client_conn = "lots"
+
+[databases.app]
+host = "127.0.0.1"
+
+[users.app]
+password = "secret"
+"#,
+    )
+    .unwrap();
+    let (status, out) = check_config(&bad);
+    assert_eq!(status.code(), Some(1), "a bad file must exit 1:\n{out}");
+    // Each mistake gets its own line that starts with its key (an unknown-key message may
+    // list every allowed key, so a mere mention is not enough).
+    for key in ["listen_adress", "auth_type", "max_client_conn"] {
+        assert!(
+            out.lines().any(|l| l
+                .split(':')
+                .next()
+                .is_some_and(|head| head.trim().trim_start_matches("pgtide.") == key)),
+            "check-config has no problem line for {key}:\n{out}"
+        );
+    }
+
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("pooler.toml.example");
+    let (status, out) = check_config(&example);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "pooler.toml.example fails check-config:\n{out}"
+    );
+
+    let (status, out) = check_config(&dir.path().join("missing.toml"));
+    assert_eq!(status.code(), Some(1), "a missing file must exit 1:\n{out}");
+}
+
+/// `pgtide` with the upstream URL of database `db` (as `--upstream`, or in `DATABASE_URL`)
+/// listening on a free port; waits until it accepts.
+fn spawn_zero_config(db: &str, via_env: bool) -> (ChildGuard, SocketAddr) {
+    let url = format!(
+        "postgres://{}:{}@127.0.0.1:{}/{db}",
+        harness::APP_USER,
+        harness::APP_PASSWORD,
+        harness::primary_port()
+    );
+    spawn_upstream(&url, via_env)
+}
+
+/// `pgtide` for the upstream `url` on a free port; waits until it accepts.
+fn spawn_upstream(url: &str, via_env: bool) -> (ChildGuard, SocketAddr) {
+    let listen = free_addr();
+    let mut cmd = Command::new(PGTIDE);
+    cmd.env_remove("DATABASE_URL");
+    if via_env {
+        cmd.env("DATABASE_URL", url);
+    } else {
+        cmd.arg("--upstream").arg(url);
+    }
+    cmd.arg("--listen").arg(listen.to_string());
+    let mut child = ChildGuard::spawn(cmd, "pgtide (zero-config)", false);
+    child.wait_accepting(listen);
+    (child, listen)
+}
+
+/// Logs in through `addr` as app with psql and tokio-postgres and checks who and where.
+fn check_zero_config_clients(addr: SocketAddr, db: &str) {
+    let url = format!("postgres://app@{addr}/{db}");
+    let (ok, out, err) = psql_url(
+        &url,
+        Some(harness::APP_PASSWORD),
+        "select current_user || '@' || current_database()",
+    );
+    assert!(ok, "psql through zero-config pgtide: {err}");
+    assert_eq!(out, format!("app@{db}"));
+
+    block_on(async {
+        let conn = tcp_connect_string(addr, "app", harness::APP_PASSWORD, db);
+        let client = tokio::time::timeout(TIMEOUT, harness::connect(&conn))
+            .await
+            .expect("login timed out")
+            .expect("tokio-postgres through zero-config pgtide");
+        let rows = tokio::time::timeout(TIMEOUT, client.simple_query("SELECT 40 + 2"))
+            .await
+            .expect("query timed out")
+            .expect("query through zero-config pgtide");
+        let v = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        assert_eq!(v.as_deref(), Some("42"));
+        // A wrong password is refused.
+        let bad = tcp_connect_string(addr, "app", "wrong", db);
+        let err = tokio::time::timeout(TIMEOUT, harness::connect(&bad))
+            .await
+            .expect("login timed out")
+            .expect_err("a wrong password logged in through zero-config pgtide");
+        assert_eq!(
+            err.as_db_error().map(|d| d.code().code()),
+            Some("28P01"),
+            "{err:?}"
+        );
+    });
+}
+
+#[test]
+fn zero_config_with_upstream_flag_and_database_url_then_sigterm() {
+    let db = harness::fresh_database("cli_zero");
+    for via_env in [false, true] {
+        let how = if via_env {
+            "DATABASE_URL"
+        } else {
+            "--upstream"
+        };
+        let (mut child, addr) = spawn_zero_config(&db, via_env);
+        check_zero_config_clients(addr, &db);
+        child.signal(libc::SIGTERM);
+        let status = child
+            .wait_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|| {
+                panic!(
+                    "pgtide ({how}) still running 15 s after SIGTERM:\n{}",
+                    child.stderr_text()
+                )
+            });
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "pgtide ({how}) after SIGTERM: {status}\n{}",
+            child.stderr_text()
+        );
+    }
+}
+
+#[test]
+fn zero_config_url_without_password_means_trust() {
+    let db = harness::fresh_database("cli_zero_trust");
+    let url = format!(
+        "postgres://pgtide_trust@127.0.0.1:{}/{db}",
+        harness::primary_port()
+    );
+    let (mut child, addr) = spawn_upstream(&url, false);
+    let (ok, out, err) = psql_url(
+        &format!("postgres://pgtide_trust@{addr}/{db}"),
+        None,
+        "select current_user",
+    );
+    assert!(ok, "psql as pgtide_trust without a password: {err}");
+    assert_eq!(out, "pgtide_trust");
+    child.signal(libc::SIGTERM);
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("pgtide still running 15 s after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", child.stderr_text());
+}
+
+/// Waits until `addr` refuses connections (pgtide stopped accepting); panics after 30 s.
+fn wait_refusing(child: &mut ChildGuard, addr: SocketAddr) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Err(_) => return,
+            Ok(s) => drop(s),
+        }
+        if child.has_exited().is_some() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgtide still accepts clients 30 s after SIGTERM:\n{}",
+            child.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_lets_an_open_transaction_commit_and_a_second_sigterm_exits_at_once() {
+    let db = harness::fresh_database("cli_graceful");
+    harness::psql(
+        harness::primary_port(),
+        &db,
+        "CREATE TABLE t (x int); GRANT ALL ON t TO app",
+    );
+
+    // 1. Graceful: the transaction in flight finishes, then pgtide exits 0.
+    let (mut child, addr) = spawn_zero_config(&db, false);
+    block_on(async {
+        let conn = tcp_connect_string(addr, "app", harness::APP_PASSWORD, &db);
+        let client = tokio::time::timeout(TIMEOUT, harness::connect(&conn))
+            .await
+            .unwrap()
+            .expect("login");
+        let idle = tokio::time::timeout(TIMEOUT, harness::connect(&conn))
+            .await
+            .unwrap()
+            .expect("login of the idle client");
+        tokio::time::timeout(
+            TIMEOUT,
+            client.batch_execute("BEGIN; INSERT INTO t VALUES (1)"),
+        )
+        .await
+        .unwrap()
+        .expect("begin + insert");
+        child.signal(libc::SIGTERM);
+        wait_refusing(&mut child, addr);
+        assert!(
+            child.has_exited().is_none(),
+            "pgtide exited while a transaction was open:\n{}",
+            child.stderr_text()
+        );
+        // A client outside any transaction is told that pgtide is shutting down.
+        let err = tokio::time::timeout(TIMEOUT, idle.simple_query("SELECT 1"))
+            .await
+            .expect("the idle client's query hangs after SIGTERM")
+            .expect_err("an idle client can still run queries after SIGTERM");
+        if let Some(d) = err.as_db_error() {
+            assert_eq!(d.code().code(), "57P01", "idle client after SIGTERM: {d:?}");
+        }
+        tokio::time::timeout(
+            TIMEOUT,
+            client.batch_execute("INSERT INTO t VALUES (2); COMMIT"),
+        )
+        .await
+        .expect("the open transaction hangs after SIGTERM")
+        .expect("the open transaction must be able to finish after SIGTERM");
+        drop(client);
+    });
+    let status = child.wait_timeout(TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "pgtide did not exit after its last client left:\n{}",
+            child.stderr_text()
+        )
+    });
+    assert_eq!(status.code(), Some(0), "{status}\n{}", child.stderr_text());
+    assert_eq!(
+        harness::psql(
+            harness::primary_port(),
+            &db,
+            "SELECT string_agg(x::text, ',' ORDER BY x) FROM t"
+        ),
+        "1,2",
+        "the transaction committed during shutdown"
+    );
+
+    // 2. A second SIGTERM while a transaction holds the shutdown: exit at once, non-zero.
+    let (mut child, addr) = spawn_zero_config(&db, false);
+    block_on(async {
+        let conn = tcp_connect_string(addr, "app", harness::APP_PASSWORD, &db);
+        let client = tokio::time::timeout(TIMEOUT, harness::connect(&conn))
+            .await
+            .unwrap()
+            .expect("login");
+        tokio::time::timeout(
+            TIMEOUT,
+            client.batch_execute("BEGIN; INSERT INTO t VALUES (3)"),
+        )
+        .await
+        .unwrap()
+        .expect("begin + insert");
+        child.signal(libc::SIGTERM);
+        wait_refusing(&mut child, addr);
+        assert!(
+            child.has_exited().is_none(),
+            "pgtide exited while a transaction was open"
+        );
+        child.signal(libc::SIGTERM);
+        let status = child
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|| {
+                panic!(
+                    "a second SIGTERM did not stop pgtide within 10 s:\n{}",
+                    child.stderr_text()
+                )
+            });
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "a second SIGTERM must exit with status 1, got {status}"
+        );
+        drop(client);
+    });
+}
+
+/// Reads `pgtide demo`'s stdout until it prints the psql command; returns (URL, data
+/// directory, everything read).
+fn read_demo_banner(rx: &mpsc::Receiver<String>, child: &mut ChildGuard) -> (String, PathBuf) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut seen = String::new();
+    let mut data_dir = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                let t = line.trim();
+                if let Some(d) = t.strip_prefix("data") {
+                    data_dir = Some(PathBuf::from(d.trim()));
+                }
+                if let Some(rest) = t.strip_prefix("psql ") {
+                    let url = rest.trim().trim_matches('"').to_string();
+                    let dir = data_dir.unwrap_or_else(|| {
+                        panic!("demo printed no data directory before psql:\n{seen}")
+                    });
+                    return (url, dir);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait_timeout(Duration::from_secs(5));
+                panic!(
+                    "pgtide demo closed stdout ({status:?}) before printing the psql command:\n{seen}\n{}",
+                    child.stderr_text()
+                );
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pgtide demo printed no psql command within 90 s:\n{seen}\n{}",
+            child.stderr_text()
+        );
+    }
+}
+
+#[test]
+fn demo_serves_psql_and_removes_everything_on_sigint() {
+    let listen = free_addr();
+    let mut cmd = Command::new(PGTIDE);
+    cmd.arg("demo").arg("--listen").arg(listen.to_string());
+    let mut child = ChildGuard::spawn(cmd, "pgtide demo", true);
+    let stdout = child.child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let (url, data_dir) = read_demo_banner(&rx, &mut child);
+    assert!(
+        url.contains(&listen.to_string()),
+        "the printed URL {url} is not pgtide's address {listen}"
+    );
+    assert!(
+        data_dir.is_dir(),
+        "data directory {data_dir:?} does not exist"
+    );
+
+    let (ok, out, err) = psql_url(&url, None, "select 1");
+    assert!(ok, "psql {url}: {err}");
+    assert_eq!(out, "1");
+
+    child.signal(libc::SIGINT);
+    let status = child
+        .wait_timeout(Duration::from_secs(25))
+        .unwrap_or_else(|| {
+            panic!(
+                "pgtide demo still running 25 s after SIGINT:\n{}",
+                child.stderr_text()
+            )
+        });
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        status.success(),
+        "pgtide demo after SIGINT: {status}\n{}\n{}",
+        rest.join("\n"),
+        child.stderr_text()
+    );
+    assert!(
+        !data_dir.exists(),
+        "the demo's data directory {data_dir:?} is still there"
+    );
+    // And nothing listens on the demo's address any more.
+    assert!(TcpStream::connect_timeout(&listen, Duration::from_secs(1)).is_err());
+}
