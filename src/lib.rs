@@ -11,6 +11,7 @@ pub mod demo;
 pub mod listener;
 pub mod pool;
 pub mod protocol;
+pub mod router;
 pub mod server;
 mod shutdown;
 

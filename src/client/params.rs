@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use crate::router::lexer::{any_statement, has_word};
 use crate::server::{quote_ident, quote_literal};
 
 /// Parameters pgtide keeps per client and re-applies on every server it gets, besides
@@ -215,57 +216,11 @@ impl ClientParams {
 /// with SET, RESET or DISCARD, or a call of `set_config`. A false positive costs one
 /// extra query; a setting changed some other way (inside a function) is not seen.
 pub fn may_change_settings(sql: &[u8]) -> bool {
-    let mut at_start = true;
-    let mut i = 0;
-    let n = sql.len();
-    while i < n {
-        let c = sql[i];
-        if c.is_ascii_whitespace() {
-            i += 1;
-            continue;
-        }
-        if c == b'-' && sql.get(i + 1) == Some(&b'-') {
-            while i < n && sql[i] != b'\n' {
-                i += 1;
-            }
-            continue;
-        }
-        if c == b'/' && sql.get(i + 1) == Some(&b'*') {
-            i += 2;
-            while i + 1 < n && !(sql[i] == b'*' && sql[i + 1] == b'/') {
-                i += 1;
-            }
-            i += 2;
-            continue;
-        }
-        if c == b';' {
-            at_start = true;
-            i += 1;
-            continue;
-        }
-        if at_start {
-            let word_end = sql[i..]
-                .iter()
-                .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
-                .map_or(n, |p| i + p);
-            let word = &sql[i..word_end];
-            if word.eq_ignore_ascii_case(b"set")
-                || word.eq_ignore_ascii_case(b"reset")
-                || word.eq_ignore_ascii_case(b"discard")
-            {
-                return true;
-            }
-            at_start = false;
-        }
-        if (c == b's' || c == b'S')
-            && sql.len() - i >= 10
-            && sql[i..i + 10].eq_ignore_ascii_case(b"set_config")
-        {
-            return true;
-        }
-        i += 1;
-    }
-    false
+    any_statement(sql, |first, _| {
+        first.eq_ignore_ascii_case(b"set")
+            || first.eq_ignore_ascii_case(b"reset")
+            || first.eq_ignore_ascii_case(b"discard")
+    }) || has_word(sql, b"set_config")
 }
 
 #[cfg(test)]
@@ -281,6 +236,8 @@ mod tests {
         assert!(may_change_settings(b"DISCARD ALL"));
         assert!(!may_change_settings(b"select * from t offset 5"));
         assert!(!may_change_settings(b"update t set a = 1"));
+        assert!(!may_change_settings(b"select 'x; set y = 1'"));
+        assert!(!may_change_settings(b"do $$ begin perform 1; end $$"));
     }
 
     fn login() -> Vec<(String, String)> {
