@@ -5,4 +5,5 @@ mod auth;
 mod cli;
 mod harness;
 mod pgbench;
+mod pooling;
 mod smoke;
