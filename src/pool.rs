@@ -251,11 +251,6 @@ impl Pool {
                 return false;
             }
         }
-        if let Some(t) = self.timeouts.idle_timeout {
-            if now.duration_since(conn.last_used) >= t {
-                return false;
-            }
-        }
         conn.is_quiet()
     }
 
@@ -374,12 +369,21 @@ impl Pool {
         let to_open;
         {
             let mut inner = self.lock();
+            // Idle past server_idle_timeout: closed, except the min_pool_size kept open.
+            let keep = inner.settings.min_pool_size;
+            let now = Instant::now();
             let mut i = 0;
             while i < inner.idle.len() {
-                if self.usable(&inner.idle[i]) {
-                    i += 1;
-                } else {
+                let conn = &inner.idle[i];
+                let idle_too_long = self
+                    .timeouts
+                    .idle_timeout
+                    .is_some_and(|t| now.duration_since(conn.last_used) >= t);
+                let open_after = inner.total - closed.len() as u32;
+                if !self.usable(conn) || (idle_too_long && open_after > keep) {
                     closed.push(inner.idle.swap_remove(i));
+                } else {
+                    i += 1;
                 }
             }
             for _ in &closed {
