@@ -2,4 +2,5 @@
 //! [`harness`]). Each area of pgtide adds its own `mod` here.
 
 mod harness;
+mod protocol;
 mod smoke;
