@@ -803,6 +803,28 @@ async fn ssl_and_gssenc_requests() {
     .await;
     c.finish_login().await;
     assert_eq!(c.one("SELECT 'ssl fallback'").await, "ssl fallback");
+
+    // libpq with gssencmode=prefer and sslmode=prefer (the defaults) and a Kerberos
+    // ticket sends GSSENCRequest, gets 'N', then tries SSLRequest on the same
+    // connection; PostgreSQL answers both (postmaster.c, ProcessStartupPacket keeps
+    // separate ssl_done / gss_done flags).
+    let mut c = RawPg::connect(addr).await;
+    c.send(&rawpg::request_code(rawpg::GSSENC_REQUEST)).await;
+    assert_eq!(c.recv_byte().await, b'N');
+    c.send(&rawpg::request_code(rawpg::SSL_REQUEST)).await;
+    let answer = c.recv_byte().await;
+    assert_eq!(
+        answer, b'N',
+        "SSLRequest after a refused GSSENCRequest must be answered 'N' (got {:?})",
+        answer as char
+    );
+    c.send(&rawpg::startup(
+        rawpg::PROTOCOL_3_0,
+        &[("user", TRUST), ("database", &db)],
+    ))
+    .await;
+    c.finish_login().await;
+    assert_eq!(c.one("SELECT 'gss then ssl'").await, "gss then ssl");
 }
 
 // 10 -----------------------------------------------------------------------------------
