@@ -6,4 +6,5 @@ mod cli;
 mod harness;
 mod pgbench;
 mod pooling;
+mod protocol;
 mod smoke;
