@@ -384,6 +384,53 @@ async fn vanished_client_leaves_no_lock() {
     eventually("no lock left on t", || async { locks_on_t(&db).await == 0 }).await;
 }
 
+// 3c ─ a client that vanishes in the middle of COPY FROM STDIN (extended protocol, as
+// tokio-postgres sends it): the COPY is failed, the transaction rolled back, and the one
+// server connection serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_client_mid_copy_leaves_server_clean() {
+    use futures::SinkExt;
+    let db = harness::fresh_database("pool_vanish_copy");
+    table_t(&db).await;
+    let mut cfg = harness::config_for(&db);
+    cfg.pgtide.pool_size = 1;
+    let pooler = harness::start_pgtide(cfg).await;
+    let addr = pooler.local_addr();
+
+    let (a, da) = app(addr, &db).await;
+    exec(&a, "BEGIN").await;
+    exec(&a, "UPDATE t SET v = 2 WHERE id = 1").await;
+    let sink = within("copy_in", a.copy_in("COPY t (id, v) FROM STDIN"))
+        .await
+        .expect("copy_in");
+    let mut sink = Box::pin(sink);
+    within(
+        "copy data",
+        sink.send(bytes::Bytes::from_static(b"2\t2\n3\t3\n")),
+    )
+    .await
+    .expect("send copy data");
+    wait_active(&db, "COPY").await;
+    // A vanishes mid-COPY, without CopyDone or CopyFail.
+    da.abort();
+    std::mem::forget(sink);
+    drop(a);
+
+    let (b, _db) = app(addr, &db).await;
+    assert_eq!(
+        one(&b, "SELECT count(*) FROM t").await,
+        "1",
+        "the vanished client's COPY rows must not be there"
+    );
+    assert_eq!(
+        one(&b, "SELECT v FROM t WHERE id = 1").await,
+        "1",
+        "A's update rolled back"
+    );
+    exec(&b, "INSERT INTO t VALUES (4, 4)").await;
+    eventually("no lock left on t", || async { locks_on_t(&db).await == 0 }).await;
+}
+
 // 3b ─ a client that vanishes while its query runs inside a transaction: the query is
 // cancelled and the transaction rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

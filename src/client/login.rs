@@ -102,25 +102,31 @@ async fn login_inner(
     shared: &Arc<Shared>,
     over_limit: bool,
 ) -> Result<LoggedIn, NoSession> {
-    let mut negotiated = false;
+    // One SSLRequest and one GSSENCRequest each, in either order, as PostgreSQL allows
+    // (libpq with a Kerberos ticket sends GSSENCRequest, then SSLRequest).
+    let (mut ssl_done, mut gss_done) = (false, false);
     let (version, params) = loop {
         match read_first_packet(stream).await? {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest if !negotiated => {
+            p @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+                let done = match p {
+                    StartupPacket::SslRequest => &mut ssl_done,
+                    _ => &mut gss_done,
+                };
+                if *done {
+                    send_fatal(
+                        stream,
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "unexpected second encryption request of the same kind",
+                        None,
+                    )
+                    .await;
+                    return Err(NoSession::Refused);
+                }
+                *done = true;
                 // No TLS or GSSAPI encryption yet: the client goes on in plain text.
                 if stream.write_all(b"N").await.is_err() {
                     return Err(NoSession::Done);
                 }
-                negotiated = true;
-            }
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
-                send_fatal(
-                    stream,
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "unexpected second encryption request",
-                    None,
-                )
-                .await;
-                return Err(NoSession::Refused);
             }
             StartupPacket::CancelRequest { pid, secret } => {
                 let t = shared.config.pgtide.server_connect_timeout.0;

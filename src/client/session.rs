@@ -105,6 +105,11 @@ struct Session {
     unsynced: bool,
     /// The server is in COPY IN, waiting for the client's data.
     copy_in: bool,
+    /// Since the last Query or Execute (either may start a COPY IN), the client has not
+    /// ended a COPY; and the Syncs it sent in that time. The server ignores Syncs it gets
+    /// during COPY IN, so once it reports CopyInResponse those owe no ReadyForQuery.
+    copy_window_open: bool,
+    copy_window_syncs: u32,
     /// Status byte of the last ReadyForQuery.
     tx_status: u8,
     /// A statement may have changed unreported settings: read them back before release.
@@ -186,6 +191,8 @@ impl Session {
             pending: 0,
             unsynced: false,
             copy_in: false,
+            copy_window_open: false,
+            copy_window_syncs: 0,
             tx_status: status::IDLE,
             settings_changed: false,
             terminated: false,
@@ -371,6 +378,8 @@ impl Session {
             match frame.tag {
                 tag::QUERY => {
                     self.pending += 1;
+                    self.copy_window_open = true;
+                    self.copy_window_syncs = 0;
                     if let Some(sql) = frame.body.and_then(frontend::query_text) {
                         self.settings_changed |= may_change_settings(sql);
                     }
@@ -382,14 +391,26 @@ impl Session {
                     }
                 }
                 tag::SYNC => {
-                    self.pending += 1;
                     self.unsynced = false;
+                    // A Sync sent during COPY IN is ignored by the server.
+                    if !self.copy_in {
+                        self.pending += 1;
+                        if self.copy_window_open {
+                            self.copy_window_syncs += 1;
+                        }
+                    }
                 }
                 tag::FUNCTION_CALL => self.pending += 1,
-                tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
-                    self.unsynced = true
+                tag::EXECUTE => {
+                    self.unsynced = true;
+                    self.copy_window_open = true;
+                    self.copy_window_syncs = 0;
                 }
-                tag::COPY_DONE | tag::COPY_FAIL => self.copy_in = false,
+                tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => self.unsynced = true,
+                tag::COPY_DONE | tag::COPY_FAIL => {
+                    self.copy_in = false;
+                    self.copy_window_open = false;
+                }
                 tag::TERMINATE => {
                     self.c2s.truncate(start);
                     pos = start;
@@ -444,7 +465,13 @@ impl Session {
                         break;
                     }
                 }
-                (tag::COPY_IN_RESPONSE, _) => self.copy_in = true,
+                (tag::COPY_IN_RESPONSE, _) => {
+                    // Syncs the client sent after the message that started this COPY
+                    // (and before it ended it) are swallowed by the server.
+                    self.pending = self.pending.saturating_sub(self.copy_window_syncs);
+                    self.copy_window_syncs = 0;
+                    self.copy_in = self.copy_window_open;
+                }
                 _ => {}
             }
         }
@@ -638,7 +665,9 @@ impl Session {
             let len = (out.len() - 1) as u32;
             out[1..5].copy_from_slice(&len.to_be_bytes());
         }
-        if self.unsynced {
+        if self.unsynced || self.copy_in {
+            // After CopyFail an extended-protocol COPY skips to the next Sync; a simple
+            // one answers the Sync with one more ReadyForQuery. Either way one is owed.
             out.extend_from_slice(&[tag::SYNC, 0, 0, 0, 4]);
             self.pending += 1;
         }
