@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod listener;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
 pub mod router;
 pub mod server;

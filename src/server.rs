@@ -97,6 +97,8 @@ pub struct ServerConn {
     pub params: HashMap<String, String>,
     pub created: Instant,
     pub last_used: Instant,
+    /// Named statements pgtide prepared on this connection (transaction mode).
+    pub statements: crate::prepared::ServerStatements,
     max_message: u32,
 }
 
@@ -142,6 +144,7 @@ impl ServerConn {
             params: HashMap::new(),
             created: Instant::now(),
             last_used: Instant::now(),
+            statements: Default::default(),
             max_message,
         };
         let mut login = Vec::new();

@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::auth::{CredentialCache, SaltedPasswordCache, StoredCredential};
 use crate::config::Config;
 use crate::pool::{DbLimit, Pool, PoolTimeouts};
+use crate::prepared::StatementCache;
 use crate::server::ServerTarget;
 use crate::shutdown::{Phase, ShutdownController, ShutdownSignal};
 
@@ -30,6 +31,8 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     pub credentials: CredentialCache,
     pub salted: Arc<SaltedPasswordCache>,
+    /// Named prepared statements shared by every client (transaction mode).
+    pub statements: StatementCache,
     clients: AtomicU32,
 }
 
@@ -42,6 +45,10 @@ impl Shared {
                 credentials.get(user, password);
             }
         }
+        let statements = StatementCache::new(
+            config.pgtide.prepared_statement_cache_size as usize,
+            config.pgtide.prepared_statement_cache_bytes as usize,
+        );
         Arc::new(Shared {
             config,
             pools: Mutex::new(HashMap::new()),
@@ -49,6 +56,7 @@ impl Shared {
             cancels: CancelRegistry::default(),
             credentials,
             salted: Arc::new(SaltedPasswordCache::default()),
+            statements,
             clients: AtomicU32::new(0),
         })
     }

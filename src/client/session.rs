@@ -23,6 +23,7 @@ use super::login::{self, LoggedIn, NoSession};
 use super::params::may_change_settings;
 use super::Shared;
 use crate::config::PoolMode;
+use crate::prepared::{self, ClientStatements, Pipeline};
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frontend, sqlstate, status, tag, ScanError, Scanner};
 use crate::server::ServerConn;
@@ -118,6 +119,16 @@ struct Session {
     terminated: bool,
     /// The server sent a FATAL error (it is going away): its message.
     server_fatal: Option<String>,
+    /// Transaction mode with prepared-statement tracking: every message is matched with
+    /// its answer through `pipeline`, and named statements are mapped.
+    tracked: bool,
+    statements: ClientStatements,
+    pipeline: Pipeline,
+    /// A message may have deallocated every statement on the server (DISCARD ALL,
+    /// DEALLOCATE ALL): make the server's set known again before it is released.
+    dealloc_pending: bool,
+    /// A message that needs a server is waiting at the front of `c2s`.
+    need_attach: bool,
 }
 
 enum Event {
@@ -133,11 +144,58 @@ fn client_whole(t: u8) -> bool {
     matches!(t, tag::QUERY | tag::PARSE | tag::TERMINATE)
 }
 
+/// With prepared-statement tracking every message that owes an answer is looked at.
+fn client_whole_tracked(t: u8) -> bool {
+    matches!(
+        t,
+        tag::QUERY
+            | tag::PARSE
+            | tag::BIND
+            | tag::DESCRIBE
+            | tag::EXECUTE
+            | tag::CLOSE
+            | tag::SYNC
+            | tag::FLUSH
+            | tag::FUNCTION_CALL
+            | tag::TERMINATE
+    )
+}
+
+fn owes_answer(t: u8) -> bool {
+    matches!(
+        t,
+        tag::QUERY
+            | tag::PARSE
+            | tag::BIND
+            | tag::DESCRIBE
+            | tag::EXECUTE
+            | tag::CLOSE
+            | tag::SYNC
+            | tag::FUNCTION_CALL
+    )
+}
+
 fn server_whole(t: u8) -> bool {
     matches!(
         t,
         tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE
     )
+}
+
+fn server_whole_tracked(t: u8) -> bool {
+    server_whole(t) || prepared::server_tag_tracked(t)
+}
+
+/// Replaces `buf[range]` with `with`.
+fn splice(buf: &mut BytesMut, range: std::ops::Range<usize>, with: &[u8]) {
+    if range.len() == with.len() {
+        buf[range].copy_from_slice(with);
+        return;
+    }
+    let tail = buf.split_off(range.end);
+    buf.truncate(range.start);
+    buf.extend_from_slice(with);
+    buf.unsplit(tail);
 }
 
 /// Reads what is available into `buf`: `Ok(None)` when nothing was (spurious wake-up).
@@ -176,6 +234,8 @@ impl Session {
         signal: ShutdownSignal,
     ) -> Self {
         let max = shared.config.pgtide.max_message_size;
+        let tracked =
+            login.mode == PoolMode::Transaction && shared.config.pgtide.max_prepared_statements > 0;
         Session {
             shared,
             client,
@@ -197,6 +257,11 @@ impl Session {
             settings_changed: false,
             terminated: false,
             server_fatal: None,
+            tracked,
+            statements: ClientStatements::default(),
+            pipeline: Pipeline::default(),
+            dealloc_pending: false,
+            need_attach: false,
         }
     }
 
@@ -246,8 +311,12 @@ impl Session {
                     .await)
             }
         }
-        if self.server.is_none() && self.c_ready > 0 {
+        if self.server.is_none() && (self.c_ready > 0 || self.need_attach) {
             self.attach().await?;
+            if std::mem::take(&mut self.need_attach) {
+                // Frame (and map) the messages that waited for the server.
+                self.scan_client()?;
+            }
         }
         if let Some(server) = &self.server {
             if let Err(e) = write_some(&server.stream, &mut self.c2s, &mut self.c_ready) {
@@ -368,13 +437,53 @@ impl Session {
     fn scan_client(&mut self) -> Result<(), End> {
         let mut pos = self.c_ready;
         pos += self.c_scan.resume(&self.c2s[pos..]);
+        let whole = if self.tracked {
+            client_whole_tracked
+        } else {
+            client_whole
+        };
         loop {
             let start = pos;
-            let frame = match self.c_scan.next(&self.c2s, &mut pos, client_whole) {
+            let frame = match self.c_scan.next(&self.c2s, &mut pos, whole) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => return Err(self.protocol_error(e)),
             };
+            if self.tracked && self.server.is_none() && frame.tag == tag::FLUSH {
+                // Nothing is pending without a server: the Flush has nothing to push.
+                splice(&mut self.c2s, start..pos, &[]);
+                pos = start;
+                continue;
+            }
+            if self.tracked && self.server.is_none() && owes_answer(frame.tag) {
+                let local = frame.body.and_then(|body| {
+                    prepared::answer_without_server(
+                        frame.tag,
+                        body,
+                        &mut self.statements,
+                        &self.shared.statements,
+                    )
+                });
+                if let Some(answer) = local {
+                    // Answered here (a re-Parse of a known statement, a Close, their
+                    // Sync): no server is tied up, so a client that prepares while its
+                    // siblings hold every server cannot deadlock the pool.
+                    if frame.tag == tag::SYNC {
+                        self.unsynced = false;
+                    }
+                    splice(&mut self.c2s, start..pos, &[]);
+                    pos = start;
+                    let at = self.s_ready;
+                    splice(&mut self.s2c, at..at, &answer);
+                    self.s_ready += answer.len();
+                    continue;
+                }
+                // Mapping statements needs the server: attach, then come back for it.
+                pos = start;
+                self.need_attach = true;
+                break;
+            }
+            let mut counted = true;
             match frame.tag {
                 tag::QUERY => {
                     self.pending += 1;
@@ -393,6 +502,7 @@ impl Session {
                 tag::SYNC => {
                     self.unsynced = false;
                     // A Sync sent during COPY IN is ignored by the server.
+                    counted = !self.copy_in;
                     if !self.copy_in {
                         self.pending += 1;
                         if self.copy_window_open {
@@ -419,18 +529,56 @@ impl Session {
                 }
                 _ => {}
             }
+            if self.tracked && counted && owes_answer(frame.tag) {
+                self.track_client_message(frame.tag, start, &mut pos);
+            }
         }
         self.c_ready = pos;
         Ok(())
+    }
+
+    /// Records what the server owes for the message at `c2s[start..*end]` and maps its
+    /// statement names, rewriting it in place if need be.
+    fn track_client_message(&mut self, t: u8, start: usize, end: &mut usize) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let mut to_client = Vec::new();
+        let (action, effects) = {
+            let mut cx = prepared::Ctx {
+                client: &mut self.statements,
+                server: &mut server.statements,
+                pipeline: &mut self.pipeline,
+                cache: &self.shared.statements,
+                max_per_server: self.shared.config.pgtide.max_prepared_statements as usize,
+                to_client: &mut to_client,
+            };
+            prepared::on_client_message(t, &self.c2s[start + 5..*end], &mut cx)
+        };
+        self.dealloc_pending |= effects.deallocates_all;
+        if let prepared::ClientAction::Replace(bytes) = action {
+            splice(&mut self.c2s, start..*end, &bytes);
+            *end = start + bytes.len();
+        }
+        if !to_client.is_empty() {
+            let at = self.s_ready;
+            splice(&mut self.s2c, at..at, &to_client);
+            self.s_ready += to_client.len();
+        }
     }
 
     /// Frames new server bytes and follows the transaction state.
     fn scan_server(&mut self) -> Result<(), End> {
         let mut pos = self.s_ready;
         pos += self.s_scan.resume(&self.s2c[pos..]);
+        let whole = if self.tracked {
+            server_whole_tracked
+        } else {
+            server_whole
+        };
         loop {
             let start = pos;
-            let frame = match self.s_scan.next(&self.s2c, &mut pos, server_whole) {
+            let frame = match self.s_scan.next(&self.s2c, &mut pos, whole) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -469,10 +617,31 @@ impl Session {
                     // Syncs the client sent after the message that started this COPY
                     // (and before it ended it) are swallowed by the server.
                     self.pending = self.pending.saturating_sub(self.copy_window_syncs);
+                    self.pipeline.drop_syncs(self.copy_window_syncs);
                     self.copy_window_syncs = 0;
                     self.copy_in = self.copy_window_open;
                 }
                 _ => {}
+            }
+            if self.tracked {
+                if let Some(server) = self.server.as_mut() {
+                    let mut after = Vec::new();
+                    let hide = prepared::on_server_message(
+                        frame.tag,
+                        &mut self.pipeline,
+                        &mut server.statements,
+                        &mut self.statements,
+                        &mut after,
+                    );
+                    if hide {
+                        splice(&mut self.s2c, start..pos, &[]);
+                        pos = start;
+                    }
+                    if !after.is_empty() {
+                        splice(&mut self.s2c, pos..pos, &after);
+                        pos += after.len();
+                    }
+                }
             }
         }
         self.s_ready = pos;
@@ -540,13 +709,37 @@ impl Session {
             return;
         };
         self.login.cancel.detach().await;
+        if !self.pipeline.is_empty() {
+            // Every answer came back, yet the bookkeeping says otherwise: do not trust
+            // this connection's statement set.
+            tracing::warn!(pipeline = ?self.pipeline, "answers left unmatched at release; closing the server connection");
+            self.pipeline = Pipeline::default();
+            self.login.pool.discard(server);
+            return;
+        }
         if std::mem::take(&mut self.settings_changed) && !self.refresh_settings(&mut server).await {
+            self.login.pool.discard(server);
+            return;
+        }
+        if std::mem::take(&mut self.dealloc_pending) && !self.deallocate_all(&mut server).await {
             self.login.pool.discard(server);
             return;
         }
         // Any bytes left in the scanner state belong to no message: start clean.
         self.s_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
         self.login.pool.checkin(server);
+    }
+
+    /// Puts the server's prepared statements in a known state: none.
+    async fn deallocate_all(&mut self, server: &mut ServerConn) -> bool {
+        let timeout = login::internal_timeout(&self.shared);
+        match server.run_internal("DEALLOCATE ALL", timeout).await {
+            Ok(r) if r.error.is_none() => {
+                server.statements.clear();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Reads back unreported settings after a statement that may have changed them.
@@ -606,6 +799,7 @@ impl Session {
         self.pending = 0;
         self.unsynced = false;
         self.copy_in = false;
+        self.pipeline = Pipeline::default();
         self.c_ready = 0;
         self.c2s.clear();
         self.c_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
@@ -709,10 +903,21 @@ impl Session {
                     _ => return give_up(server),
                 }
             }
-        } else if std::mem::take(&mut self.settings_changed)
-            && !self.refresh_settings(&mut server).await
-        {
-            return give_up(server);
+        } else {
+            if std::mem::take(&mut self.settings_changed)
+                && !self.refresh_settings(&mut server).await
+            {
+                return give_up(server);
+            }
+            // Parses whose answers were drained unread may or may not have prepared
+            // their statements: start the server's set afresh.
+            let unsure = !self.pipeline.is_empty() || server.statements.has_unconfirmed();
+            self.pipeline = Pipeline::default();
+            if (std::mem::take(&mut self.dealloc_pending) || unsure)
+                && !self.deallocate_all(&mut server).await
+            {
+                return give_up(server);
+            }
         }
         Some(server)
     }

@@ -156,6 +156,15 @@ pub struct General {
     pub max_message_size: u32,
     /// Log each client connection and disconnection at info level.
     pub log_connections: bool,
+    /// Named prepared statements each server connection keeps in transaction mode (the
+    /// least recently used is closed beyond it); 0 turns the tracking off, so named
+    /// statements pass through untouched (only safe in session mode).
+    pub max_prepared_statements: u32,
+    /// Distinct prepared statements (text and parameter types) pgtide remembers across
+    /// all clients.
+    pub prepared_statement_cache_size: u32,
+    /// Bytes of statement text pgtide remembers across all clients.
+    pub prepared_statement_cache_bytes: u32,
 }
 
 impl Default for General {
@@ -182,6 +191,9 @@ impl Default for General {
             track_extra_params: Vec::new(),
             max_message_size: 64 * 1024 * 1024,
             log_connections: false,
+            max_prepared_statements: 200,
+            prepared_statement_cache_size: 10_000,
+            prepared_statement_cache_bytes: 64 * 1024 * 1024,
         }
     }
 }

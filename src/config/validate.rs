@@ -110,6 +110,9 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("track_extra_params", Kind::StrList),
     ("max_message_size", Kind::U32),
     ("log_connections", Kind::Bool),
+    ("max_prepared_statements", Kind::U32),
+    ("prepared_statement_cache_size", Kind::U32),
+    ("prepared_statement_cache_bytes", Kind::U32),
 ];
 
 /// The keys of `[databases.NAME]`.

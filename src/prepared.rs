@@ -1,0 +1,696 @@
+//! Named prepared statements across server connections in transaction mode.
+//!
+//! A client's `Parse` of a named statement is interned in a process-wide
+//! [`StatementCache`] by its exact text and parameter types, and gets a server-side name
+//! (`pgtide_<n>`) shared by every client that prepares the same thing. Each server
+//! connection remembers which of those it has ([`ServerStatements`], at most
+//! `max_prepared_statements`, least recently used closed first). Bind / Describe /
+//! Close that name a client statement are rewritten to the server name, and the
+//! statement is prepared first on a server that lacks it.
+//!
+//! Responses stay in protocol order through a [`Pipeline`]: one entry per message sent
+//! (or answered by pgtide itself), popped as the server completes each. Answers pgtide
+//! gives itself (ParseComplete for a Parse the server did not need, CloseComplete for a
+//! client's Close) are released when their turn comes; answers to messages pgtide added
+//! (a Parse it injected, a Close that evicts) are hidden. After an error the server skips
+//! to the next Sync, and so does the pipeline.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::protocol::{cstr, tag};
+use crate::router::lexer::any_statement;
+
+/// One distinct (query text, parameter types), prepared on servers under `server_name`.
+#[derive(Debug)]
+pub struct Statement {
+    pub id: u64,
+    pub server_name: String,
+    /// A complete Parse message that prepares the statement under `server_name`.
+    pub parse: Bytes,
+    last_used: AtomicU64,
+    /// A server accepted this Parse once: the text is valid SQL, so a client's Parse of
+    /// it can be answered without a server.
+    validated: AtomicBool,
+}
+
+/// Process-wide statements, bounded by count and bytes (least recently used evicted).
+/// Evicting a statement here only means that the next client to prepare the same text
+/// gets a new server-side name; clients and servers that hold it keep working.
+pub struct StatementCache {
+    inner: Mutex<CacheInner>,
+    max_count: usize,
+    max_bytes: usize,
+    next_id: AtomicU64,
+    clock: AtomicU64,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    /// Key: the Parse body after the statement name (query, NUL, types).
+    map: HashMap<Bytes, Arc<Statement>>,
+    bytes: usize,
+}
+
+impl StatementCache {
+    pub fn new(max_count: usize, max_bytes: usize) -> Self {
+        StatementCache {
+            inner: Mutex::new(CacheInner::default()),
+            max_count: max_count.max(1),
+            max_bytes: max_bytes.max(1024),
+            next_id: AtomicU64::new(1),
+            clock: AtomicU64::new(1),
+        }
+    }
+
+    /// The statement for a Parse body's text and types (`rest` = body after the name).
+    pub fn intern(&self, rest: &[u8]) -> Arc<Statement> {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = inner.map.get(rest) {
+            s.last_used.store(now, Ordering::Relaxed);
+            return s.clone();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let server_name = format!("pgtide_{id}");
+        let mut parse = BytesMut::with_capacity(rest.len() + server_name.len() + 6);
+        parse.put_u8(tag::PARSE);
+        parse.put_i32((4 + server_name.len() + 1 + rest.len()) as i32);
+        parse.put_slice(server_name.as_bytes());
+        parse.put_u8(0);
+        parse.put_slice(rest);
+        let stmt = Arc::new(Statement {
+            id,
+            server_name,
+            parse: parse.freeze(),
+            last_used: AtomicU64::new(now),
+            validated: AtomicBool::new(false),
+        });
+        let key = Bytes::copy_from_slice(rest);
+        inner.bytes += key.len() + stmt.parse.len();
+        inner.map.insert(key, stmt.clone());
+        if inner.map.len() > self.max_count || inner.bytes > self.max_bytes {
+            Self::evict(&mut inner, self.max_count * 9 / 10, self.max_bytes * 9 / 10);
+        }
+        stmt
+    }
+
+    fn evict(inner: &mut CacheInner, count: usize, bytes: usize) {
+        let mut by_age: Vec<(u64, Bytes)> = inner
+            .map
+            .iter()
+            .map(|(k, s)| (s.last_used.load(Ordering::Relaxed), k.clone()))
+            .collect();
+        by_age.sort_unstable_by_key(|(t, _)| *t);
+        for (_, k) in by_age {
+            if inner.map.len() <= count && inner.bytes <= bytes {
+                break;
+            }
+            if let Some(s) = inner.map.remove(&k) {
+                inner.bytes -= k.len() + s.parse.len();
+            }
+        }
+    }
+
+    /// (statements, bytes) held.
+    pub fn size(&self) -> (usize, usize) {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (inner.map.len(), inner.bytes)
+    }
+}
+
+/// The statements one server connection has prepared (or is preparing).
+#[derive(Default, Debug)]
+pub struct ServerStatements {
+    /// id -> (statement, last use); `ready` once ParseComplete came back.
+    held: HashMap<u64, (Arc<Statement>, u64, bool)>,
+    clock: u64,
+}
+
+impl ServerStatements {
+    pub fn has(&self, id: u64) -> bool {
+        self.held.contains_key(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    fn touch(&mut self, id: u64) {
+        self.clock += 1;
+        if let Some(e) = self.held.get_mut(&id) {
+            e.1 = self.clock;
+        }
+    }
+
+    fn begin(&mut self, stmt: &Arc<Statement>) {
+        self.clock += 1;
+        self.held.insert(stmt.id, (stmt.clone(), self.clock, false));
+    }
+
+    fn confirm(&mut self, id: u64) {
+        if let Some(e) = self.held.get_mut(&id) {
+            e.2 = true;
+            e.0.validated.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn fail(&mut self, id: u64) {
+        self.held.remove(&id);
+    }
+
+    /// The least recently used statement that is ready, other than `keep`.
+    fn victim(&self, keep: u64) -> Option<Arc<Statement>> {
+        self.held
+            .iter()
+            .filter(|(id, e)| **id != keep && e.2)
+            .min_by_key(|(_, e)| e.1)
+            .map(|(_, e)| e.0.clone())
+    }
+
+    /// True when a Parse was sent whose answer has not been seen.
+    pub fn has_unconfirmed(&self) -> bool {
+        self.held.values().any(|e| !e.2)
+    }
+
+    /// Forget everything (the server deallocated all, or was reset).
+    pub fn clear(&mut self) {
+        self.held.clear();
+    }
+}
+
+/// A client's named statements: its name -> the shared statement.
+#[derive(Default, Debug)]
+pub struct ClientStatements {
+    map: HashMap<Bytes, Arc<Statement>>,
+}
+
+impl ClientStatements {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// What the server owes, in order.
+#[derive(Debug)]
+enum Expect {
+    /// pgtide answers this itself (ParseComplete or CloseComplete) when its turn comes.
+    Fake(u8),
+    /// The server answers this message.
+    Real {
+        kind: u8,
+        /// The answer is for a message pgtide added: hide the success reply.
+        hide: bool,
+        /// This Parse prepares that statement on the server.
+        prepares: Option<u64>,
+        /// This Parse created the client's mapping of that name.
+        client_name: Option<Bytes>,
+    },
+}
+
+/// The answers owed for the messages sent so far (transaction mode only).
+#[derive(Debug, Default)]
+pub struct Pipeline {
+    queue: VecDeque<Expect>,
+    /// The server reported an error and skips messages until the next Sync, which the
+    /// client has not sent yet.
+    skipping: bool,
+}
+
+impl Pipeline {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty() && !self.skipping
+    }
+
+    fn push(&mut self, e: Expect, server: &mut ServerStatements, to_client: &mut Vec<u8>) {
+        if self.skipping {
+            match e {
+                Expect::Real {
+                    kind: tag::SYNC, ..
+                } => self.skipping = false,
+                Expect::Real {
+                    prepares: Some(id), ..
+                } => {
+                    // The server will skip this Parse: it will not have the statement.
+                    server.fail(id);
+                    return;
+                }
+                _ => return,
+            }
+        }
+        if self.queue.is_empty() {
+            if let Expect::Fake(t) = e {
+                to_client.extend_from_slice(&[t, 0, 0, 0, 4]);
+                return;
+            }
+        }
+        self.queue.push_back(e);
+    }
+
+    /// The server swallowed `n` Syncs (sent during COPY IN): they owe nothing.
+    pub fn drop_syncs(&mut self, mut n: u32) {
+        let mut i = 0;
+        while n > 0 && i < self.queue.len() {
+            if matches!(
+                self.queue[i],
+                Expect::Real {
+                    kind: tag::SYNC,
+                    ..
+                }
+            ) {
+                self.queue.remove(i);
+                n -= 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn release_fakes(&mut self, to_client: &mut Vec<u8>) {
+        while let Some(Expect::Fake(t)) = self.queue.front() {
+            to_client.extend_from_slice(&[*t, 0, 0, 0, 4]);
+            self.queue.pop_front();
+        }
+    }
+}
+
+/// What the session does with a client message after [`on_client_message`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientAction {
+    /// Send it as it is.
+    Forward,
+    /// Send these bytes instead (possibly empty: pgtide answered it itself).
+    Replace(Vec<u8>),
+}
+
+/// Side effects a message has on prepared-statement bookkeeping beyond the wire.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// The message deallocates every statement (DISCARD ALL / DEALLOCATE ALL): the
+    /// server's set becomes unknown.
+    pub deallocates_all: bool,
+}
+
+/// Everything [`on_client_message`] needs.
+pub struct Ctx<'a> {
+    pub client: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub pipeline: &'a mut Pipeline,
+    pub cache: &'a StatementCache,
+    pub max_per_server: usize,
+    /// Answers pgtide gives at once (append to the client's output).
+    pub to_client: &'a mut Vec<u8>,
+}
+
+fn message(t: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(body.len() + 5);
+    v.push(t);
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn close_statement(name: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(name.len() + 2);
+    body.push(b'S');
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    message(tag::CLOSE, &body)
+}
+
+/// Makes sure the server has `stmt` before a message that uses it: appends what must
+/// be sent first (an evicting Close, the Parse) to `out`.
+fn ensure(stmt: &Arc<Statement>, cx: &mut Ctx<'_>, out: &mut Vec<u8>) {
+    if cx.server.has(stmt.id) {
+        cx.server.touch(stmt.id);
+        return;
+    }
+    if cx.server.len() >= cx.max_per_server {
+        if let Some(victim) = cx.server.victim(stmt.id) {
+            out.extend_from_slice(&close_statement(&victim.server_name));
+            cx.server.fail(victim.id);
+            let e = Expect::Real {
+                kind: tag::CLOSE,
+                hide: true,
+                prepares: None,
+                client_name: None,
+            };
+            cx.pipeline.push(e, cx.server, cx.to_client);
+        }
+    }
+    out.extend_from_slice(&stmt.parse);
+    cx.server.begin(stmt);
+    let e = Expect::Real {
+        kind: tag::PARSE,
+        hide: true,
+        prepares: Some(stmt.id),
+        client_name: None,
+    };
+    cx.pipeline.push(e, cx.server, cx.to_client);
+}
+
+fn real(kind: u8) -> Expect {
+    Expect::Real {
+        kind,
+        hide: false,
+        prepares: None,
+        client_name: None,
+    }
+}
+
+/// The message that replaces SQL-level PREPARE / EXECUTE / DEALLOCATE in transaction
+/// mode: it fails on the server with a clear error, so the transaction state stays true.
+const SQL_PREPARE_REJECTED: &str = "DO $pgtide$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+MESSAGE = 'SQL-level PREPARE, EXECUTE and DEALLOCATE are not supported in transaction pooling mode', \
+HINT = 'Use your driver''s protocol-level prepared statements, or a pool in session mode.'; END$pgtide$";
+
+/// What a statement text means for prepared statements: (uses SQL-level prepared
+/// statements, deallocates all).
+fn sql_prepared_use(sql: &[u8]) -> (bool, bool) {
+    let mut rejected = false;
+    let mut all = false;
+    any_statement(sql, |first, second| {
+        if first.eq_ignore_ascii_case(b"discard") {
+            all |= second.eq_ignore_ascii_case(b"all") || second.eq_ignore_ascii_case(b"plans");
+        } else if first.eq_ignore_ascii_case(b"deallocate") {
+            if second.eq_ignore_ascii_case(b"all") {
+                all = true;
+            } else if second.eq_ignore_ascii_case(b"prepare") {
+                // DEALLOCATE PREPARE ALL / name: treat both as deallocating everything
+                // only when ALL follows; a name is SQL-level.
+                rejected = true;
+            } else {
+                rejected = true;
+            }
+        } else if first.eq_ignore_ascii_case(b"prepare") || first.eq_ignore_ascii_case(b"execute") {
+            rejected = true;
+        }
+        false
+    });
+    (rejected, all)
+}
+
+/// Handles one whole client message in transaction mode: records what the server will
+/// owe for it and says what to send instead, if anything.
+pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction, Effects) {
+    let mut fx = Effects::default();
+    match t {
+        tag::QUERY => {
+            cx.pipeline.push(real(t), cx.server, cx.to_client);
+            let sql = cstr(body).map(|(s, _)| s).unwrap_or(body);
+            let (rejected, all) = sql_prepared_use(sql);
+            if all {
+                cx.client.clear();
+                fx.deallocates_all = true;
+            }
+            if rejected {
+                let mut q = SQL_PREPARE_REJECTED.as_bytes().to_vec();
+                q.push(0);
+                return (ClientAction::Replace(message(tag::QUERY, &q)), fx);
+            }
+            (ClientAction::Forward, fx)
+        }
+        tag::PARSE => {
+            let Some((name, rest)) = cstr(body) else {
+                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                return (ClientAction::Forward, fx);
+            };
+            let sql = cstr(rest).map(|(s, _)| s).unwrap_or(rest);
+            let (rejected, all) = sql_prepared_use(sql);
+            if all {
+                cx.client.clear();
+                fx.deallocates_all = true;
+            }
+            if rejected {
+                let mut b = name.to_vec();
+                b.push(0);
+                b.extend_from_slice(SQL_PREPARE_REJECTED.as_bytes());
+                b.extend_from_slice(&[0, 0, 0]);
+                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                return (ClientAction::Replace(message(tag::PARSE, &b)), fx);
+            }
+            if name.is_empty() {
+                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                return (ClientAction::Forward, fx);
+            }
+            let stmt = cx.cache.intern(rest);
+            let name = Bytes::copy_from_slice(name);
+            cx.client.map.insert(name.clone(), stmt.clone());
+            if cx.server.has(stmt.id) {
+                cx.server.touch(stmt.id);
+                cx.pipeline
+                    .push(Expect::Fake(tag::PARSE_COMPLETE), cx.server, cx.to_client);
+                return (ClientAction::Replace(Vec::new()), fx);
+            }
+            let mut out = Vec::new();
+            if cx.server.len() >= cx.max_per_server {
+                if let Some(victim) = cx.server.victim(stmt.id) {
+                    out.extend_from_slice(&close_statement(&victim.server_name));
+                    cx.server.fail(victim.id);
+                    let e = Expect::Real {
+                        kind: tag::CLOSE,
+                        hide: true,
+                        prepares: None,
+                        client_name: None,
+                    };
+                    cx.pipeline.push(e, cx.server, cx.to_client);
+                }
+            }
+            out.extend_from_slice(&stmt.parse);
+            cx.server.begin(&stmt);
+            let e = Expect::Real {
+                kind: tag::PARSE,
+                hide: false,
+                prepares: Some(stmt.id),
+                client_name: Some(name),
+            };
+            cx.pipeline.push(e, cx.server, cx.to_client);
+            (ClientAction::Replace(out), fx)
+        }
+        tag::BIND => {
+            let mapped = cstr(body).and_then(|(portal, rest)| {
+                let (name, tail) = cstr(rest)?;
+                if name.is_empty() {
+                    return None;
+                }
+                let stmt = cx.client.map.get(name)?.clone();
+                Some((portal, stmt, tail))
+            });
+            let Some((portal, stmt, tail)) = mapped else {
+                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                return (ClientAction::Forward, fx);
+            };
+            let mut out = Vec::new();
+            ensure(&stmt, cx, &mut out);
+            let mut b = Vec::with_capacity(body.len() + stmt.server_name.len());
+            b.extend_from_slice(portal);
+            b.push(0);
+            b.extend_from_slice(stmt.server_name.as_bytes());
+            b.push(0);
+            b.extend_from_slice(tail);
+            out.extend_from_slice(&message(tag::BIND, &b));
+            cx.pipeline.push(real(t), cx.server, cx.to_client);
+            (ClientAction::Replace(out), fx)
+        }
+        tag::DESCRIBE | tag::CLOSE => {
+            let named = match body.split_first() {
+                Some((b'S', rest)) => cstr(rest).map(|(n, _)| n).filter(|n| !n.is_empty()),
+                _ => None,
+            };
+            let Some(name) = named else {
+                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                return (ClientAction::Forward, fx);
+            };
+            if t == tag::CLOSE {
+                // Closing a client statement drops only the client's name for it.
+                cx.client.map.remove(name);
+                cx.pipeline
+                    .push(Expect::Fake(tag::CLOSE_COMPLETE), cx.server, cx.to_client);
+                return (ClientAction::Replace(Vec::new()), fx);
+            }
+            let Some(stmt) = cx.client.map.get(name).cloned() else {
+                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                return (ClientAction::Forward, fx);
+            };
+            let mut out = Vec::new();
+            ensure(&stmt, cx, &mut out);
+            let mut b = vec![b'S'];
+            b.extend_from_slice(stmt.server_name.as_bytes());
+            b.push(0);
+            out.extend_from_slice(&message(tag::DESCRIBE, &b));
+            cx.pipeline.push(real(t), cx.server, cx.to_client);
+            (ClientAction::Replace(out), fx)
+        }
+        tag::EXECUTE | tag::SYNC | tag::FUNCTION_CALL => {
+            cx.pipeline.push(real(t), cx.server, cx.to_client);
+            (ClientAction::Forward, fx)
+        }
+        // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
+        _ => (ClientAction::Forward, fx),
+    }
+}
+
+/// Answers a client message without a server, when that is possible and the client
+/// holds none (so nothing is pending and the transaction status is idle): a Parse of a
+/// statement some server has already accepted, a Close of a statement, and the Sync
+/// that ends such a batch. Returns the answer, or `None` when a server is needed.
+pub fn answer_without_server(
+    t: u8,
+    body: &[u8],
+    client: &mut ClientStatements,
+    cache: &StatementCache,
+) -> Option<Vec<u8>> {
+    match t {
+        tag::PARSE => {
+            let (name, rest) = cstr(body)?;
+            if name.is_empty() {
+                return None;
+            }
+            let sql = cstr(rest).map(|(s, _)| s)?;
+            if sql_prepared_use(sql) != (false, false) {
+                return None;
+            }
+            let stmt = cache.intern(rest);
+            if !stmt.validated.load(Ordering::Relaxed) {
+                return None;
+            }
+            client.map.insert(Bytes::copy_from_slice(name), stmt);
+            Some(vec![tag::PARSE_COMPLETE, 0, 0, 0, 4])
+        }
+        tag::CLOSE => match body.split_first() {
+            Some((b'S', rest)) => {
+                let name = cstr(rest).map(|(n, _)| n).filter(|n| !n.is_empty())?;
+                client.map.remove(name);
+                Some(vec![tag::CLOSE_COMPLETE, 0, 0, 0, 4])
+            }
+            _ => None,
+        },
+        tag::SYNC => Some(vec![
+            tag::READY_FOR_QUERY,
+            0,
+            0,
+            0,
+            5,
+            crate::protocol::status::IDLE,
+        ]),
+        _ => None,
+    }
+}
+
+/// True when `tag` from the server may end an answer the pipeline tracks (the session
+/// must see such messages whole).
+pub fn server_tag_tracked(t: u8) -> bool {
+    matches!(
+        t,
+        tag::PARSE_COMPLETE
+            | tag::BIND_COMPLETE
+            | tag::CLOSE_COMPLETE
+            | tag::NO_DATA
+            | tag::ROW_DESCRIPTION
+            | tag::COMMAND_COMPLETE
+            | tag::EMPTY_QUERY_RESPONSE
+            | tag::PORTAL_SUSPENDED
+            | tag::READY_FOR_QUERY
+            | tag::ERROR_RESPONSE
+    )
+}
+
+/// Handles one server message in transaction mode. Returns whether to hide it; answers
+/// pgtide owes the client right after it are appended to `after`.
+pub fn on_server_message(
+    t: u8,
+    pipeline: &mut Pipeline,
+    server: &mut ServerStatements,
+    client: &mut ClientStatements,
+    after: &mut Vec<u8>,
+) -> bool {
+    if !server_tag_tracked(t) {
+        return false;
+    }
+    let Some(Expect::Real { kind, .. }) = pipeline.queue.front() else {
+        return false;
+    };
+    let kind = *kind;
+    let is_error = t == tag::ERROR_RESPONSE;
+    let ends = match kind {
+        tag::PARSE => t == tag::PARSE_COMPLETE || is_error,
+        tag::BIND => t == tag::BIND_COMPLETE || is_error,
+        tag::CLOSE => t == tag::CLOSE_COMPLETE || is_error,
+        tag::DESCRIBE => t == tag::ROW_DESCRIPTION || t == tag::NO_DATA || is_error,
+        tag::EXECUTE => {
+            matches!(
+                t,
+                tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE | tag::PORTAL_SUSPENDED
+            ) || is_error
+        }
+        // Sync, Query, FunctionCall: errors are part of the answer.
+        _ => t == tag::READY_FOR_QUERY,
+    };
+    if !ends {
+        return false;
+    }
+    let Some(Expect::Real {
+        hide,
+        prepares,
+        client_name,
+        ..
+    }) = pipeline.queue.pop_front()
+    else {
+        return false;
+    };
+    let extended = matches!(
+        kind,
+        tag::PARSE | tag::BIND | tag::CLOSE | tag::DESCRIBE | tag::EXECUTE
+    );
+    if is_error && extended {
+        if let Some(id) = prepares {
+            server.fail(id);
+        }
+        if let Some(name) = client_name {
+            client.map.remove(&name);
+        }
+        // The server now skips everything up to the next Sync.
+        loop {
+            match pipeline.queue.front() {
+                None => {
+                    pipeline.skipping = true;
+                    break;
+                }
+                Some(Expect::Real {
+                    kind: tag::SYNC, ..
+                }) => break,
+                Some(_) => {
+                    if let Some(Expect::Real {
+                        prepares: Some(id), ..
+                    }) = pipeline.queue.pop_front()
+                    {
+                        server.fail(id);
+                    }
+                }
+            }
+        }
+        return false;
+    }
+    if t == tag::PARSE_COMPLETE {
+        if let Some(id) = prepares {
+            server.confirm(id);
+        }
+    }
+    pipeline.release_fakes(after);
+    hide && !is_error
+}
