@@ -694,3 +694,257 @@ pub fn on_server_message(
     pipeline.release_fakes(after);
     hide && !is_error
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_body(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = name.as_bytes().to_vec();
+        b.push(0);
+        b.extend_from_slice(sql.as_bytes());
+        b.extend_from_slice(&[0, 0, 0]);
+        b
+    }
+
+    fn bind_body(stmt: &str) -> Vec<u8> {
+        let mut b = vec![0];
+        b.extend_from_slice(stmt.as_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0]);
+        b
+    }
+
+    struct World {
+        client: ClientStatements,
+        server: ServerStatements,
+        pipeline: Pipeline,
+        cache: StatementCache,
+        to_client: Vec<u8>,
+        max: usize,
+    }
+
+    impl World {
+        fn new(max: usize) -> Self {
+            World {
+                client: ClientStatements::default(),
+                server: ServerStatements::default(),
+                pipeline: Pipeline::default(),
+                cache: StatementCache::new(100, 1 << 20),
+                to_client: Vec::new(),
+                max,
+            }
+        }
+
+        fn send(&mut self, t: u8, body: &[u8]) -> ClientAction {
+            let mut cx = Ctx {
+                client: &mut self.client,
+                server: &mut self.server,
+                pipeline: &mut self.pipeline,
+                cache: &self.cache,
+                max_per_server: self.max,
+                to_client: &mut self.to_client,
+            };
+            on_client_message(t, body, &mut cx).0
+        }
+
+        /// The server answers `t`; returns (hidden, what pgtide adds after it).
+        fn answer(&mut self, t: u8) -> (bool, Vec<u8>) {
+            let mut after = Vec::new();
+            let hide = on_server_message(
+                t,
+                &mut self.pipeline,
+                &mut self.server,
+                &mut self.client,
+                &mut after,
+            );
+            (hide, after)
+        }
+    }
+
+    fn tags(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i + 5 <= bytes.len() {
+            out.push(bytes[i]);
+            let len = u32::from_be_bytes([bytes[i + 1], bytes[i + 2], bytes[i + 3], bytes[i + 4]])
+                as usize;
+            i += 1 + len;
+        }
+        out
+    }
+
+    #[test]
+    fn first_parse_is_renamed_and_the_second_is_answered_by_pgtide() {
+        let mut w = World::new(10);
+        let ClientAction::Replace(out) = w.send(tag::PARSE, &parse_body("s1", "select 1")) else {
+            panic!("a named Parse is rewritten")
+        };
+        assert!(
+            String::from_utf8_lossy(&out).contains("pgtide_"),
+            "renamed: {out:?}"
+        );
+        w.send(tag::SYNC, &[]);
+        assert_eq!(w.answer(tag::PARSE_COMPLETE), (false, vec![]));
+        assert_eq!(w.answer(tag::READY_FOR_QUERY), (false, vec![]));
+        assert!(w.pipeline.is_empty());
+        // Same text under another name, on the same server: no Parse goes out.
+        assert_eq!(
+            w.send(tag::PARSE, &parse_body("s2", "select 1")),
+            ClientAction::Replace(vec![])
+        );
+        assert_eq!(
+            tags(&w.to_client),
+            vec![tag::PARSE_COMPLETE],
+            "answered at once"
+        );
+    }
+
+    #[test]
+    fn bind_on_a_server_without_the_statement_injects_a_hidden_parse() {
+        let mut w = World::new(10);
+        w.send(tag::PARSE, &parse_body("s1", "select 1"));
+        w.send(tag::SYNC, &[]);
+        w.answer(tag::PARSE_COMPLETE);
+        w.answer(tag::READY_FOR_QUERY);
+        // A new server connection for the next transaction.
+        w.server = ServerStatements::default();
+        let ClientAction::Replace(out) = w.send(tag::BIND, &bind_body("s1")) else {
+            panic!("a Bind of a client statement is rewritten")
+        };
+        assert_eq!(tags(&out), vec![tag::PARSE, tag::BIND]);
+        w.send(tag::EXECUTE, &[0, 0, 0, 0, 0]);
+        w.send(tag::SYNC, &[]);
+        assert!(
+            w.answer(tag::PARSE_COMPLETE).0,
+            "the injected Parse's reply is hidden"
+        );
+        assert!(!w.answer(tag::BIND_COMPLETE).0);
+        assert!(!w.answer(tag::COMMAND_COMPLETE).0);
+        assert!(!w.answer(tag::READY_FOR_QUERY).0);
+        assert!(w.pipeline.is_empty());
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_and_drops_pending_fakes() {
+        let mut w = World::new(10);
+        w.send(tag::PARSE, &parse_body("s1", "select 1"));
+        w.send(tag::SYNC, &[]);
+        w.answer(tag::PARSE_COMPLETE);
+        w.answer(tag::READY_FOR_QUERY);
+        // Bind (fails), then a Parse pgtide would answer itself, then Close, then Sync.
+        w.send(tag::BIND, &bind_body(""));
+        w.send(tag::PARSE, &parse_body("s2", "select 1"));
+        w.send(tag::CLOSE, b"Ss1\0");
+        w.send(tag::SYNC, &[]);
+        assert!(w.to_client.is_empty(), "fakes wait for their turn");
+        let (hidden, after) = w.answer(tag::ERROR_RESPONSE);
+        assert!(!hidden);
+        assert!(
+            after.is_empty(),
+            "the server skipped those messages, so pgtide must too"
+        );
+        assert_eq!(w.answer(tag::READY_FOR_QUERY), (false, vec![]));
+        assert!(w.pipeline.is_empty());
+    }
+
+    #[test]
+    fn a_failed_parse_forgets_the_client_name_and_the_server_statement() {
+        let mut w = World::new(10);
+        w.send(tag::PARSE, &parse_body("s1", "selec 1"));
+        w.send(tag::SYNC, &[]);
+        w.answer(tag::ERROR_RESPONSE);
+        w.answer(tag::READY_FOR_QUERY);
+        assert!(w.client.is_empty());
+        assert!(w.server.is_empty());
+        // A Bind of that name now reaches the server unchanged: PostgreSQL says 26000.
+        assert_eq!(w.send(tag::BIND, &bind_body("s1")), ClientAction::Forward);
+    }
+
+    #[test]
+    fn the_least_recently_used_statement_is_closed_beyond_the_limit() {
+        let mut w = World::new(2);
+        for (i, sql) in ["select 1", "select 2", "select 3"].iter().enumerate() {
+            let ClientAction::Replace(out) = w.send(tag::PARSE, &parse_body(&format!("s{i}"), sql))
+            else {
+                panic!()
+            };
+            w.send(tag::SYNC, &[]);
+            if i == 2 {
+                assert_eq!(
+                    tags(&out),
+                    vec![tag::CLOSE, tag::PARSE],
+                    "the oldest is closed first"
+                );
+                assert!(w.answer(tag::CLOSE_COMPLETE).0, "its reply is hidden");
+            }
+            w.answer(tag::PARSE_COMPLETE);
+            w.answer(tag::READY_FOR_QUERY);
+        }
+        assert_eq!(w.server.len(), 2);
+        assert!(w.pipeline.is_empty());
+    }
+
+    #[test]
+    fn sql_level_prepare_is_replaced_by_an_error_and_discard_all_clears_names() {
+        let mut w = World::new(10);
+        let mut q = b"PREPARE p AS SELECT 1".to_vec();
+        q.push(0);
+        let ClientAction::Replace(out) = w.send(tag::QUERY, &q) else {
+            panic!()
+        };
+        assert!(String::from_utf8_lossy(&out).contains("0A000"));
+        let mut q = b"do $$ begin execute 'select 1'; end $$".to_vec();
+        q.push(0);
+        assert_eq!(
+            w.send(tag::QUERY, &q),
+            ClientAction::Forward,
+            "plpgsql EXECUTE is fine"
+        );
+        w.send(tag::PARSE, &parse_body("s1", "select 1"));
+        let mut q = b"DISCARD ALL".to_vec();
+        q.push(0);
+        let mut cx = Ctx {
+            client: &mut w.client,
+            server: &mut w.server,
+            pipeline: &mut w.pipeline,
+            cache: &w.cache,
+            max_per_server: 10,
+            to_client: &mut w.to_client,
+        };
+        let (_, fx) = on_client_message(tag::QUERY, &q, &mut cx);
+        assert!(fx.deallocates_all);
+        assert!(w.client.is_empty());
+    }
+
+    #[test]
+    fn known_statements_are_answered_without_a_server() {
+        let w = World::new(10);
+        let mut client = ClientStatements::default();
+        let body = parse_body("s1", "select 1");
+        assert_eq!(
+            answer_without_server(tag::PARSE, &body, &mut client, &w.cache),
+            None,
+            "never validated"
+        );
+        let stmt = w.cache.intern(&body[3..]);
+        stmt.validated.store(true, Ordering::Relaxed);
+        assert_eq!(
+            answer_without_server(tag::PARSE, &body, &mut client, &w.cache),
+            Some(vec![tag::PARSE_COMPLETE, 0, 0, 0, 4])
+        );
+        assert_eq!(client.len(), 1);
+        assert_eq!(
+            answer_without_server(tag::BIND, &bind_body("s1"), &mut client, &w.cache),
+            None
+        );
+    }
+
+    #[test]
+    fn the_global_cache_is_bounded() {
+        let cache = StatementCache::new(10, 1 << 20);
+        for i in 0..100 {
+            cache.intern(format!("select {i}\0\0\0").as_bytes());
+        }
+        assert!(cache.size().0 <= 10);
+    }
+}
