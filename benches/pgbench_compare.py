@@ -313,12 +313,17 @@ log_disconnections = 0
         self.ports["pgbouncer"] = port
 
     def start_pgtide(self):
-        if not self.skip_build:
+        # PGTIDE_BIN names a pgtide binary to use as it is (CI's smoke run uses the debug
+        # build the tests made); otherwise the script builds and uses the release binary.
+        exe = os.environ.get("PGTIDE_BIN", "")
+        if exe:
+            exe = os.path.abspath(exe)
+        elif not self.skip_build:
             log("cargo build --release")
             r = subprocess.run(["cargo", "build", "--release", "--bin", "pgtide"], cwd=REPO)
             if r.returncode != 0:
                 raise Fatal("cargo build --release failed")
-        exe = os.path.join(REPO, "target", "release", "pgtide")
+        exe = exe or os.path.join(REPO, "target", "release", "pgtide")
         if not os.path.exists(exe):
             raise Fatal(f"{exe} not found (SKIP_BUILD is set?)")
         port = free_port()
