@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::{cstr, tag};
-use crate::router::lexer::any_statement;
+use crate::router::lexer::{any_statement, contains_ci};
 
 /// One distinct (query text, parameter types), prepared on servers under `server_name`.
 #[derive(Debug)]
@@ -382,19 +382,25 @@ HINT = 'Use your driver''s protocol-level prepared statements, or a pool in sess
 /// What a statement text means for prepared statements: (uses SQL-level prepared
 /// statements, deallocates all).
 fn sql_prepared_use(sql: &[u8]) -> (bool, bool) {
+    // Cheap filter first: the statements that matter all contain one of these.
+    if !["prepare", "execute", "deallocate", "discard"]
+        .iter()
+        .any(|w| contains_ci(sql, w.as_bytes()))
+    {
+        return (false, false);
+    }
     let mut rejected = false;
     let mut all = false;
     any_statement(sql, |first, second| {
         if first.eq_ignore_ascii_case(b"discard") {
-            all |= second.eq_ignore_ascii_case(b"all") || second.eq_ignore_ascii_case(b"plans");
+            // DISCARD ALL deallocates; DISCARD PLANS / TEMP / SEQUENCES do not.
+            all |= second.eq_ignore_ascii_case(b"all");
         } else if first.eq_ignore_ascii_case(b"deallocate") {
             if second.eq_ignore_ascii_case(b"all") {
                 all = true;
-            } else if second.eq_ignore_ascii_case(b"prepare") {
-                // DEALLOCATE PREPARE ALL / name: treat both as deallocating everything
-                // only when ALL follows; a name is SQL-level.
-                rejected = true;
             } else {
+                // DEALLOCATE name / DEALLOCATE PREPARE name (or PREPARE ALL, rare):
+                // SQL-level prepared statements.
                 rejected = true;
             }
         } else if first.eq_ignore_ascii_case(b"prepare") || first.eq_ignore_ascii_case(b"execute") {

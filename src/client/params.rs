@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use crate::router::lexer::{any_statement, has_word};
+use crate::router::lexer::{any_statement, contains_ci, has_word};
 use crate::server::{quote_ident, quote_literal};
 
 /// Parameters pgtide keeps per client and re-applies on every server it gets, besides
@@ -216,6 +216,10 @@ impl ClientParams {
 /// with SET, RESET or DISCARD, or a call of `set_config`. A false positive costs one
 /// extra query; a setting changed some other way (inside a function) is not seen.
 pub fn may_change_settings(sql: &[u8]) -> bool {
+    // Every statement that matters contains "set" or "discard": most queries stop here.
+    if !contains_ci(sql, b"set") && !contains_ci(sql, b"discard") {
+        return false;
+    }
     any_statement(sql, |first, _| {
         first.eq_ignore_ascii_case(b"set")
             || first.eq_ignore_ascii_case(b"reset")

@@ -193,6 +193,22 @@ pub fn any_statement(sql: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> bool) -> boo
     }
 }
 
+/// True when `needle` (lower-case ASCII) occurs anywhere in `haystack`, ignoring ASCII
+/// case: a cheap filter before lexing, for text that almost never matters.
+pub fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    if haystack.len() < needle.len() {
+        return false;
+    }
+    let upper = first.to_ascii_uppercase();
+    (0..=haystack.len() - needle.len()).any(|i| {
+        let c = haystack[i];
+        (c == first || c == upper) && haystack[i + 1..i + needle.len()].eq_ignore_ascii_case(rest)
+    })
+}
+
 /// True when any word of `sql` equals `word` (ASCII case-insensitive).
 pub fn has_word(sql: &[u8], word: &[u8]) -> bool {
     Lexer::new(sql).any(|t| matches!(t, Token::Word(w) if w.eq_ignore_ascii_case(word)))
@@ -228,6 +244,14 @@ mod tests {
         );
         assert_eq!(words("select $$;$$"), ["select", "_"]);
         assert_eq!(words("select 'unterminated"), ["select", "_"]);
+    }
+
+    #[test]
+    fn contains_ci_ignores_case() {
+        assert!(contains_ci(b"SELECT 1; ReSeT all", b"set"));
+        assert!(!contains_ci(b"select 1", b"set"));
+        assert!(contains_ci(b"x", b""));
+        assert!(!contains_ci(b"se", b"set"));
     }
 
     #[test]
