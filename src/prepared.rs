@@ -411,6 +411,42 @@ fn sql_prepared_use(sql: &[u8]) -> (bool, bool) {
     (rejected, all)
 }
 
+/// The name in a statement text that is exactly `DEALLOCATE [PREPARE] name` (psycopg 3
+/// evicts its statements this way), if it is that.
+fn single_deallocate(sql: &[u8]) -> Option<&[u8]> {
+    use crate::router::lexer::{Lexer, Token};
+    if !contains_ci(sql, b"deallocate") {
+        return None;
+    }
+    let mut tokens = Lexer::new(sql);
+    match tokens.next()? {
+        Token::Word(w) if w.eq_ignore_ascii_case(b"deallocate") => {}
+        _ => return None,
+    }
+    let mut name = match tokens.next()? {
+        Token::Word(w) => w,
+        _ => return None,
+    };
+    if name.eq_ignore_ascii_case(b"prepare") {
+        name = match tokens.next()? {
+            Token::Word(w) => w,
+            _ => return None,
+        };
+    }
+    if name.eq_ignore_ascii_case(b"all") {
+        return None;
+    }
+    match tokens.next() {
+        None => Some(name),
+        Some(Token::Semicolon) if tokens.next().is_none() => Some(name),
+        _ => None,
+    }
+}
+
+/// Stands in for a client's `DEALLOCATE name` of a statement pgtide mapped: the server
+/// must not drop the shared statement, but the client gets a successful command.
+const DEALLOCATE_DONE: &str = "DO $pgtide$BEGIN END$pgtide$";
+
 /// Handles one whole client message in transaction mode: records what the server will
 /// owe for it and says what to send instead, if anything.
 pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction, Effects) {
@@ -419,6 +455,19 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
         tag::QUERY => {
             cx.pipeline.push(real(t), cx.server, cx.to_client);
             let sql = cstr(body).map(|(s, _)| s).unwrap_or(body);
+            if let Some(name) = single_deallocate(sql) {
+                // Lower-case, as PostgreSQL folds an unquoted name.
+                let folded = name.to_ascii_lowercase();
+                if cx.client.map.remove(folded.as_slice()).is_some() {
+                    let mut q = DEALLOCATE_DONE.as_bytes().to_vec();
+                    q.push(0);
+                    return (ClientAction::Replace(message(tag::QUERY, &q)), fx);
+                }
+                if !folded.starts_with(b"pgtide_") {
+                    // Not a statement of this client: PostgreSQL answers 26000.
+                    return (ClientAction::Forward, fx);
+                }
+            }
             let (rejected, all) = sql_prepared_use(sql);
             if all {
                 cx.client.clear();
@@ -920,6 +969,27 @@ mod tests {
         let (_, fx) = on_client_message(tag::QUERY, &q, &mut cx);
         assert!(fx.deallocates_all);
         assert!(w.client.is_empty());
+    }
+
+    #[test]
+    fn deallocate_of_a_client_statement_keeps_the_shared_one() {
+        let mut w = World::new(10);
+        w.send(tag::PARSE, &parse_body("_pg3_0", "select 1"));
+        let mut q = b"DEALLOCATE _pg3_0".to_vec();
+        q.push(0);
+        let ClientAction::Replace(out) = w.send(tag::QUERY, &q) else {
+            panic!("a DEALLOCATE of a mapped name is replaced")
+        };
+        assert!(
+            String::from_utf8_lossy(&out).contains("BEGIN END"),
+            "a no-op stands in"
+        );
+        assert!(w.client.is_empty());
+        // Unknown names go to the server, which answers 26000 as it would directly.
+        assert_eq!(w.send(tag::QUERY, &q), ClientAction::Forward);
+        assert_eq!(single_deallocate(b"deallocate prepare x;"), Some(&b"x"[..]));
+        assert_eq!(single_deallocate(b"deallocate all"), None);
+        assert_eq!(single_deallocate(b"deallocate x; select 1"), None);
     }
 
     #[test]
