@@ -6,5 +6,6 @@ mod cli;
 mod harness;
 mod pgbench;
 mod pooling;
+mod prepared;
 mod protocol;
 mod smoke;
