@@ -4,7 +4,9 @@ transactions (and so across server connections), evicting statements (psycopg cl
 them with a protocol-level Close), and recovering from an error.
 
 Usage: psycopg_test.py HOST PORT USER PASSWORD DBNAME THRESHOLD
-THRESHOLD is "0" (prepare everything at once) or "default" (psycopg's default, 5).
+THRESHOLD is "0" (prepare everything at once), "default" (psycopg's default, 5), or
+"pipeline" (prepare_threshold=0, and every round also runs in psycopg's pipeline mode,
+where libpq ends each pipeline with Sync followed by Flush).
 Prints one line starting with "OK psycopg" on success; exits 1 with a message otherwise.
 """
 
@@ -31,7 +33,7 @@ def check(what, got, want):
         raise Mismatch(f"{what}: got {got!r}, want {want!r}")
 
 
-def worker(w, args, threshold, stats, failures):
+def worker(w, args, threshold, pipeline, stats, failures):
     host, port, user, password, dbname = args
     kw = {}
     if threshold is not None:
@@ -86,6 +88,17 @@ def worker(w, args, threshold, stats, failures):
                     check(f"{tag} after error", cur.fetchone(), (1,))
                     if not conn.autocommit:
                         conn.commit()
+                if pipeline:
+                    step = f"round {r} pipeline"
+                    with conn.pipeline():
+                        c1 = conn.cursor()
+                        c1.execute("SELECT %s::int AS n, %s::text AS t", (n, tag))
+                        c2 = conn.cursor()
+                        c2.execute("SELECT %s::int * 2 AS d", (n,))
+                        check(f"{tag} pipeline 1", c1.fetchone(), (n, tag))
+                        check(f"{tag} pipeline 2", c2.fetchone(), (n * 2,))
+                    if not conn.autocommit:
+                        conn.commit()
                 stats[w] = r + 1
             prepared = len(conn._prepared._names)  # noqa: SLF001 - a check, not an API
             if threshold is not None and threshold == 0 and prepared == 0:
@@ -99,12 +112,13 @@ def main():
         print(__doc__, file=sys.stderr)
         sys.exit(2)
     host, port, user, password, dbname, th = sys.argv[1:]
-    threshold = 0 if th == "0" else None
+    threshold = 0 if th in ("0", "pipeline") else None
+    pipeline = th == "pipeline"
     stats = [0] * WORKERS
     failures = []
     threads = [
         threading.Thread(
-            target=worker, args=(w, (host, port, user, password, dbname), threshold, stats, failures)
+            target=worker, args=(w, (host, port, user, password, dbname), threshold, pipeline, stats, failures),
         )
         for w in range(WORKERS)
     ]
