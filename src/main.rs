@@ -43,6 +43,17 @@ enum Command {
     /// Start a throwaway PostgreSQL primary and streaming replica, and pgtide in front
     /// of them; Ctrl-C stops everything and removes it.
     Demo,
+    /// Print where a SQL string would be routed (primary or replica) and why.
+    Route {
+        /// The SQL text (one or more statements); `-` reads it from standard input.
+        sql: String,
+        /// A function that writes, in addition to the built-in ones (repeatable).
+        #[arg(long = "write-function", value_name = "NAME")]
+        write_functions: Vec<String>,
+        /// Ignore `/* pgtide: primary|replica */` hints.
+        #[arg(long)]
+        no_hints: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -77,6 +88,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Route {
+            sql,
+            write_functions,
+            no_hints,
+        }) => route(sql, write_functions, *no_hints),
         Some(Command::Demo) => {
             init_logging(cli.log_format);
             let rt = runtime();
@@ -111,6 +127,52 @@ fn main() -> ExitCode {
             runtime().block_on(serve(config))
         }
     }
+}
+
+/// `pgtide route SQL`: the classifier's decision and reason, plus what a transaction
+/// statement means for the transaction it starts.
+fn route(sql: &str, write_functions: &[String], no_hints: bool) -> ExitCode {
+    use pgtide::router::classify::{classify, transaction_mode, ClassifyOptions, TxKind};
+    let mut text = sql.to_string();
+    if sql == "-" {
+        text.clear();
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+            eprintln!("pgtide route: cannot read standard input: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let functions: Vec<String> = write_functions.iter().map(|f| f.to_lowercase()).collect();
+    let opts = ClassifyOptions {
+        write_functions: &functions,
+        hints: !no_hints,
+    };
+    println!("{}", classify(text.as_bytes(), &opts));
+    if let Some(tx) = transaction_mode(text.as_bytes()) {
+        let access = match tx.read_only {
+            Some(true) => "read-only",
+            Some(false) => "read-write",
+            None => "default access mode (read-write unless default_transaction_read_only is on)",
+        };
+        match tx.kind {
+            TxKind::Begin if tx.replica_ok(false) => println!(
+                "explicit transaction: {access}; its statements can go to a replica"
+            ),
+            TxKind::Begin if tx.read_only == Some(true) => println!(
+                "explicit transaction: {access} but SERIALIZABLE, which a hot standby refuses; it goes to the primary"
+            ),
+            TxKind::Begin => {
+                println!("explicit transaction: {access}; it goes to the primary")
+            }
+            TxKind::SetTransaction => println!("sets the current transaction: {access}"),
+            TxKind::SetSessionDefault => {
+                println!("sets the session default for later transactions: {access}")
+            }
+            TxKind::ResetSessionDefault => {
+                println!("resets the session's transaction defaults to their values at connection start")
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -1,7 +1,9 @@
 //! A small SQL lexer: words (keywords and unquoted identifiers) and statement-ending
 //! semicolons, skipping whitespace, `--` and nested `/* */` comments, string literals
 //! (`'...'` with `''`, `E'...'` with backslash escapes), quoted identifiers and dollar
-//! quoting. It allocates nothing and never fails: unterminated input simply ends.
+//! quoting. It allocates nothing and never fails: unterminated input simply ends (and
+//! [`Lexer::unterminated`] says so). [`Lexer::token_text`] gives the raw bytes of the last
+//! token, for callers that need to look inside `Other` (parentheses, quoted identifiers).
 
 /// A token that matters for statement analysis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,11 +20,32 @@ pub enum Token<'a> {
 pub struct Lexer<'a> {
     sql: &'a [u8],
     pos: usize,
+    /// Where the last token returned began.
+    start: usize,
+    /// Input ended inside a string, quoted identifier, dollar quote or block comment.
+    unterminated: bool,
 }
 
 impl<'a> Lexer<'a> {
     pub fn new(sql: &'a [u8]) -> Self {
-        Lexer { sql, pos: 0 }
+        Lexer {
+            sql,
+            pos: 0,
+            start: 0,
+            unterminated: false,
+        }
+    }
+
+    /// The raw bytes of the token last returned by `next` (quotes included).
+    pub fn token_text(&self) -> &'a [u8] {
+        let end = self.pos.min(self.sql.len());
+        &self.sql[self.start.min(end)..end]
+    }
+
+    /// True once the input has ended inside a string literal, quoted identifier, dollar
+    /// quote or block comment.
+    pub fn unterminated(&self) -> bool {
+        self.unterminated
     }
 
     fn skip_block_comment(&mut self) {
@@ -43,6 +66,7 @@ impl<'a> Lexer<'a> {
                 self.pos += 1;
             }
         }
+        self.unterminated = true;
     }
 
     fn skip_quoted(&mut self, quote: u8, backslash: bool) {
@@ -64,6 +88,8 @@ impl<'a> Lexer<'a> {
                 return;
             }
         }
+        self.pos = s.len();
+        self.unterminated = true;
     }
 
     /// At '$': a dollar quote `$tag$...$tag$` if the tag is valid; returns false if this
@@ -92,6 +118,7 @@ impl<'a> Lexer<'a> {
             p += 1;
         }
         self.pos = s.len();
+        self.unterminated = true;
         true
     }
 }
@@ -102,6 +129,7 @@ impl<'a> Iterator for Lexer<'a> {
     fn next(&mut self) -> Option<Token<'a>> {
         let s = self.sql;
         loop {
+            self.start = self.pos;
             let c = *s.get(self.pos)?;
             match c {
                 c if c.is_ascii_whitespace() => self.pos += 1,
