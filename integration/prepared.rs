@@ -788,15 +788,69 @@ async fn deallocate_all_inside_a_transaction_then_prepare_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_name_of_a_protocol_statement() {
+    let (db, _p, addr) = setup("prep_dealloc_name", |c| c.pgtide.pool_size = 1).await;
+    let mut raw = raw(addr, &db).await;
+    // Prepare `_pg3_0` at the protocol level, then DEALLOCATE it by that name in SQL,
+    // as psycopg 3 does when it evicts from its statement cache.
+    let mut batch = parse("_pg3_0", "SELECT 41 + 1");
+    batch.extend(bind("", "_pg3_0", &[]));
+    batch.extend(execute("", 0));
+    batch.extend(sync());
+    raw.send(&batch).await;
+    let got = raw.until_ready().await;
+    assert_eq!(tags(&got), "12DCZ");
+    raw.send(&query("DEALLOCATE _pg3_0")).await;
+    let got = raw.until_ready().await;
+    assert_eq!(
+        tags(&got),
+        "CZ",
+        "DEALLOCATE of the client's own statement succeeds"
+    );
+    let mut again = bind("", "_pg3_0", &[]);
+    again.extend(execute("", 0));
+    again.extend(sync());
+    raw.send(&again).await;
+    let got = raw.until_ready().await;
+    assert_eq!(got[0].tag, b'E');
+    assert_eq!(
+        got[0].sqlstate().as_deref(),
+        Some("26000"),
+        "the name is gone"
+    );
+    // The shared server statement is still there for another client's same text.
+    let other = app_at(addr, &db).await;
+    let s2 = to("prepare other", other.prepare("SELECT 41 + 1"))
+        .await
+        .expect("prepare");
+    let v: i32 = to("run other", other.query_one(&s2, &[]))
+        .await
+        .expect("run")
+        .get(0);
+    assert_eq!(v, 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_level_prepare_is_rejected_in_transaction_mode() {
     let (db, _p, addr) = setup("prep_sqlprepare", |c| c.pgtide.pool_size = 1).await;
     let c = app_at(addr, &db).await;
 
+    // DEALLOCATE of a name the client never prepared gets PostgreSQL's own answer
+    // (SQL-level PREPARE cannot have created it); DEALLOCATE of a protocol-level name is
+    // accepted (psycopg 3 evicts that way), see deallocate_name_of_a_protocol_statement.
+    let e = to("DEALLOCATE p", c.simple_query("DEALLOCATE p"))
+        .await
+        .expect_err("p does not exist");
+    assert_eq!(
+        code(&e),
+        Some(&SqlState::INVALID_SQL_STATEMENT_NAME),
+        "{e:?}"
+    );
     for sql in [
         "PREPARE p AS SELECT 1",
         "EXECUTE p",
-        "DEALLOCATE p",
         "SELECT 1; PREPARE p2 AS SELECT 2",
+        "DEALLOCATE p; SELECT 1",
     ] {
         let e = to(sql, c.simple_query(sql))
             .await

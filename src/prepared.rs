@@ -13,7 +13,16 @@
 //! gives itself (ParseComplete for a Parse the server did not need, CloseComplete for a
 //! client's Close) are released when their turn comes; answers to messages pgtide added
 //! (a Parse it injected, a Close that evicts) are hidden. After an error the server skips
-//! to the next Sync, and so does the pipeline.
+//! to the next Sync, and so does the pipeline, undoing what the skipped messages would
+//! have done to the client's names.
+//!
+//! pgtide's record of a server's statements may only err on the side of "absent": every
+//! Parse it sends of a `pgtide_<n>` name is preceded by a Close of that name (not an error
+//! when absent), so a statement the server kept after a skipped Close or a failed
+//! DEALLOCATE ALL never causes "already exists". The statement key includes the client's
+//! `search_path`, which changes what a text means; a statement whose plan the server
+//! refuses after a schema change ("cached plan must not change result type") is dropped
+//! from the cache, so that the client's re-prepare gets a fresh one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +37,8 @@ use crate::router::lexer::{any_statement, contains_ci};
 #[derive(Debug)]
 pub struct Statement {
     pub id: u64,
+    /// The cache key: Parse body after the name, then the search_path.
+    key: Bytes,
     pub server_name: String,
     /// A complete Parse message that prepares the statement under `server_name`.
     pub parse: Bytes,
@@ -66,11 +77,15 @@ impl StatementCache {
         }
     }
 
-    /// The statement for a Parse body's text and types (`rest` = body after the name).
-    pub fn intern(&self, rest: &[u8]) -> Arc<Statement> {
+    /// The statement for a Parse body's text and types (`rest` = body after the name),
+    /// prepared under `search_path`.
+    pub fn intern(&self, rest: &[u8], search_path: &[u8]) -> Arc<Statement> {
+        let mut key = Vec::with_capacity(rest.len() + search_path.len());
+        key.extend_from_slice(rest);
+        key.extend_from_slice(search_path);
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = inner.map.get(rest) {
+        if let Some(s) = inner.map.get(key.as_slice()) {
             s.last_used.store(now, Ordering::Relaxed);
             return s.clone();
         }
@@ -82,20 +97,32 @@ impl StatementCache {
         parse.put_slice(server_name.as_bytes());
         parse.put_u8(0);
         parse.put_slice(rest);
+        let key = Bytes::from(key);
         let stmt = Arc::new(Statement {
             id,
+            key: key.clone(),
             server_name,
             parse: parse.freeze(),
             last_used: AtomicU64::new(now),
             validated: AtomicBool::new(false),
         });
-        let key = Bytes::copy_from_slice(rest);
         inner.bytes += key.len() + stmt.parse.len();
         inner.map.insert(key, stmt.clone());
         if inner.map.len() > self.max_count || inner.bytes > self.max_bytes {
             Self::evict(&mut inner, self.max_count * 9 / 10, self.max_bytes * 9 / 10);
         }
         stmt
+    }
+
+    /// Drops `stmt` from the cache (its plan went stale): the next Parse of the same
+    /// text gets a new server-side statement.
+    pub fn forget(&self, stmt: &Statement) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.map.get(&stmt.key).is_some_and(|s| s.id == stmt.id) {
+            if let Some(s) = inner.map.remove(&stmt.key) {
+                inner.bytes -= s.key.len() + s.parse.len();
+            }
+        }
     }
 
     fn evict(inner: &mut CacheInner, count: usize, bytes: usize) {
@@ -122,10 +149,11 @@ impl StatementCache {
     }
 }
 
-/// The statements one server connection has prepared (or is preparing).
+/// The statements one server connection has (as far as pgtide knows: it may only
+/// believe a statement absent that is there, never the other way round).
 #[derive(Default, Debug)]
 pub struct ServerStatements {
-    /// id -> (statement, last use); `ready` once ParseComplete came back.
+    /// id -> (statement, last use, ParseComplete seen).
     held: HashMap<u64, (Arc<Statement>, u64, bool)>,
     clock: u64,
 }
@@ -162,15 +190,15 @@ impl ServerStatements {
         }
     }
 
-    fn fail(&mut self, id: u64) {
+    fn forget(&mut self, id: u64) {
         self.held.remove(&id);
     }
 
-    /// The least recently used statement that is ready, other than `keep`.
+    /// The least recently used statement other than `keep`.
     fn victim(&self, keep: u64) -> Option<Arc<Statement>> {
         self.held
             .iter()
-            .filter(|(id, e)| **id != keep && e.2)
+            .filter(|(id, _)| **id != keep)
             .min_by_key(|(_, e)| e.1)
             .map(|(_, e)| e.0.clone())
     }
@@ -204,13 +232,51 @@ impl ClientStatements {
     pub fn clear(&mut self) {
         self.map.clear();
     }
+
+    /// Maps `name` to `stmt`; returns how to undo it.
+    fn set(&mut self, name: Bytes, stmt: Arc<Statement>) -> Undo {
+        match self.map.insert(name.clone(), stmt) {
+            Some(old) => Undo::Restore(name, old),
+            None => Undo::Forget(name),
+        }
+    }
+
+    /// Drops `name`; returns how to undo it.
+    fn remove(&mut self, name: &[u8]) -> Undo {
+        match self.map.remove_entry(name) {
+            Some((name, old)) => Undo::Restore(name, old),
+            None => Undo::Nothing,
+        }
+    }
+
+    fn undo(&mut self, undo: Undo) {
+        match undo {
+            Undo::Nothing => {}
+            Undo::Forget(name) => {
+                self.map.remove(&name);
+            }
+            Undo::Restore(name, stmt) => {
+                self.map.insert(name, stmt);
+            }
+        }
+    }
+}
+
+/// How to take back what a message did to the client's names, if the server skips it
+/// (after an earlier error) or rejects it.
+#[derive(Debug, Default)]
+enum Undo {
+    #[default]
+    Nothing,
+    Forget(Bytes),
+    Restore(Bytes, Arc<Statement>),
 }
 
 /// What the server owes, in order.
 #[derive(Debug)]
 enum Expect {
     /// pgtide answers this itself (ParseComplete or CloseComplete) when its turn comes.
-    Fake(u8),
+    Fake { tag: u8, undo: Undo },
     /// The server answers this message.
     Real {
         kind: u8,
@@ -218,9 +284,30 @@ enum Expect {
         hide: bool,
         /// This Parse prepares that statement on the server.
         prepares: Option<u64>,
-        /// This Parse created the client's mapping of that name.
-        client_name: Option<Bytes>,
+        /// This Bind or Describe uses that statement.
+        uses: Option<Arc<Statement>>,
+        undo: Undo,
     },
+}
+
+fn real(kind: u8) -> Expect {
+    Expect::Real {
+        kind,
+        hide: false,
+        prepares: None,
+        uses: None,
+        undo: Undo::Nothing,
+    }
+}
+
+fn hidden(kind: u8, prepares: Option<u64>) -> Expect {
+    Expect::Real {
+        kind,
+        hide: true,
+        prepares,
+        uses: None,
+        undo: Undo::Nothing,
+    }
 }
 
 /// The answers owed for the messages sent so far (transaction mode only).
@@ -237,24 +324,42 @@ impl Pipeline {
         self.queue.is_empty() && !self.skipping
     }
 
-    fn push(&mut self, e: Expect, server: &mut ServerStatements, to_client: &mut Vec<u8>) {
-        if self.skipping {
-            match e {
-                Expect::Real {
-                    kind: tag::SYNC, ..
-                } => self.skipping = false,
-                Expect::Real {
-                    prepares: Some(id), ..
-                } => {
-                    // The server will skip this Parse: it will not have the statement.
-                    server.fail(id);
-                    return;
+    /// Takes back what a message the server skips (or rejects) would have done.
+    fn skipped(e: Expect, server: &mut ServerStatements, client: &mut ClientStatements) {
+        match e {
+            Expect::Fake { undo, .. } => client.undo(undo),
+            Expect::Real { prepares, undo, .. } => {
+                if let Some(id) = prepares {
+                    server.forget(id);
                 }
-                _ => return,
+                client.undo(undo);
+            }
+        }
+    }
+
+    fn push(
+        &mut self,
+        e: Expect,
+        cx_server: &mut ServerStatements,
+        client: &mut ClientStatements,
+        to_client: &mut Vec<u8>,
+    ) {
+        if self.skipping {
+            if matches!(
+                e,
+                Expect::Real {
+                    kind: tag::SYNC,
+                    ..
+                }
+            ) {
+                self.skipping = false;
+            } else {
+                Self::skipped(e, cx_server, client);
+                return;
             }
         }
         if self.queue.is_empty() {
-            if let Expect::Fake(t) = e {
+            if let Expect::Fake { tag: t, .. } = e {
                 to_client.extend_from_slice(&[t, 0, 0, 0, 4]);
                 return;
             }
@@ -282,7 +387,7 @@ impl Pipeline {
     }
 
     fn release_fakes(&mut self, to_client: &mut Vec<u8>) {
-        while let Some(Expect::Fake(t)) = self.queue.front() {
+        while let Some(Expect::Fake { tag: t, .. }) = self.queue.front() {
             to_client.extend_from_slice(&[*t, 0, 0, 0, 4]);
             self.queue.pop_front();
         }
@@ -301,8 +406,7 @@ pub enum ClientAction {
 /// Side effects a message has on prepared-statement bookkeeping beyond the wire.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Effects {
-    /// The message deallocates every statement (DISCARD ALL / DEALLOCATE ALL): the
-    /// server's set becomes unknown.
+    /// The message deallocates every statement (DISCARD ALL / DEALLOCATE ALL).
     pub deallocates_all: bool,
 }
 
@@ -313,8 +417,17 @@ pub struct Ctx<'a> {
     pub pipeline: &'a mut Pipeline,
     pub cache: &'a StatementCache,
     pub max_per_server: usize,
+    /// The client's search_path (part of what a statement text means).
+    pub search_path: &'a [u8],
     /// Answers pgtide gives at once (append to the client's output).
     pub to_client: &'a mut Vec<u8>,
+}
+
+impl Ctx<'_> {
+    fn push(&mut self, e: Expect) {
+        self.pipeline
+            .push(e, self.server, self.client, self.to_client);
+    }
 }
 
 fn message(t: u8, body: &[u8]) -> Vec<u8> {
@@ -333,44 +446,32 @@ fn close_statement(name: &str) -> Vec<u8> {
     message(tag::CLOSE, &body)
 }
 
-/// Makes sure the server has `stmt` before a message that uses it: appends what must
-/// be sent first (an evicting Close, the Parse) to `out`.
+/// Appends what prepares `stmt` on the server: evicting Closes beyond the limit, a
+/// Close of the name itself (in case the server kept it unbeknownst to pgtide), and the
+/// Parse. The Parse's own entry is the caller's.
+fn prepare(stmt: &Arc<Statement>, cx: &mut Ctx<'_>, out: &mut Vec<u8>) {
+    while cx.server.len() >= cx.max_per_server.max(1) {
+        let Some(victim) = cx.server.victim(stmt.id) else {
+            break;
+        };
+        out.extend_from_slice(&close_statement(&victim.server_name));
+        cx.server.forget(victim.id);
+        cx.push(hidden(tag::CLOSE, None));
+    }
+    out.extend_from_slice(&close_statement(&stmt.server_name));
+    cx.push(hidden(tag::CLOSE, None));
+    out.extend_from_slice(&stmt.parse);
+    cx.server.begin(stmt);
+}
+
+/// Makes sure the server has `stmt` before a message that uses it.
 fn ensure(stmt: &Arc<Statement>, cx: &mut Ctx<'_>, out: &mut Vec<u8>) {
     if cx.server.has(stmt.id) {
         cx.server.touch(stmt.id);
         return;
     }
-    if cx.server.len() >= cx.max_per_server {
-        if let Some(victim) = cx.server.victim(stmt.id) {
-            out.extend_from_slice(&close_statement(&victim.server_name));
-            cx.server.fail(victim.id);
-            let e = Expect::Real {
-                kind: tag::CLOSE,
-                hide: true,
-                prepares: None,
-                client_name: None,
-            };
-            cx.pipeline.push(e, cx.server, cx.to_client);
-        }
-    }
-    out.extend_from_slice(&stmt.parse);
-    cx.server.begin(stmt);
-    let e = Expect::Real {
-        kind: tag::PARSE,
-        hide: true,
-        prepares: Some(stmt.id),
-        client_name: None,
-    };
-    cx.pipeline.push(e, cx.server, cx.to_client);
-}
-
-fn real(kind: u8) -> Expect {
-    Expect::Real {
-        kind,
-        hide: false,
-        prepares: None,
-        client_name: None,
-    }
+    prepare(stmt, cx, out);
+    cx.push(hidden(tag::PARSE, Some(stmt.id)));
 }
 
 /// The message that replaces SQL-level PREPARE / EXECUTE / DEALLOCATE in transaction
@@ -396,14 +497,18 @@ fn sql_prepared_use(sql: &[u8]) -> (bool, bool) {
             // DISCARD ALL deallocates; DISCARD PLANS / TEMP / SEQUENCES do not.
             all |= second.eq_ignore_ascii_case(b"all");
         } else if first.eq_ignore_ascii_case(b"deallocate") {
-            if second.eq_ignore_ascii_case(b"all") {
-                all = true;
+            if second.eq_ignore_ascii_case(b"all") || second.eq_ignore_ascii_case(b"prepare") {
+                // DEALLOCATE PREPARE name is rare; treat DEALLOCATE PREPARE as the ALL
+                // form's spelling only when ALL follows (checked by single_deallocate).
+                all |= second.eq_ignore_ascii_case(b"all");
+                rejected |= second.eq_ignore_ascii_case(b"prepare");
             } else {
-                // DEALLOCATE name / DEALLOCATE PREPARE name (or PREPARE ALL, rare):
-                // SQL-level prepared statements.
                 rejected = true;
             }
-        } else if first.eq_ignore_ascii_case(b"prepare") || first.eq_ignore_ascii_case(b"execute") {
+        } else if first.eq_ignore_ascii_case(b"prepare") {
+            // PREPARE TRANSACTION (two-phase commit) is not a prepared statement.
+            rejected |= !second.eq_ignore_ascii_case(b"transaction");
+        } else if first.eq_ignore_ascii_case(b"execute") {
             rejected = true;
         }
         false
@@ -433,9 +538,6 @@ fn single_deallocate(sql: &[u8]) -> Option<&[u8]> {
             _ => return None,
         };
     }
-    if name.eq_ignore_ascii_case(b"all") {
-        return None;
-    }
     match tokens.next() {
         None => Some(name),
         Some(Token::Semicolon) if tokens.next().is_none() => Some(name),
@@ -447,21 +549,38 @@ fn single_deallocate(sql: &[u8]) -> Option<&[u8]> {
 /// must not drop the shared statement, but the client gets a successful command.
 const DEALLOCATE_DONE: &str = "DO $pgtide$BEGIN END$pgtide$";
 
+fn query_message(sql: &str) -> Vec<u8> {
+    let mut q = sql.as_bytes().to_vec();
+    q.push(0);
+    message(tag::QUERY, &q)
+}
+
+/// The body after the name of a Parse of `sql` with no parameter types.
+fn parse_rest(sql: &str) -> Vec<u8> {
+    let mut b = sql.as_bytes().to_vec();
+    b.extend_from_slice(&[0, 0, 0]);
+    b
+}
+
 /// Handles one whole client message in transaction mode: records what the server will
 /// owe for it and says what to send instead, if anything.
 pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction, Effects) {
     let mut fx = Effects::default();
     match t {
         tag::QUERY => {
-            cx.pipeline.push(real(t), cx.server, cx.to_client);
+            cx.push(real(t));
             let sql = cstr(body).map(|(s, _)| s).unwrap_or(body);
             if let Some(name) = single_deallocate(sql) {
+                if name.eq_ignore_ascii_case(b"all") {
+                    cx.client.clear();
+                    cx.server.clear();
+                    fx.deallocates_all = true;
+                    return (ClientAction::Forward, fx);
+                }
                 // Lower-case, as PostgreSQL folds an unquoted name.
                 let folded = name.to_ascii_lowercase();
-                if cx.client.map.remove(folded.as_slice()).is_some() {
-                    let mut q = DEALLOCATE_DONE.as_bytes().to_vec();
-                    q.push(0);
-                    return (ClientAction::Replace(message(tag::QUERY, &q)), fx);
+                if !matches!(cx.client.remove(&folded), Undo::Nothing) {
+                    return (ClientAction::Replace(query_message(DEALLOCATE_DONE)), fx);
                 }
                 if !folded.starts_with(b"pgtide_") {
                     // Not a statement of this client: PostgreSQL answers 26000.
@@ -470,71 +589,67 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
             }
             let (rejected, all) = sql_prepared_use(sql);
             if all {
+                // The server drops them all when it runs this; a failure leaves them
+                // there, which the Close before every Parse makes harmless.
                 cx.client.clear();
+                cx.server.clear();
                 fx.deallocates_all = true;
             }
             if rejected {
-                let mut q = SQL_PREPARE_REJECTED.as_bytes().to_vec();
-                q.push(0);
-                return (ClientAction::Replace(message(tag::QUERY, &q)), fx);
+                return (
+                    ClientAction::Replace(query_message(SQL_PREPARE_REJECTED)),
+                    fx,
+                );
             }
             (ClientAction::Forward, fx)
         }
         tag::PARSE => {
             let Some((name, rest)) = cstr(body) else {
-                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                cx.push(real(t));
                 return (ClientAction::Forward, fx);
             };
             let sql = cstr(rest).map(|(s, _)| s).unwrap_or(rest);
             let (rejected, all) = sql_prepared_use(sql);
             if all {
                 cx.client.clear();
+                cx.server.clear();
                 fx.deallocates_all = true;
             }
-            if rejected {
-                let mut b = name.to_vec();
-                b.push(0);
-                b.extend_from_slice(SQL_PREPARE_REJECTED.as_bytes());
-                b.extend_from_slice(&[0, 0, 0]);
-                cx.pipeline.push(real(t), cx.server, cx.to_client);
-                return (ClientAction::Replace(message(tag::PARSE, &b)), fx);
-            }
+            let rejected_rest;
+            let rest = if rejected {
+                rejected_rest = parse_rest(SQL_PREPARE_REJECTED);
+                &rejected_rest[..]
+            } else {
+                rest
+            };
             if name.is_empty() {
-                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                cx.push(real(t));
+                if rejected {
+                    let mut b = vec![0];
+                    b.extend_from_slice(rest);
+                    return (ClientAction::Replace(message(tag::PARSE, &b)), fx);
+                }
                 return (ClientAction::Forward, fx);
             }
-            let stmt = cx.cache.intern(rest);
-            let name = Bytes::copy_from_slice(name);
-            cx.client.map.insert(name.clone(), stmt.clone());
+            let stmt = cx.cache.intern(rest, cx.search_path);
+            let undo = cx.client.set(Bytes::copy_from_slice(name), stmt.clone());
             if cx.server.has(stmt.id) {
                 cx.server.touch(stmt.id);
-                cx.pipeline
-                    .push(Expect::Fake(tag::PARSE_COMPLETE), cx.server, cx.to_client);
+                cx.push(Expect::Fake {
+                    tag: tag::PARSE_COMPLETE,
+                    undo,
+                });
                 return (ClientAction::Replace(Vec::new()), fx);
             }
             let mut out = Vec::new();
-            if cx.server.len() >= cx.max_per_server {
-                if let Some(victim) = cx.server.victim(stmt.id) {
-                    out.extend_from_slice(&close_statement(&victim.server_name));
-                    cx.server.fail(victim.id);
-                    let e = Expect::Real {
-                        kind: tag::CLOSE,
-                        hide: true,
-                        prepares: None,
-                        client_name: None,
-                    };
-                    cx.pipeline.push(e, cx.server, cx.to_client);
-                }
-            }
-            out.extend_from_slice(&stmt.parse);
-            cx.server.begin(&stmt);
-            let e = Expect::Real {
+            prepare(&stmt, cx, &mut out);
+            cx.push(Expect::Real {
                 kind: tag::PARSE,
                 hide: false,
                 prepares: Some(stmt.id),
-                client_name: Some(name),
-            };
-            cx.pipeline.push(e, cx.server, cx.to_client);
+                uses: None,
+                undo,
+            });
             (ClientAction::Replace(out), fx)
         }
         tag::BIND => {
@@ -547,7 +662,7 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
                 Some((portal, stmt, tail))
             });
             let Some((portal, stmt, tail)) = mapped else {
-                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                cx.push(real(t));
                 return (ClientAction::Forward, fx);
             };
             let mut out = Vec::new();
@@ -559,7 +674,13 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
             b.push(0);
             b.extend_from_slice(tail);
             out.extend_from_slice(&message(tag::BIND, &b));
-            cx.pipeline.push(real(t), cx.server, cx.to_client);
+            cx.push(Expect::Real {
+                kind: t,
+                hide: false,
+                prepares: None,
+                uses: Some(stmt),
+                undo: Undo::Nothing,
+            });
             (ClientAction::Replace(out), fx)
         }
         tag::DESCRIBE | tag::CLOSE => {
@@ -568,18 +689,20 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
                 _ => None,
             };
             let Some(name) = named else {
-                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                cx.push(real(t));
                 return (ClientAction::Forward, fx);
             };
             if t == tag::CLOSE {
                 // Closing a client statement drops only the client's name for it.
-                cx.client.map.remove(name);
-                cx.pipeline
-                    .push(Expect::Fake(tag::CLOSE_COMPLETE), cx.server, cx.to_client);
+                let undo = cx.client.remove(name);
+                cx.push(Expect::Fake {
+                    tag: tag::CLOSE_COMPLETE,
+                    undo,
+                });
                 return (ClientAction::Replace(Vec::new()), fx);
             }
             let Some(stmt) = cx.client.map.get(name).cloned() else {
-                cx.pipeline.push(real(t), cx.server, cx.to_client);
+                cx.push(real(t));
                 return (ClientAction::Forward, fx);
             };
             let mut out = Vec::new();
@@ -588,11 +711,17 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
             b.extend_from_slice(stmt.server_name.as_bytes());
             b.push(0);
             out.extend_from_slice(&message(tag::DESCRIBE, &b));
-            cx.pipeline.push(real(t), cx.server, cx.to_client);
+            cx.push(Expect::Real {
+                kind: t,
+                hide: false,
+                prepares: None,
+                uses: Some(stmt),
+                undo: Undo::Nothing,
+            });
             (ClientAction::Replace(out), fx)
         }
         tag::EXECUTE | tag::SYNC | tag::FUNCTION_CALL => {
-            cx.pipeline.push(real(t), cx.server, cx.to_client);
+            cx.push(real(t));
             (ClientAction::Forward, fx)
         }
         // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
@@ -609,6 +738,7 @@ pub fn answer_without_server(
     body: &[u8],
     client: &mut ClientStatements,
     cache: &StatementCache,
+    search_path: &[u8],
 ) -> Option<Vec<u8>> {
     match t {
         tag::PARSE => {
@@ -620,17 +750,17 @@ pub fn answer_without_server(
             if sql_prepared_use(sql) != (false, false) {
                 return None;
             }
-            let stmt = cache.intern(rest);
+            let stmt = cache.intern(rest, search_path);
             if !stmt.validated.load(Ordering::Relaxed) {
                 return None;
             }
-            client.map.insert(Bytes::copy_from_slice(name), stmt);
+            client.set(Bytes::copy_from_slice(name), stmt);
             Some(vec![tag::PARSE_COMPLETE, 0, 0, 0, 4])
         }
         tag::CLOSE => match body.split_first() {
             Some((b'S', rest)) => {
                 let name = cstr(rest).map(|(n, _)| n).filter(|n| !n.is_empty())?;
-                client.map.remove(name);
+                client.remove(name);
                 Some(vec![tag::CLOSE_COMPLETE, 0, 0, 0, 4])
             }
             _ => None,
@@ -665,19 +795,23 @@ pub fn server_tag_tracked(t: u8) -> bool {
     )
 }
 
-/// Handles one server message in transaction mode. Returns whether to hide it; answers
-/// pgtide owes the client right after it are appended to `after`.
-pub fn on_server_message(
-    t: u8,
-    pipeline: &mut Pipeline,
-    server: &mut ServerStatements,
-    client: &mut ClientStatements,
-    after: &mut Vec<u8>,
-) -> bool {
+/// Everything [`on_server_message`] needs.
+pub struct ServerCtx<'a> {
+    pub pipeline: &'a mut Pipeline,
+    pub server: &'a mut ServerStatements,
+    pub client: &'a mut ClientStatements,
+    pub cache: &'a StatementCache,
+    /// Answers pgtide owes the client right after this message.
+    pub after: &'a mut Vec<u8>,
+}
+
+/// Handles one server message in transaction mode; `error_code` is the SQLSTATE of an
+/// ErrorResponse. Returns whether to hide the message.
+pub fn on_server_message(t: u8, error_code: Option<&str>, cx: ServerCtx<'_>) -> bool {
     if !server_tag_tracked(t) {
         return false;
     }
-    let Some(Expect::Real { kind, .. }) = pipeline.queue.front() else {
+    let Some(Expect::Real { kind, .. }) = cx.pipeline.queue.front() else {
         return false;
     };
     let kind = *kind;
@@ -699,13 +833,7 @@ pub fn on_server_message(
     if !ends {
         return false;
     }
-    let Some(Expect::Real {
-        hide,
-        prepares,
-        client_name,
-        ..
-    }) = pipeline.queue.pop_front()
-    else {
+    let Some(entry) = cx.pipeline.queue.pop_front() else {
         return false;
     };
     let extended = matches!(
@@ -713,40 +841,45 @@ pub fn on_server_message(
         tag::PARSE | tag::BIND | tag::CLOSE | tag::DESCRIBE | tag::EXECUTE
     );
     if is_error && extended {
-        if let Some(id) = prepares {
-            server.fail(id);
+        if let Expect::Real {
+            uses: Some(stmt), ..
+        } = &entry
+        {
+            if error_code == Some("0A000") {
+                // "cached plan must not change result type": this statement's plan is
+                // stale for good; the client's re-prepare must get a fresh statement.
+                cx.cache.forget(stmt);
+            }
         }
-        if let Some(name) = client_name {
-            client.map.remove(&name);
-        }
+        Pipeline::skipped(entry, cx.server, cx.client);
         // The server now skips everything up to the next Sync.
         loop {
-            match pipeline.queue.front() {
+            match cx.pipeline.queue.front() {
                 None => {
-                    pipeline.skipping = true;
+                    cx.pipeline.skipping = true;
                     break;
                 }
                 Some(Expect::Real {
                     kind: tag::SYNC, ..
                 }) => break,
                 Some(_) => {
-                    if let Some(Expect::Real {
-                        prepares: Some(id), ..
-                    }) = pipeline.queue.pop_front()
-                    {
-                        server.fail(id);
+                    if let Some(e) = cx.pipeline.queue.pop_front() {
+                        Pipeline::skipped(e, cx.server, cx.client);
                     }
                 }
             }
         }
         return false;
     }
+    let Expect::Real { hide, prepares, .. } = entry else {
+        return false;
+    };
     if t == tag::PARSE_COMPLETE {
         if let Some(id) = prepares {
-            server.confirm(id);
+            cx.server.confirm(id);
         }
     }
-    pipeline.release_fakes(after);
+    cx.pipeline.release_fakes(cx.after);
     hide && !is_error
 }
 
@@ -797,6 +930,7 @@ mod tests {
                 pipeline: &mut self.pipeline,
                 cache: &self.cache,
                 max_per_server: self.max,
+                search_path: b"",
                 to_client: &mut self.to_client,
             };
             on_client_message(t, body, &mut cx).0
@@ -807,10 +941,14 @@ mod tests {
             let mut after = Vec::new();
             let hide = on_server_message(
                 t,
-                &mut self.pipeline,
-                &mut self.server,
-                &mut self.client,
-                &mut after,
+                None,
+                ServerCtx {
+                    pipeline: &mut self.pipeline,
+                    server: &mut self.server,
+                    client: &mut self.client,
+                    cache: &self.cache,
+                    after: &mut after,
+                },
             );
             (hide, after)
         }
@@ -838,7 +976,13 @@ mod tests {
             String::from_utf8_lossy(&out).contains("pgtide_"),
             "renamed: {out:?}"
         );
+        assert_eq!(
+            tags(&out),
+            vec![tag::CLOSE, tag::PARSE],
+            "a Close of the name goes first"
+        );
         w.send(tag::SYNC, &[]);
+        assert_eq!(w.answer(tag::CLOSE_COMPLETE), (true, vec![]));
         assert_eq!(w.answer(tag::PARSE_COMPLETE), (false, vec![]));
         assert_eq!(w.answer(tag::READY_FOR_QUERY), (false, vec![]));
         assert!(w.pipeline.is_empty());
@@ -854,21 +998,37 @@ mod tests {
         );
     }
 
+    /// The client prepares `sql` as `name` and the server accepts it.
+    fn prepared(w: &mut World, name: &str, sql: &str) {
+        w.send(tag::PARSE, &parse_body(name, sql));
+        w.send(tag::SYNC, &[]);
+        while !w.pipeline.is_empty() {
+            let next = match w.pipeline.queue.front() {
+                Some(Expect::Real {
+                    kind: tag::CLOSE, ..
+                }) => tag::CLOSE_COMPLETE,
+                Some(Expect::Real {
+                    kind: tag::PARSE, ..
+                }) => tag::PARSE_COMPLETE,
+                _ => tag::READY_FOR_QUERY,
+            };
+            w.answer(next);
+        }
+    }
+
     #[test]
     fn bind_on_a_server_without_the_statement_injects_a_hidden_parse() {
         let mut w = World::new(10);
-        w.send(tag::PARSE, &parse_body("s1", "select 1"));
-        w.send(tag::SYNC, &[]);
-        w.answer(tag::PARSE_COMPLETE);
-        w.answer(tag::READY_FOR_QUERY);
+        prepared(&mut w, "s1", "select 1");
         // A new server connection for the next transaction.
         w.server = ServerStatements::default();
         let ClientAction::Replace(out) = w.send(tag::BIND, &bind_body("s1")) else {
             panic!("a Bind of a client statement is rewritten")
         };
-        assert_eq!(tags(&out), vec![tag::PARSE, tag::BIND]);
+        assert_eq!(tags(&out), vec![tag::CLOSE, tag::PARSE, tag::BIND]);
         w.send(tag::EXECUTE, &[0, 0, 0, 0, 0]);
         w.send(tag::SYNC, &[]);
+        assert!(w.answer(tag::CLOSE_COMPLETE).0);
         assert!(
             w.answer(tag::PARSE_COMPLETE).0,
             "the injected Parse's reply is hidden"
@@ -882,10 +1042,7 @@ mod tests {
     #[test]
     fn an_error_skips_to_sync_and_drops_pending_fakes() {
         let mut w = World::new(10);
-        w.send(tag::PARSE, &parse_body("s1", "select 1"));
-        w.send(tag::SYNC, &[]);
-        w.answer(tag::PARSE_COMPLETE);
-        w.answer(tag::READY_FOR_QUERY);
+        prepared(&mut w, "s1", "select 1");
         // Bind (fails), then a Parse pgtide would answer itself, then Close, then Sync.
         w.send(tag::BIND, &bind_body(""));
         w.send(tag::PARSE, &parse_body("s2", "select 1"));
@@ -900,6 +1057,12 @@ mod tests {
         );
         assert_eq!(w.answer(tag::READY_FOR_QUERY), (false, vec![]));
         assert!(w.pipeline.is_empty());
+        // The skipped Parse created no name and the skipped Close removed none.
+        assert!(w.client.map.contains_key(&b"s1"[..]), "s1 was not closed");
+        assert!(
+            !w.client.map.contains_key(&b"s2"[..]),
+            "s2 was never prepared"
+        );
     }
 
     #[test]
@@ -907,6 +1070,7 @@ mod tests {
         let mut w = World::new(10);
         w.send(tag::PARSE, &parse_body("s1", "selec 1"));
         w.send(tag::SYNC, &[]);
+        w.answer(tag::CLOSE_COMPLETE);
         w.answer(tag::ERROR_RESPONSE);
         w.answer(tag::READY_FOR_QUERY);
         assert!(w.client.is_empty());
@@ -918,25 +1082,31 @@ mod tests {
     #[test]
     fn the_least_recently_used_statement_is_closed_beyond_the_limit() {
         let mut w = World::new(2);
-        for (i, sql) in ["select 1", "select 2", "select 3"].iter().enumerate() {
-            let ClientAction::Replace(out) = w.send(tag::PARSE, &parse_body(&format!("s{i}"), sql))
-            else {
-                panic!()
-            };
-            w.send(tag::SYNC, &[]);
-            if i == 2 {
-                assert_eq!(
-                    tags(&out),
-                    vec![tag::CLOSE, tag::PARSE],
-                    "the oldest is closed first"
-                );
-                assert!(w.answer(tag::CLOSE_COMPLETE).0, "its reply is hidden");
-            }
-            w.answer(tag::PARSE_COMPLETE);
-            w.answer(tag::READY_FOR_QUERY);
-        }
+        prepared(&mut w, "s0", "select 0");
+        prepared(&mut w, "s1", "select 1");
+        let ClientAction::Replace(out) = w.send(tag::PARSE, &parse_body("s2", "select 2")) else {
+            panic!()
+        };
+        assert_eq!(
+            tags(&out),
+            vec![tag::CLOSE, tag::CLOSE, tag::PARSE],
+            "the oldest is closed first"
+        );
+        assert_eq!(
+            &out[5..14],
+            b"Spgtide_1",
+            "the least recently used goes: {out:?}"
+        );
         assert_eq!(w.server.len(), 2);
-        assert!(w.pipeline.is_empty());
+        // Even statements whose ParseComplete has not come back can be evicted: a
+        // pipeline of many statements stays bounded.
+        for i in 3..10 {
+            w.send(
+                tag::PARSE,
+                &parse_body(&format!("s{i}"), &format!("select {i}")),
+            );
+            assert!(w.server.len() <= 2);
+        }
     }
 
     #[test]
@@ -964,6 +1134,7 @@ mod tests {
             pipeline: &mut w.pipeline,
             cache: &w.cache,
             max_per_server: 10,
+            search_path: b"",
             to_client: &mut w.to_client,
         };
         let (_, fx) = on_client_message(tag::QUERY, &q, &mut cx);
@@ -988,7 +1159,7 @@ mod tests {
         // Unknown names go to the server, which answers 26000 as it would directly.
         assert_eq!(w.send(tag::QUERY, &q), ClientAction::Forward);
         assert_eq!(single_deallocate(b"deallocate prepare x;"), Some(&b"x"[..]));
-        assert_eq!(single_deallocate(b"deallocate all"), None);
+        assert_eq!(single_deallocate(b"deallocate all"), Some(&b"all"[..]));
         assert_eq!(single_deallocate(b"deallocate x; select 1"), None);
     }
 
@@ -998,19 +1169,24 @@ mod tests {
         let mut client = ClientStatements::default();
         let body = parse_body("s1", "select 1");
         assert_eq!(
-            answer_without_server(tag::PARSE, &body, &mut client, &w.cache),
+            answer_without_server(tag::PARSE, &body, &mut client, &w.cache, b""),
             None,
             "never validated"
         );
-        let stmt = w.cache.intern(&body[3..]);
+        let stmt = w.cache.intern(&body[3..], b"");
         stmt.validated.store(true, Ordering::Relaxed);
         assert_eq!(
-            answer_without_server(tag::PARSE, &body, &mut client, &w.cache),
+            answer_without_server(tag::PARSE, &body, &mut client, &w.cache, b""),
             Some(vec![tag::PARSE_COMPLETE, 0, 0, 0, 4])
         );
         assert_eq!(client.len(), 1);
         assert_eq!(
-            answer_without_server(tag::BIND, &bind_body("s1"), &mut client, &w.cache),
+            answer_without_server(tag::BIND, &bind_body("s1"), &mut client, &w.cache, b""),
+            None
+        );
+        // Another search_path is another statement, not validated yet.
+        assert_eq!(
+            answer_without_server(tag::PARSE, &body, &mut client, &w.cache, b"tenant_2"),
             None
         );
     }
@@ -1019,7 +1195,7 @@ mod tests {
     fn the_global_cache_is_bounded() {
         let cache = StatementCache::new(10, 1 << 20);
         for i in 0..100 {
-            cache.intern(format!("select {i}\0\0\0").as_bytes());
+            cache.intern(format!("select {i}\0\0\0").as_bytes(), b"");
         }
         assert!(cache.size().0 <= 10);
     }

@@ -98,6 +98,11 @@ impl ClientParams {
         self.reported.iter().any(|r| r == k)
     }
 
+    /// The client's current value of `name` (lower-case), if known.
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.values.get(name).map(String::as_str)
+    }
+
     /// A ParameterStatus the client saw while it had a server.
     pub fn observe(&mut self, name: &str, value: &str) {
         let k = name.to_ascii_lowercase();

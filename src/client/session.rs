@@ -337,10 +337,9 @@ impl Session {
                 return Ok(());
             }
         }
-        if self.terminated && self.server.is_none() {
-            return Err(End::ClientLeft);
-        }
-        if self.terminated && self.server_idle() {
+        if self.terminated && (self.server.is_none() || self.pending == 0) {
+            // Everything the client sent before Terminate has been answered; what is
+            // left open (a transaction, a batch without Sync) the cleanup closes.
             return Err(End::ClientLeft);
         }
         if self.server.is_none() && self.c2s.is_empty() && self.s2c.is_empty() {
@@ -462,6 +461,11 @@ impl Session {
                         body,
                         &mut self.statements,
                         &self.shared.statements,
+                        self.login
+                            .params
+                            .value("search_path")
+                            .unwrap_or("")
+                            .as_bytes(),
                     )
                 });
                 if let Some(answer) = local {
@@ -516,7 +520,9 @@ impl Session {
                     self.copy_window_open = true;
                     self.copy_window_syncs = 0;
                 }
-                tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => self.unsynced = true,
+                // A Flush owes nothing by itself: the messages before it pin the server
+                // until their Sync (libpq's pipeline mode sends Sync, Flush).
+                tag::BIND | tag::DESCRIBE | tag::CLOSE => self.unsynced = true,
                 tag::COPY_DONE | tag::COPY_FAIL => {
                     self.copy_in = false;
                     self.copy_window_open = false;
@@ -551,6 +557,12 @@ impl Session {
                 pipeline: &mut self.pipeline,
                 cache: &self.shared.statements,
                 max_per_server: self.shared.config.pgtide.max_prepared_statements as usize,
+                search_path: self
+                    .login
+                    .params
+                    .value("search_path")
+                    .unwrap_or("")
+                    .as_bytes(),
                 to_client: &mut to_client,
             };
             prepared::on_client_message(t, &self.c2s[start + 5..*end], &mut cx)
@@ -589,6 +601,7 @@ impl Session {
                     break;
                 }
             };
+            let mut error_code = None;
             match (frame.tag, frame.body) {
                 (tag::READY_FOR_QUERY, Some(body)) => {
                     self.pending = self.pending.saturating_sub(1);
@@ -605,6 +618,7 @@ impl Session {
                 }
                 (tag::ERROR_RESPONSE, Some(body)) => {
                     let f = backend::parse_error_fields(body);
+                    error_code = Some(f.code.to_string());
                     if f.is_fatal() {
                         let msg = format!("{} (SQLSTATE {})", f.message, f.code);
                         self.s2c.truncate(start);
@@ -628,10 +642,14 @@ impl Session {
                     let mut after = Vec::new();
                     let hide = prepared::on_server_message(
                         frame.tag,
-                        &mut self.pipeline,
-                        &mut server.statements,
-                        &mut self.statements,
-                        &mut after,
+                        error_code.as_deref(),
+                        prepared::ServerCtx {
+                            pipeline: &mut self.pipeline,
+                            server: &mut server.statements,
+                            client: &mut self.statements,
+                            cache: &self.shared.statements,
+                            after: &mut after,
+                        },
                     );
                     if hide {
                         splice(&mut self.s2c, start..pos, &[]);
