@@ -165,3 +165,29 @@ pub async fn connect(conn_str: &str) -> Result<tokio_postgres::Client, tokio_pos
 pub fn direct_addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// The timeout every network await of a test runs under: a hang fails the test.
+pub const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Awaits `f` under [`TEST_TIMEOUT`].
+pub async fn to<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(TEST_TIMEOUT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: timed out after {TEST_TIMEOUT:?} (pgtide hang?)"),
+    }
+}
+
+/// A fresh database and a pgtide for it, with `tweak` applied to the config.
+pub async fn setup(
+    prefix: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> (String, pgtide::Pooler, SocketAddr) {
+    let db = fresh_database(prefix);
+    let mut config = config_for(&db);
+    // A pool that stays busy by mistake must fail the test fast, not after 2 minutes.
+    config.pgtide.query_wait_timeout = pgtide::config::ConfigDuration::secs(10);
+    tweak(&mut config);
+    let pooler = start_pgtide(config).await;
+    let addr = pooler.local_addr();
+    (db, pooler, addr)
+}

@@ -6,7 +6,6 @@
 //! statement between clients, and session mode passing names through untouched.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::harness::{self, APP_PASSWORD, APP_USER};
+use crate::harness::{setup, to};
 // The raw client is shared with protocol.rs, which includes the same file.
 #[allow(clippy::duplicate_mod)]
 #[path = "rawpg.rs"]
@@ -25,31 +25,7 @@ use rawpg::{bind, execute, parse, query, sync, tags, Msg, RawPg};
 /// would fold a plain `100 / $1` and fail in Bind).
 const DIV: &str = "SELECT 100 / ($1::int + (random() * 0)::int)";
 
-const T: Duration = Duration::from_secs(30);
 const TRUST: &str = "pgtide_trust";
-
-/// Awaits `f` under the 30 s test timeout.
-async fn to<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(T, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: timed out after {T:?} (pgtide hang?)"),
-    }
-}
-
-/// A fresh database and a pgtide for it, with `tweak` applied to the config.
-async fn setup(
-    prefix: &str,
-    tweak: impl FnOnce(&mut pgtide::config::Config),
-) -> (String, pgtide::Pooler, SocketAddr) {
-    let db = harness::fresh_database(prefix);
-    let mut config = harness::config_for(&db);
-    // A pool that stays busy by mistake must fail the test fast, not after 2 minutes.
-    config.pgtide.query_wait_timeout = ConfigDuration::secs(10);
-    tweak(&mut config);
-    let pooler = harness::start_pgtide(config).await;
-    let addr = pooler.local_addr();
-    (db, pooler, addr)
-}
 
 async fn app_at(addr: SocketAddr, db: &str) -> Client {
     to(
@@ -311,7 +287,7 @@ async fn sqlx_pool_with_statement_cache() {
         PgPoolOptions::new()
             .max_connections(20)
             .min_connections(20)
-            .acquire_timeout(T)
+            .acquire_timeout(harness::TEST_TIMEOUT)
             .connect_with(opts),
     )
     .await

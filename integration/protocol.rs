@@ -3,7 +3,6 @@
 //! notifications, SSL/GSSENC negotiation, protocol versions, the login timeout, run-time
 //! parameters per client, login ParameterStatus, Flush pinning and malformed input.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
@@ -14,35 +13,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, SimpleQueryMessage};
 
 use crate::harness::{self, APP_PASSWORD, APP_USER};
+use crate::harness::{setup, to};
 #[path = "rawpg.rs"]
 mod rawpg;
 use rawpg::{tags, RawPg};
 
-const T: Duration = Duration::from_secs(30);
 const TRUST: &str = "pgtide_trust";
-
-/// Awaits `f` under the 30 s test timeout.
-async fn to<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(T, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: timed out after {T:?} (pgtide hang?)"),
-    }
-}
-
-/// A fresh database and a pgtide for it, with `tweak` applied to the config.
-async fn setup(
-    prefix: &str,
-    tweak: impl FnOnce(&mut pgtide::config::Config),
-) -> (String, pgtide::Pooler, SocketAddr) {
-    let db = harness::fresh_database(prefix);
-    let mut config = harness::config_for(&db);
-    // A pool that stays busy by mistake must fail the test fast, not after 2 minutes.
-    config.pgtide.query_wait_timeout = ConfigDuration::secs(8);
-    tweak(&mut config);
-    let pooler = harness::start_pgtide(config).await;
-    let addr = pooler.local_addr();
-    (db, pooler, addr)
-}
 
 async fn app(addr: SocketAddr, db: &str) -> tokio_postgres::Client {
     to(

@@ -300,6 +300,17 @@ fn real(kind: u8) -> Expect {
     }
 }
 
+/// A Bind or Describe of `stmt`.
+fn using(kind: u8, stmt: Arc<Statement>) -> Expect {
+    Expect::Real {
+        kind,
+        hide: false,
+        prepares: None,
+        uses: Some(stmt),
+        undo: Undo::Nothing,
+    }
+}
+
 fn hidden(kind: u8, prepares: Option<u64>) -> Expect {
     Expect::Real {
         kind,
@@ -674,13 +685,7 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
             b.push(0);
             b.extend_from_slice(tail);
             out.extend_from_slice(&message(tag::BIND, &b));
-            cx.push(Expect::Real {
-                kind: t,
-                hide: false,
-                prepares: None,
-                uses: Some(stmt),
-                undo: Undo::Nothing,
-            });
+            cx.push(using(t, stmt));
             (ClientAction::Replace(out), fx)
         }
         tag::DESCRIBE | tag::CLOSE => {
@@ -711,13 +716,7 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
             b.extend_from_slice(stmt.server_name.as_bytes());
             b.push(0);
             out.extend_from_slice(&message(tag::DESCRIBE, &b));
-            cx.push(Expect::Real {
-                kind: t,
-                hide: false,
-                prepares: None,
-                uses: Some(stmt),
-                undo: Undo::Nothing,
-            });
+            cx.push(using(t, stmt));
             (ClientAction::Replace(out), fx)
         }
         tag::EXECUTE | tag::SYNC | tag::FUNCTION_CALL => {

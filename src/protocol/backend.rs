@@ -5,14 +5,8 @@ use bytes::{BufMut, BytesMut};
 
 use super::{auth_code, cstr, tag};
 
-/// Appends a message: tag, length placeholder, `body`, then patches the length.
 fn with_len(buf: &mut BytesMut, t: u8, body: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(t);
-    let at = buf.len();
-    buf.put_i32(0);
-    body(buf);
-    let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    super::put_message(buf, Some(t), body);
 }
 
 pub fn authentication_ok(buf: &mut BytesMut) {

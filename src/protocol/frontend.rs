@@ -5,16 +5,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::{cstr, tag};
 
-fn with_len(buf: &mut BytesMut, t: Option<u8>, body: impl FnOnce(&mut BytesMut)) {
-    if let Some(t) = t {
-        buf.put_u8(t);
-    }
-    let at = buf.len();
-    buf.put_i32(0);
-    body(buf);
-    let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
+use super::put_message as with_len;
 
 /// StartupMessage for protocol 3.0 with the given parameters.
 pub fn startup_message<'a>(

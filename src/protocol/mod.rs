@@ -90,6 +90,24 @@ pub mod sqlstate {
     pub const INTERNAL_ERROR: &str = "XX000";
 }
 
+/// Appends a message: the tag (if any; the first packet of a connection has none), a
+/// length placeholder, what `body` writes, then patches the length in.
+pub(crate) fn put_message(
+    buf: &mut bytes::BytesMut,
+    t: Option<u8>,
+    body: impl FnOnce(&mut bytes::BytesMut),
+) {
+    use bytes::BufMut;
+    if let Some(t) = t {
+        buf.put_u8(t);
+    }
+    let at = buf.len();
+    buf.put_i32(0);
+    body(buf);
+    let len = (buf.len() - at) as i32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
 /// Reads a big-endian i32 from the first four bytes of `b` (caller checks the length).
 #[inline]
 pub fn be_i32(b: &[u8]) -> i32 {
