@@ -1065,3 +1065,106 @@ async fn open_three(addr: SocketAddr, db: &str) -> (Vec<(Client, Driver)>, Vec<i
     }
     (clients, pids)
 }
+
+// 13 ─ settings not covered above: max_db_connections across users, the per-database
+// pool_mode, client_idle_timeout and server_lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_db_connections_caps_all_users_of_a_database() {
+    let db = harness::fresh_database("pool_maxdb");
+    let mut cfg = harness::config_for(&db);
+    cfg.pgtide.pool_size = 5;
+    cfg.pgtide.max_db_connections = 1;
+    cfg.pgtide.query_wait_timeout = ConfigDuration::secs(1);
+    let pooler = harness::start_pgtide(cfg).await;
+    let addr = pooler.local_addr();
+    // Both users log in and work while the database's one connection is free.
+    let (s, ds) = try_connect(addr, "pgtide_scram", "scrampass", &db)
+        .await
+        .expect("pgtide_scram logs in");
+    one(&s, "SELECT 1").await;
+    let (a, _da) = app(addr, &db).await;
+    // app holds the database's only server connection in a transaction...
+    exec(&a, "BEGIN").await;
+    one(&a, "SELECT 1").await;
+    // ...so the other user of the same database cannot get one, although its own pool
+    // (pool_size 5) has room.
+    let err = within("scram user", s.simple_query("SELECT 1"))
+        .await
+        .expect_err("max_db_connections = 1 is taken");
+    assert_eq!(
+        failure_code(&err, ds).await,
+        Some(SqlState::TOO_MANY_CONNECTIONS),
+        "{err}"
+    );
+    exec(&a, "COMMIT").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_database_pool_mode_is_session() {
+    let db = harness::fresh_database("pool_dbmode");
+    let mut cfg = harness::config_for(&db);
+    cfg.pgtide.pool_mode = PoolMode::Transaction;
+    cfg.databases.get_mut(&db).unwrap().pool_mode = Some(PoolMode::Session);
+    let pooler = harness::start_pgtide(cfg).await;
+    let addr = pooler.local_addr();
+    let (a, _da) = app(addr, &db).await;
+    exec(&a, "CREATE TEMP TABLE mine (v int)").await;
+    // Session mode: the temp table is still there in later transactions.
+    for _ in 0..3 {
+        exec(&a, "INSERT INTO mine VALUES (1)").await;
+    }
+    assert_eq!(one(&a, "SELECT count(*) FROM mine").await, "3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_idle_timeout_disconnects_an_idle_client() {
+    let db = harness::fresh_database("pool_clientidle");
+    let mut cfg = harness::config_for(&db);
+    cfg.pgtide.client_idle_timeout = ConfigDuration::secs(1);
+    let pooler = harness::start_pgtide(cfg).await;
+    let addr = pooler.local_addr();
+    let (a, da) = app(addr, &db).await;
+    one(&a, "SELECT 1").await;
+    // Idle (outside a transaction) for longer than the timeout: pgtide ends the session
+    // with 57P05, which tokio-postgres reports as the end of its connection.
+    let end = within("idle client is disconnected", da)
+        .await
+        .expect("the connection task ends");
+    let err = end.expect_err("the connection ends with pgtide's error");
+    assert_eq!(err.code(), Some(&SqlState::IDLE_SESSION_TIMEOUT), "{err}");
+    // A client that keeps working is not affected.
+    let (b, _db2) = app(addr, &db).await;
+    for _ in 0..4 {
+        one(&b, "SELECT 1").await;
+        sleep(Duration::from_millis(300)).await;
+    }
+    one(&b, "SELECT 'still here'").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_lifetime_replaces_old_connections() {
+    let db = harness::fresh_database("pool_lifetime");
+    let mut cfg = harness::config_for(&db);
+    cfg.pgtide.pool_size = 1;
+    cfg.pgtide.server_lifetime = ConfigDuration(Duration::from_millis(500));
+    let pooler = harness::start_pgtide(cfg).await;
+    let addr = pooler.local_addr();
+    let (a, _da) = app(addr, &db).await;
+    let first = one(&a, "SELECT pg_backend_pid()").await;
+    // A transaction that outlives server_lifetime is not cut short...
+    exec(&a, "BEGIN").await;
+    sleep(Duration::from_millis(700)).await;
+    assert_eq!(one(&a, "SELECT pg_backend_pid()").await, first);
+    exec(&a, "COMMIT").await;
+    // ...but its connection is closed when released, and the next transaction gets a
+    // new one.
+    let next = one(&a, "SELECT pg_backend_pid()").await;
+    assert_ne!(
+        next, first,
+        "the old server connection was reused past server_lifetime"
+    );
+    eventually("the old backend is gone", || async {
+        !app_backends(&db).await.contains(&first.parse().unwrap())
+    })
+    .await;
+}

@@ -35,6 +35,9 @@ pub struct PoolTimeouts {
 pub struct DbLimit {
     max: AtomicU32,
     used: AtomicU32,
+    /// The pools of this database (one per user), whose idle connections can be closed to
+    /// make room for another user's pool when the limit is reached.
+    pools: Mutex<Vec<std::sync::Weak<Pool>>>,
 }
 
 impl DbLimit {
@@ -42,7 +45,23 @@ impl DbLimit {
         Arc::new(DbLimit {
             max: AtomicU32::new(max),
             used: AtomicU32::new(0),
+            pools: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Closes one idle connection of another pool of this database, if there is one.
+    fn make_room(&self, for_pool: &Pool) -> bool {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        pools
+            .iter()
+            .filter(|p| !std::ptr::eq(p.as_ref(), for_pool))
+            .any(|p| p.close_one_idle())
     }
 
     fn try_acquire(&self) -> bool {
@@ -159,7 +178,7 @@ impl Pool {
         salted: Arc<SaltedPasswordCache>,
         db_limit: Arc<DbLimit>,
     ) -> Arc<Pool> {
-        Arc::new(Pool {
+        let pool = Arc::new(Pool {
             database,
             user,
             target,
@@ -173,7 +192,13 @@ impl Pool {
                 settings,
             }),
             login_params: OnceLock::new(),
-        })
+        });
+        pool.db_limit
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&pool));
+        pool
     }
 
     pub fn settings(&self) -> PoolSettings {
@@ -217,6 +242,11 @@ impl Pool {
                 Some(rx)
             }
         };
+        if rx.is_some() {
+            // Waiting because of max_db_connections rather than pool_size: close an idle
+            // connection of another user's pool of this database and open ours.
+            self.grow_for_waiters();
+        }
         match rx {
             None => {
                 // The slot is given back if this future is dropped mid-connect.
@@ -343,23 +373,81 @@ impl Pool {
         if !inner.waiters.is_empty() {
             // Keep the slot and open a connection for the first waiter.
             drop(inner);
-            let pool = self.clone();
-            tokio::spawn(async move {
-                match pool.open().await {
-                    Ok(conn) => pool.checkin(conn),
-                    Err((_, e)) => {
-                        let waiter = pool.lock().waiters.pop_front();
-                        if let Some(w) = waiter {
-                            let _ = w.send(Err(e));
-                        }
-                        pool.forget_one();
-                    }
-                }
-            });
+            self.open_for_waiter();
             return;
         }
         inner.total -= 1;
         self.db_limit.release();
+    }
+
+    /// Opens a connection for the first waiter when the pool has room, closing an idle
+    /// connection of a sibling pool if `max_db_connections` is what stands in the way.
+    pub fn grow_for_waiters(self: &Arc<Self>) {
+        let wants = |inner: &mut Inner| {
+            inner.waiters.retain(|w| !w.is_closed());
+            !inner.waiters.is_empty() && inner.total < inner.settings.pool_size
+        };
+        if !wants(&mut self.lock()) {
+            return;
+        }
+        if !self.db_limit.try_acquire() {
+            // Not under our own lock: make_room locks the sibling pools.
+            if !(self.db_limit.make_room(self) && self.db_limit.try_acquire()) {
+                return;
+            }
+        }
+        let reserved = {
+            let mut inner = self.lock();
+            let ok = wants(&mut inner);
+            if ok {
+                inner.total += 1;
+            }
+            ok
+        };
+        if !reserved {
+            self.db_limit.release();
+            return;
+        }
+        self.open_for_waiter();
+    }
+
+    /// Opens a connection, in the background, on a slot already counted, for the first
+    /// waiter (it goes to the idle list if nobody waits any more). A failure is handed to
+    /// that waiter.
+    fn open_for_waiter(self: &Arc<Self>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            match pool.open().await {
+                Ok(conn) => pool.checkin(conn),
+                Err((_, e)) => {
+                    let waiter = pool.lock().waiters.pop_front();
+                    if let Some(w) = waiter {
+                        let _ = w.send(Err(e));
+                    }
+                    pool.forget_one();
+                }
+            }
+        });
+    }
+
+    /// Closes one idle connection; true if there was one.
+    fn close_one_idle(&self) -> bool {
+        let conn = {
+            let mut inner = self.lock();
+            let conn = inner.idle.pop();
+            if conn.is_some() {
+                inner.total -= 1;
+            }
+            conn
+        };
+        match conn {
+            Some(conn) => {
+                self.db_limit.release();
+                drop_in_background(conn);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime`, or that

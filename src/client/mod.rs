@@ -190,6 +190,9 @@ async fn maintain(shared: Arc<Shared>, mut signal: ShutdownSignal) {
             _ = tick.tick() => {
                 for pool in shared.pools() {
                     pool.maintain();
+                    // Clients held back by max_db_connections get a connection as soon
+                    // as another pool of their database has an idle one.
+                    pool.grow_for_waiters();
                 }
             }
             _ = signal.reached(Phase::Draining) => return,
