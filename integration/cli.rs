@@ -281,6 +281,8 @@ fn spawn_upstream(url: &str, via_env: bool) -> (ChildGuard, SocketAddr) {
         cmd.arg("--upstream").arg(url);
     }
     cmd.arg("--listen").arg(listen.to_string());
+    // Tests run side by side: no fixed metrics port.
+    cmd.arg("--metrics-listen").arg("127.0.0.1:0");
     let mut child = ChildGuard::spawn(cmd, "pgtide (zero-config)", false);
     child.wait_accepting(listen);
     (child, listen)
@@ -550,7 +552,11 @@ fn read_demo_banner(rx: &mpsc::Receiver<String>, child: &mut ChildGuard) -> (Str
 fn demo_serves_psql_and_removes_everything_on_sigint() {
     let listen = free_addr();
     let mut cmd = Command::new(PGTIDE);
-    cmd.arg("demo").arg("--listen").arg(listen.to_string());
+    cmd.arg("demo")
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0");
     let mut child = ChildGuard::spawn(cmd, "pgtide demo", true);
     let stdout = child.child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();

@@ -120,6 +120,7 @@ pub fn config_for(db: &str) -> Config {
     Config {
         pgtide: General {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: "127.0.0.1:0".to_string(),
             ..General::default()
         },
         databases,

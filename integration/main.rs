@@ -5,6 +5,7 @@ mod auth;
 mod cli;
 mod drivers;
 mod harness;
+mod metrics;
 mod pgbench;
 mod pooling;
 mod prepared;

@@ -14,7 +14,7 @@ const PGBENCH_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Runs pgbench as app/apppass against `port` on 127.0.0.1 with `args`; returns
 /// (success, stdout, stderr). Killed (by PID, through `kill_on_drop`) on timeout.
-async fn pgbench(port: u16, db: &str, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn pgbench(port: u16, db: &str, args: &[&str]) -> (bool, String, String) {
     let child = tokio::process::Command::new("pgbench")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
         .args(args)
@@ -39,7 +39,7 @@ async fn pgbench(port: u16, db: &str, args: &[&str]) -> (bool, String, String) {
 }
 
 /// `pgbench -i -s 2` through `port`; panics on failure.
-async fn init(port: u16, db: &str) {
+pub(crate) async fn init(port: u16, db: &str) {
     let (ok, out, err) = pgbench(port, db, &["-i", "-s", "2", "-q"]).await;
     assert!(ok, "pgbench -i failed:\n{out}\n{err}");
 }

@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod listener;
+pub mod metrics;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;

@@ -15,25 +15,65 @@ use crate::shutdown::{Phase, ShutdownController};
 /// A running pooler.
 pub struct Pooler {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     phase: watch::Sender<Phase>,
     task: JoinHandle<()>,
 }
 
-/// Binds the listen address of `config` and starts accepting clients.
+/// Binds the listen address (and the metrics address) of `config` and starts accepting
+/// clients.
 pub async fn start(config: Config) -> io::Result<Pooler> {
     let listener = TcpListener::bind(config.pgtide.listen).await?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match config.pgtide.metrics_listen.as_str() {
+        "" => None,
+        a => {
+            let a: SocketAddr = a.parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("metrics_listen {a:?} is not an address"),
+                )
+            })?;
+            Some(TcpListener::bind(a).await?)
+        }
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let controller = ShutdownController::new();
     let phase = controller.sender();
     let state = crate::client::Shared::new(Arc::new(config));
+    if let Some(l) = metrics_listener {
+        let mut phase_rx = phase.subscribe();
+        let metrics = state.metrics.clone();
+        let probe: Arc<dyn crate::metrics::Probe> = state.clone();
+        tokio::spawn(async move {
+            // Stops when shutdown begins: probes then fail, as a draining pooler should.
+            let stop = async move {
+                let _ = phase_rx.wait_for(|p| *p >= Phase::Draining).await;
+            };
+            crate::metrics::serve(l, metrics, probe, stop).await;
+        });
+    }
     let task = tokio::spawn(crate::client::accept_loop(listener, state, controller));
-    Ok(Pooler { addr, phase, task })
+    Ok(Pooler {
+        addr,
+        metrics_addr,
+        phase,
+        task,
+    })
 }
 
 impl Pooler {
     /// The address clients connect to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of the metrics endpoint, if it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Graceful shutdown: stop accepting, let in-flight transactions finish (up to

@@ -20,6 +20,10 @@ struct Cli {
     /// Listen address, overriding the config (default 127.0.0.1:6432).
     #[arg(long, value_name = "HOST:PORT", global = true)]
     listen: Option<SocketAddr>,
+    /// Address of the metrics endpoint (/metrics, /healthz, /readyz), overriding the
+    /// config; "" turns it off.
+    #[arg(long, value_name = "HOST:PORT", global = true)]
+    metrics_listen: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -96,7 +100,10 @@ fn main() -> ExitCode {
         Some(Command::Demo) => {
             init_logging(cli.log_format);
             let rt = runtime();
-            match rt.block_on(pgtide::demo::run_demo(cli.listen)) {
+            match rt.block_on(pgtide::demo::run_demo(
+                cli.listen,
+                cli.metrics_listen.clone(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pgtide demo: {e}");
@@ -123,6 +130,9 @@ fn main() -> ExitCode {
             };
             if let Some(listen) = cli.listen {
                 config.pgtide.listen = listen;
+            }
+            if let Some(m) = &cli.metrics_listen {
+                config.pgtide.metrics_listen = m.clone();
             }
             runtime().block_on(serve(config))
         }

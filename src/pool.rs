@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 
 use crate::auth::SaltedPasswordCache;
 use crate::config::PoolSettings;
+use crate::metrics::PoolMetrics;
 use crate::server::{LoginParams, ServerConn, ServerError, ServerTarget};
 
 /// Timeouts and retry policy a pool needs from the config.
@@ -141,7 +142,8 @@ struct Inner {
     idle: Vec<ServerConn>,
     /// Open connections (idle, in use, and being opened).
     total: u32,
-    waiters: VecDeque<Waiter>,
+    /// Clients waiting for a connection, first come first served, with when they began.
+    waiters: VecDeque<(Instant, Waiter)>,
     settings: PoolSettings,
 }
 
@@ -166,21 +168,22 @@ pub struct Pool {
     db_limit: Arc<DbLimit>,
     inner: Mutex<Inner>,
     login_params: OnceLock<LoginParams>,
+    pub metrics: PoolMetrics,
 }
 
 impl Pool {
+    /// The pool's (database, user) are those `metrics` was made for.
     pub fn new(
-        database: String,
-        user: String,
         target: ServerTarget,
         settings: PoolSettings,
         timeouts: PoolTimeouts,
         salted: Arc<SaltedPasswordCache>,
         db_limit: Arc<DbLimit>,
+        metrics: PoolMetrics,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
-            database,
-            user,
+            database: metrics.database.clone(),
+            user: metrics.user.clone(),
             target,
             timeouts,
             salted,
@@ -192,6 +195,7 @@ impl Pool {
                 settings,
             }),
             login_params: OnceLock::new(),
+            metrics,
         });
         pool.db_limit
             .pools
@@ -238,7 +242,7 @@ impl Pool {
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
-                inner.waiters.push_back(tx);
+                inner.waiters.push_back((Instant::now(), tx));
                 Some(rx)
             }
         };
@@ -266,10 +270,13 @@ impl Pool {
                 Ok(Ok(Ok(handoff))) => Ok(handoff.take()),
                 Ok(Ok(Err(error))) => Err(CheckoutError::Connect { attempts: 1, error }),
                 // The sender was dropped (pool shut down) or the wait timed out.
-                Ok(Err(_)) | Err(_) => Err(CheckoutError::Exhausted {
-                    waited: wait,
-                    pool_size: self.settings().pool_size,
-                }),
+                Ok(Err(_)) | Err(_) => {
+                    self.metrics.pool_timeouts.inc();
+                    Err(CheckoutError::Exhausted {
+                        waited: wait,
+                        pool_size: self.settings().pool_size,
+                    })
+                }
             },
         }
     }
@@ -299,10 +306,12 @@ impl Pool {
             .unwrap_or(Err(ServerError::Timeout));
             match r {
                 Ok((conn, login)) => {
+                    self.metrics.server_connects.inc();
                     let _ = self.login_params.set(login);
                     return Ok(conn);
                 }
                 Err(e) => {
+                    self.metrics.server_connect_failures.inc();
                     let retryable = matches!(e, ServerError::Io(_) | ServerError::Timeout)
                         || matches!(&e, ServerError::Rejected { code, .. } if code.starts_with("57P") || code == "53300");
                     tracing::warn!(
@@ -342,7 +351,7 @@ impl Pool {
             return;
         }
         loop {
-            let Some(w) = inner.waiters.pop_front() else {
+            let Some((_, w)) = inner.waiters.pop_front() else {
                 inner.idle.push(conn);
                 return;
             };
@@ -369,7 +378,7 @@ impl Pool {
     /// Gives up one slot; if clients wait, uses the slot to open a connection for them.
     fn forget_one(self: &Arc<Self>) {
         let mut inner = self.lock();
-        inner.waiters.retain(|w| !w.is_closed());
+        inner.waiters.retain(|(_, w)| !w.is_closed());
         if !inner.waiters.is_empty() {
             // Keep the slot and open a connection for the first waiter.
             drop(inner);
@@ -384,7 +393,7 @@ impl Pool {
     /// connection of a sibling pool if `max_db_connections` is what stands in the way.
     pub fn grow_for_waiters(self: &Arc<Self>) {
         let wants = |inner: &mut Inner| {
-            inner.waiters.retain(|w| !w.is_closed());
+            inner.waiters.retain(|(_, w)| !w.is_closed());
             !inner.waiters.is_empty() && inner.total < inner.settings.pool_size
         };
         if !wants(&mut self.lock()) {
@@ -421,7 +430,7 @@ impl Pool {
                 Ok(conn) => pool.checkin(conn),
                 Err((_, e)) => {
                     let waiter = pool.lock().waiters.pop_front();
-                    if let Some(w) = waiter {
+                    if let Some((_, w)) = waiter {
                         let _ = w.send(Err(e));
                     }
                     pool.forget_one();
@@ -505,6 +514,16 @@ impl Pool {
     pub fn counts(&self) -> (u32, usize, usize) {
         let inner = self.lock();
         (inner.total, inner.idle.len(), inner.waiters.len())
+    }
+
+    /// How long the first client in line has waited (zero when nobody waits).
+    pub fn longest_wait(&self) -> Duration {
+        let inner = self.lock();
+        inner
+            .waiters
+            .iter()
+            .find(|(_, w)| !w.is_closed())
+            .map_or(Duration::ZERO, |(since, _)| since.elapsed())
     }
 
     /// Closes every idle connection (shutdown).

@@ -325,6 +325,11 @@ fn hidden(kind: u8, prepares: Option<u64>) -> Expect {
 #[derive(Debug, Default)]
 pub struct Pipeline {
     queue: VecDeque<Expect>,
+    /// Counts for metrics, taken by the session: Parses answered without preparing,
+    /// statements prepared on a server, statements closed to stay within the limit.
+    pub hits: u64,
+    pub prepares: u64,
+    pub evictions: u64,
     /// The server reported an error and skips messages until the next Sync, which the
     /// client has not sent yet.
     skipping: bool,
@@ -468,11 +473,13 @@ fn prepare(stmt: &Arc<Statement>, cx: &mut Ctx<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(&close_statement(&victim.server_name));
         cx.server.forget(victim.id);
         cx.push(hidden(tag::CLOSE, None));
+        cx.pipeline.evictions += 1;
     }
     out.extend_from_slice(&close_statement(&stmt.server_name));
     cx.push(hidden(tag::CLOSE, None));
     out.extend_from_slice(&stmt.parse);
     cx.server.begin(stmt);
+    cx.pipeline.prepares += 1;
 }
 
 /// Makes sure the server has `stmt` before a message that uses it.
@@ -646,6 +653,7 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
             let undo = cx.client.set(Bytes::copy_from_slice(name), stmt.clone());
             if cx.server.has(stmt.id) {
                 cx.server.touch(stmt.id);
+                cx.pipeline.hits += 1;
                 cx.push(Expect::Fake {
                     tag: tag::PARSE_COMPLETE,
                     undo,

@@ -254,6 +254,9 @@ async fn login_inner(
         crate::auth::authenticate_client(stream, method, &user, cred.as_deref(), max).await
     {
         tracing::debug!(%user, error = %e, "client authentication failed");
+        if matches!(e, crate::auth::AuthError::Failed) {
+            shared.metrics.auth_failures.inc();
+        }
         return Err(NoSession::Refused);
     }
     if !known {

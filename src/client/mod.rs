@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::{CredentialCache, SaltedPasswordCache, StoredCredential};
 use crate::config::Config;
+use crate::metrics::{Metrics, Probe};
 use crate::pool::{DbLimit, Pool, PoolTimeouts};
 use crate::prepared::StatementCache;
 use crate::server::ServerTarget;
@@ -33,6 +34,7 @@ pub struct Shared {
     pub salted: Arc<SaltedPasswordCache>,
     /// Named prepared statements shared by every client (transaction mode).
     pub statements: StatementCache,
+    pub metrics: Arc<Metrics>,
     clients: AtomicU32,
 }
 
@@ -57,6 +59,7 @@ impl Shared {
             credentials,
             salted: Arc::new(SaltedPasswordCache::default()),
             statements,
+            metrics: Arc::new(Metrics::new()),
             clients: AtomicU32::new(0),
         })
     }
@@ -102,13 +105,12 @@ impl Shared {
             max_message: g.max_message_size,
         };
         let pool = Pool::new(
-            database.to_string(),
-            user.to_string(),
             target,
             settings,
             timeouts,
             self.salted.clone(),
             limit,
+            self.metrics.pool(database, user),
         );
         pools.insert(key, pool.clone());
         Some(pool)
@@ -127,6 +129,31 @@ impl Shared {
     /// Number of connected clients.
     pub fn client_count(&self) -> u32 {
         self.clients.load(Ordering::Relaxed)
+    }
+}
+
+impl Probe for Shared {
+    fn refresh(&self) {
+        for pool in self.pools() {
+            let (total, idle, _) = pool.counts();
+            pool.metrics.set_pool_state(
+                i64::from(total) - idle as i64,
+                idle as i64,
+                pool.longest_wait(),
+            );
+        }
+    }
+
+    fn servers(&self) -> Vec<(String, u16)> {
+        let mut out: Vec<(String, u16)> = self
+            .config
+            .databases
+            .values()
+            .map(|d| (d.host.clone(), d.port))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 }
 

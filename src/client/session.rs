@@ -13,7 +13,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -58,8 +58,15 @@ pub(super) async fn run(
     let log = shared.config.pgtide.log_connections;
     let (user, database) = (logged_in.user.clone(), logged_in.database.clone());
     let mut session = Session::new(stream, shared.clone(), logged_in, signal);
+    session.login.pool.metrics.clients_idle.inc();
     let end = session.run().await;
     session.finish(&end).await;
+    session.flush_metrics();
+    match session.state {
+        ClientState::Idle => session.login.pool.metrics.clients_idle.dec(),
+        ClientState::Waiting => session.login.pool.metrics.clients_waiting.dec(),
+        ClientState::Active => session.login.pool.metrics.clients_active.dec(),
+    }
     shared.cancels.unregister(key);
     if log {
         tracing::info!(%user, %database, reason = %end, "client disconnected");
@@ -129,6 +136,23 @@ struct Session {
     dealloc_pending: bool,
     /// A message that needs a server is waiting at the front of `c2s`.
     need_attach: bool,
+    /// For metrics: the client's state, bytes since the last flush, when the current
+    /// transaction and request began, and whether a statement completed since the last
+    /// idle ReadyForQuery.
+    state: ClientState,
+    bytes_in: u64,
+    bytes_out: u64,
+    tx_started: Option<Instant>,
+    req_started: Option<Instant>,
+    did_work: bool,
+}
+
+/// A client's state, as the `pgtide_clients` gauge counts it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientState {
+    Idle,
+    Waiting,
+    Active,
 }
 
 enum Event {
@@ -262,7 +286,38 @@ impl Session {
             pipeline: Pipeline::default(),
             dealloc_pending: false,
             need_attach: false,
+            state: ClientState::Idle,
+            bytes_in: 0,
+            bytes_out: 0,
+            tx_started: None,
+            req_started: None,
+            did_work: false,
         }
+    }
+
+    fn set_state(&mut self, state: ClientState) {
+        let m = &self.login.pool.metrics;
+        let gauge = |s: ClientState| match s {
+            ClientState::Idle => &m.clients_idle,
+            ClientState::Waiting => &m.clients_waiting,
+            ClientState::Active => &m.clients_active,
+        };
+        gauge(self.state).dec();
+        gauge(state).inc();
+        self.state = state;
+    }
+
+    /// Adds the bytes and prepared-statement events counted since the last flush.
+    fn flush_metrics(&mut self) {
+        let m = &self.login.pool.metrics;
+        m.bytes_received.inc_by(std::mem::take(&mut self.bytes_in));
+        m.bytes_sent.inc_by(std::mem::take(&mut self.bytes_out));
+        m.prepared_hits
+            .inc_by(std::mem::take(&mut self.pipeline.hits));
+        m.prepared_prepares
+            .inc_by(std::mem::take(&mut self.pipeline.prepares));
+        m.prepared_evictions
+            .inc_by(std::mem::take(&mut self.pipeline.evictions));
     }
 
     /// True when the server may go back to the pool (or be reset) as it is.
@@ -318,14 +373,21 @@ impl Session {
                 self.scan_client()?;
             }
         }
+        if self.c_ready > 0 && self.server.is_some() {
+            let now = self.req_started.get_or_insert_with(Instant::now);
+            let now = *now;
+            self.tx_started.get_or_insert(now);
+        }
         if let Some(server) = &self.server {
             if let Err(e) = write_some(&server.stream, &mut self.c2s, &mut self.c_ready) {
                 return Err(self.server_lost(&e.to_string()).await_told(self).await);
             }
         }
         if self.s_ready > 0 {
-            write_some(&self.client, &mut self.s2c, &mut self.s_ready)
-                .map_err(|e| End::ClientError(e.to_string()))?;
+            let before = self.s_ready;
+            let r = write_some(&self.client, &mut self.s2c, &mut self.s_ready);
+            self.bytes_out += (before - self.s_ready) as u64;
+            r.map_err(|e| End::ClientError(e.to_string()))?;
         }
         if let Some(msg) = self.server_fatal.take() {
             return Err(self.server_lost(&msg).await_told(self).await);
@@ -351,7 +413,10 @@ impl Session {
         match self.wait().await {
             Event::ClientReadable => match read_some(&self.client, &mut self.c2s) {
                 Ok(Some(0)) => Err(End::ClientLeft),
-                Ok(_) => Ok(()),
+                Ok(n) => {
+                    self.bytes_in += n.unwrap_or(0) as u64;
+                    Ok(())
+                }
                 Err(e) => Err(End::ClientError(e.to_string())),
             },
             Event::ServerReadable => {
@@ -602,11 +667,18 @@ impl Session {
                 }
             };
             let mut error_code = None;
+            let t = frame.tag;
             match (frame.tag, frame.body) {
                 (tag::READY_FOR_QUERY, Some(body)) => {
                     self.pending = self.pending.saturating_sub(1);
+                    let previous = self.tx_status;
                     self.tx_status = body.first().copied().unwrap_or(status::IDLE);
                     self.copy_in = false;
+                    self.count_ready_for_query(previous);
+                }
+                (tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE, _) => {
+                    self.login.pool.metrics.queries.inc();
+                    self.did_work = true;
                 }
                 (tag::PARAMETER_STATUS, Some(body)) => {
                     if let Some((k, v)) = backend::parse_parameter_status(body) {
@@ -619,6 +691,9 @@ impl Session {
                 (tag::ERROR_RESPONSE, Some(body)) => {
                     let f = backend::parse_error_fields(body);
                     error_code = Some(f.code.to_string());
+                    self.login.pool.metrics.error(f.code);
+                    self.login.pool.metrics.queries.inc();
+                    self.did_work = true;
                     if f.is_fatal() {
                         let msg = format!("{} (SQLSTATE {})", f.message, f.code);
                         self.s2c.truncate(start);
@@ -641,7 +716,7 @@ impl Session {
                 if let Some(server) = self.server.as_mut() {
                     let mut after = Vec::new();
                     let hide = prepared::on_server_message(
-                        frame.tag,
+                        t,
                         error_code.as_deref(),
                         prepared::ServerCtx {
                             pipeline: &mut self.pipeline,
@@ -666,10 +741,32 @@ impl Session {
         Ok(())
     }
 
+    /// Counts a ReadyForQuery: the end of a request when nothing more is owed, and of a
+    /// transaction when the server is idle again after doing something.
+    fn count_ready_for_query(&mut self, previous: u8) {
+        let m = &self.login.pool.metrics;
+        if self.pending == 0 {
+            if let Some(t) = self.req_started.take() {
+                m.query_seconds.observe(t.elapsed().as_secs_f64());
+            }
+        }
+        if self.tx_status == status::IDLE && (self.did_work || previous != status::IDLE) {
+            m.transactions.inc();
+            if let Some(t) = self.tx_started.take() {
+                m.transaction_seconds.observe(t.elapsed().as_secs_f64());
+            }
+            self.did_work = false;
+        } else if self.tx_status == status::IDLE {
+            self.tx_started = None;
+        }
+    }
+
     /// Checks out a server for the transaction the client has started, and brings the
     /// server's settings in line with the client's.
     async fn attach(&mut self) -> Result<(), End> {
         let wait = self.shared.config.pgtide.query_wait_timeout.0;
+        self.set_state(ClientState::Waiting);
+        let waiting_since = Instant::now();
         let checkout = self.login.pool.checkout(wait);
         let mut signal = self.signal.clone();
         let r = tokio::select! {
@@ -679,7 +776,15 @@ impl Session {
             }
         };
         let mut server = match r {
-            Ok(s) => s,
+            Ok(s) => {
+                self.login
+                    .pool
+                    .metrics
+                    .wait_seconds
+                    .observe(waiting_since.elapsed().as_secs_f64());
+                self.set_state(ClientState::Active);
+                s
+            }
             Err(e @ crate::pool::CheckoutError::Exhausted { .. }) => {
                 return Err(self
                     .tell(sqlstate::TOO_MANY_CONNECTIONS, &e.to_string())
@@ -726,6 +831,8 @@ impl Session {
         let Some(mut server) = self.server.take() else {
             return;
         };
+        self.set_state(ClientState::Idle);
+        self.flush_metrics();
         self.login.cancel.detach().await;
         if !self.pipeline.is_empty() {
             // Every answer came back, yet the bookkeeping says otherwise: do not trust
@@ -802,6 +909,7 @@ impl Session {
         let mut b = BytesMut::with_capacity(128 + message.len());
         backend::error_response(&mut b, Severity::Fatal, code, message, None, None);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&b)).await;
+        self.login.pool.metrics.error(code);
         End::Told(message.to_string())
     }
 

@@ -165,6 +165,9 @@ pub struct General {
     pub prepared_statement_cache_size: u32,
     /// Bytes of statement text pgtide remembers across all clients.
     pub prepared_statement_cache_bytes: u32,
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz; empty turns
+    /// it off. Needs a restart to change.
+    pub metrics_listen: String,
 }
 
 impl Default for General {
@@ -194,6 +197,7 @@ impl Default for General {
             max_prepared_statements: 200,
             prepared_statement_cache_size: 10_000,
             prepared_statement_cache_bytes: 64 * 1024 * 1024,
+            metrics_listen: "127.0.0.1:9930".to_string(),
         }
     }
 }

@@ -113,6 +113,7 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("max_prepared_statements", Kind::U32),
     ("prepared_statement_cache_size", Kind::U32),
     ("prepared_statement_cache_bytes", Kind::U32),
+    ("metrics_listen", Kind::Str),
 ];
 
 /// The keys of `[databases.NAME]`.
@@ -462,6 +463,15 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
         push(
             "databases".into(),
             "no database is configured; add a [databases.NAME] table".into(),
+        );
+    }
+    if !g.metrics_listen.is_empty() && g.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+        push(
+            "pgtide.metrics_listen".into(),
+            format!(
+                "{:?} is not an address; write an IP and a port such as \"127.0.0.1:9930\", or \"\" to turn the endpoint off",
+                g.metrics_listen
+            ),
         );
     }
     if g.pool_size == 0 {

@@ -52,7 +52,11 @@ pub fn demo_config(listen: SocketAddr, primary_port: u16) -> Config {
 /// Runs the demo: starts a cluster (user `demo`/`demo`, database `demo`), pgtide on
 /// `listen` (default 127.0.0.1:6432), prints how to connect, waits for Ctrl-C or SIGTERM,
 /// then shuts pgtide down and stops and removes the cluster.
-pub async fn run_demo(listen: Option<SocketAddr>) -> Result<(), String> {
+/// `metrics_listen` overrides the metrics endpoint's address ("" turns it off).
+pub async fn run_demo(
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<String>,
+) -> Result<(), String> {
     let listen = listen.unwrap_or_else(|| SocketAddr::from(DEFAULT_DEMO_LISTEN));
     println!("Starting a throwaway PostgreSQL primary and streaming replica...");
     let opts = ClusterOptions {
@@ -64,14 +68,17 @@ pub async fn run_demo(listen: Option<SocketAddr>) -> Result<(), String> {
         .await
         .map_err(|e| format!("starting the cluster panicked: {e}"))??;
 
-    let config = demo_config(listen, cluster.primary_port);
+    let mut config = demo_config(listen, cluster.primary_port);
+    if let Some(m) = metrics_listen {
+        config.pgtide.metrics_listen = m;
+    }
     let pooler = match crate::listener::start(config).await {
         Ok(p) => p,
         Err(e) => {
             stop_cluster(cluster).await;
             return Err(format!(
                 "cannot start pgtide on {listen}: {e} (is something else listening there? \
-                 choose another address with --listen)"
+                 choose other addresses with --listen and --metrics-listen)"
             ));
         }
     };
@@ -91,6 +98,9 @@ pub async fn run_demo(listen: Option<SocketAddr>) -> Result<(), String> {
     println!("Connect with:");
     println!("  psql \"postgres://demo:demo@{addr}/demo\"");
     println!("  export DATABASE_URL=postgres://demo:demo@{addr}/demo");
+    if let Some(m) = pooler.metrics_addr() {
+        println!("Metrics: http://{m}/metrics (probes: /healthz, /readyz)");
+    }
     println!();
     println!("Ctrl-C to stop and remove everything.");
 
