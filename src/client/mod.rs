@@ -89,9 +89,17 @@ impl Shared {
                 .or_insert_with(|| DbLimit::new(settings.max_db_connections))
                 .clone()
         };
+        // Until sessions route, everything goes to one host: the one configured as
+        // primary, or else the first listed.
+        let hosts = db.host_list();
+        let primary = hosts
+            .iter()
+            .find(|h| h.role == crate::config::HostRole::Primary)
+            .or(hosts.first());
+        let (host, port) = primary.map_or((db.host.clone(), db.port), |h| (h.host.clone(), h.port));
         let target = ServerTarget {
-            host: db.host.clone(),
-            port: db.port,
+            host,
+            port,
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
             user: user.to_string(),
             secret: self.credential(user),
@@ -149,7 +157,8 @@ impl Probe for Shared {
             .config
             .databases
             .values()
-            .map(|d| (d.host.clone(), d.port))
+            .flat_map(|d| d.host_list())
+            .map(|h| (h.host, h.port))
             .collect();
         out.sort();
         out.dedup();

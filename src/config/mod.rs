@@ -55,6 +55,111 @@ impl fmt::Display for AuthType {
     }
 }
 
+/// What a configured host is, or how its role is found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostRole {
+    /// Takes writes. At most one host of a database is configured as primary; one that
+    /// reports being in recovery is treated as a replica.
+    Primary,
+    /// A streaming replica (hot standby); one that reports not being in recovery (it was
+    /// promoted) becomes a primary candidate.
+    Replica,
+    /// Whatever `pg_is_in_recovery()` says at each health check.
+    Auto,
+}
+
+impl fmt::Display for HostRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HostRole::Primary => "primary",
+            HostRole::Replica => "replica",
+            HostRole::Auto => "auto",
+        })
+    }
+}
+
+/// How a read picks among the usable replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalance {
+    /// The replica with the fewest queries in flight (per weight).
+    LeastOutstanding,
+    /// In turn, each replica `weight` times.
+    RoundRobin,
+    /// At random, in proportion to `weight`.
+    Random,
+}
+
+impl fmt::Display for LoadBalance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoadBalance::LeastOutstanding => "least_outstanding",
+            LoadBalance::RoundRobin => "round_robin",
+            LoadBalance::Random => "random",
+        })
+    }
+}
+
+/// What a read does when no replica is usable (all down or lagging).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaFallback {
+    /// Run it on the primary.
+    Primary,
+    /// Fail it with an error.
+    Error,
+}
+
+impl fmt::Display for ReplicaFallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReplicaFallback::Primary => "primary",
+            ReplicaFallback::Error => "error",
+        })
+    }
+}
+
+/// Whether a client's reads must see its own committed writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadYourWrites {
+    Off,
+    /// After a write, reads go only to replicas that replayed its commit LSN.
+    Lsn,
+}
+
+impl fmt::Display for ReadYourWrites {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReadYourWrites::Off => "off",
+            ReadYourWrites::Lsn => "lsn",
+        })
+    }
+}
+
+/// Where a user's or a database's transactions go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Reads to replicas, writes to the primary, as the classifier decides.
+    Auto,
+    /// Everything to the primary.
+    Primary,
+    /// Everything to replicas (a reporting user); writes fail there.
+    Replica,
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Route::Auto => "auto",
+            Route::Primary => "primary",
+            Route::Replica => "replica",
+        })
+    }
+}
+
 /// A duration written as a humantime string ("5s", "250ms", "2m", "1h 30m") or as an
 /// integer number of milliseconds. Zero means "disabled" where the option says so.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -168,6 +273,39 @@ pub struct General {
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz; empty turns
     /// it off. Needs a restart to change.
     pub metrics_listen: String,
+
+    // Routing and health checks; each can be overridden per database.
+    /// How reads pick a replica.
+    pub load_balance: LoadBalance,
+    /// A replica whose replay position is more than this many bytes of WAL behind the
+    /// primary gets no reads; 0 = no limit.
+    pub max_replica_lag_bytes: u64,
+    /// A replica whose last replayed transaction is older than this gets no reads
+    /// (a replica that replayed everything the primary has counts as 0); 0 = no limit.
+    pub max_replica_lag: ConfigDuration,
+    /// What a read does when no replica is usable.
+    pub replica_fallback: ReplicaFallback,
+    /// `lsn`: a client's reads after its write go only where that write is visible.
+    pub read_your_writes: ReadYourWrites,
+    /// Whether the primary also serves reads (with the replicas).
+    pub primary_reads: bool,
+    /// Whether `/* pgtide: primary */` and `/* pgtide: replica */` comments are obeyed.
+    pub routing_hints: bool,
+    /// Functions that write, besides the built-in ones (`nextval`, `setval`, ...): a
+    /// statement calling one goes to the primary. Names, optionally schema-qualified.
+    pub write_functions: Vec<String>,
+    /// A write that finds no primary waits this long for one to appear.
+    pub primary_wait_timeout: ConfigDuration,
+    /// Time between two health checks of a host that is not down.
+    pub health_check_interval: ConfigDuration,
+    /// One health check (connect, log in, query) must finish within this.
+    pub health_check_timeout: ConfigDuration,
+    /// Consecutive failed checks after which a host is marked down.
+    pub health_check_failures: u32,
+    /// Consecutive successful checks after which a down host is marked up.
+    pub health_check_successes: u32,
+    /// Longest time between two checks of a down host (the interval doubles up to this).
+    pub health_check_backoff_max: ConfigDuration,
 }
 
 impl Default for General {
@@ -198,18 +336,64 @@ impl Default for General {
             prepared_statement_cache_size: 10_000,
             prepared_statement_cache_bytes: 64 * 1024 * 1024,
             metrics_listen: "127.0.0.1:9930".to_string(),
+            load_balance: LoadBalance::LeastOutstanding,
+            max_replica_lag_bytes: 16 * 1024 * 1024,
+            max_replica_lag: ConfigDuration::secs(10),
+            replica_fallback: ReplicaFallback::Primary,
+            read_your_writes: ReadYourWrites::Off,
+            primary_reads: true,
+            routing_hints: true,
+            write_functions: Vec::new(),
+            primary_wait_timeout: ConfigDuration::secs(10),
+            health_check_interval: ConfigDuration::secs(1),
+            health_check_timeout: ConfigDuration::secs(2),
+            health_check_failures: 3,
+            health_check_successes: 2,
+            health_check_backoff_max: ConfigDuration::secs(30),
         }
     }
+}
+
+/// One server of a database, in `hosts = [...]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Host name or IP address. Required.
+    pub host: String,
+    /// Port; default 5432.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// `primary`, `replica` or `auto` (default).
+    #[serde(default = "default_role")]
+    pub role: HostRole,
+    /// Share of the reads this host gets as a replica, relative to the others; default 1.
+    /// At least 1 for a replica; 0 on an `auto` or `primary` host means no replica reads.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+fn default_role() -> HostRole {
+    HostRole::Auto
+}
+fn default_weight() -> u32 {
+    1
 }
 
 /// One logical database clients can connect to.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Database {
-    /// Server host (name or address).
+    /// Server host (name or address), when `hosts` is not given: one host, the primary.
     pub host: String,
-    /// Server port.
+    /// Server port, when `hosts` is not given.
     pub port: u16,
+    /// The servers of this database, instead of `host`/`port` (giving both is an error).
+    pub hosts: Option<Vec<HostConfig>>,
+    /// Where this database's transactions go; a user's `route` wins.
+    pub route: Option<Route>,
     /// Database name on the server; defaults to the name clients use.
     pub dbname: Option<String>,
     /// Overrides `[pgtide].pool_mode` for this database.
@@ -220,6 +404,34 @@ pub struct Database {
     pub min_pool_size: Option<u32>,
     /// Overrides `[pgtide].max_db_connections` for this database.
     pub max_db_connections: Option<u32>,
+    /// Overrides `[pgtide].load_balance`.
+    pub load_balance: Option<LoadBalance>,
+    /// Overrides `[pgtide].max_replica_lag_bytes`.
+    pub max_replica_lag_bytes: Option<u64>,
+    /// Overrides `[pgtide].max_replica_lag`.
+    pub max_replica_lag: Option<ConfigDuration>,
+    /// Overrides `[pgtide].replica_fallback`.
+    pub replica_fallback: Option<ReplicaFallback>,
+    /// Overrides `[pgtide].read_your_writes`.
+    pub read_your_writes: Option<ReadYourWrites>,
+    /// Overrides `[pgtide].primary_reads`.
+    pub primary_reads: Option<bool>,
+    /// Overrides `[pgtide].routing_hints`.
+    pub routing_hints: Option<bool>,
+    /// Added to `[pgtide].write_functions` for this database.
+    pub write_functions: Option<Vec<String>>,
+    /// Overrides `[pgtide].primary_wait_timeout`.
+    pub primary_wait_timeout: Option<ConfigDuration>,
+    /// Overrides `[pgtide].health_check_interval`.
+    pub health_check_interval: Option<ConfigDuration>,
+    /// Overrides `[pgtide].health_check_timeout`.
+    pub health_check_timeout: Option<ConfigDuration>,
+    /// Overrides `[pgtide].health_check_failures`.
+    pub health_check_failures: Option<u32>,
+    /// Overrides `[pgtide].health_check_successes`.
+    pub health_check_successes: Option<u32>,
+    /// Overrides `[pgtide].health_check_backoff_max`.
+    pub health_check_backoff_max: Option<ConfigDuration>,
 }
 
 impl Default for Database {
@@ -232,6 +444,37 @@ impl Default for Database {
             pool_size: None,
             min_pool_size: None,
             max_db_connections: None,
+            hosts: None,
+            route: None,
+            load_balance: None,
+            max_replica_lag_bytes: None,
+            max_replica_lag: None,
+            replica_fallback: None,
+            read_your_writes: None,
+            primary_reads: None,
+            routing_hints: None,
+            write_functions: None,
+            primary_wait_timeout: None,
+            health_check_interval: None,
+            health_check_timeout: None,
+            health_check_failures: None,
+            health_check_successes: None,
+            health_check_backoff_max: None,
+        }
+    }
+}
+
+impl Database {
+    /// The servers of this database: `hosts`, or else `host`/`port` as the one primary.
+    pub fn host_list(&self) -> Vec<HostConfig> {
+        match &self.hosts {
+            Some(hosts) => hosts.clone(),
+            None => vec![HostConfig {
+                host: self.host.clone(),
+                port: self.port,
+                role: HostRole::Primary,
+                weight: 1,
+            }],
         }
     }
 }
@@ -250,6 +493,8 @@ pub struct User {
     pub pool_mode: Option<PoolMode>,
     /// Overrides the pool size for this user (wins over the database's).
     pub pool_size: Option<u32>,
+    /// Where this user's transactions go (wins over the database's `route`).
+    pub route: Option<Route>,
 }
 
 /// The whole configuration file.
@@ -268,6 +513,58 @@ pub struct PoolSettings {
     pub pool_size: u32,
     pub min_pool_size: u32,
     pub max_db_connections: u32,
+}
+
+/// The resolved routing settings of one (database, user).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutingSettings {
+    pub route: Route,
+    pub load_balance: LoadBalance,
+    /// 0 = no limit.
+    pub max_replica_lag_bytes: u64,
+    /// Zero = no limit.
+    pub max_replica_lag: Duration,
+    pub replica_fallback: ReplicaFallback,
+    pub read_your_writes: ReadYourWrites,
+    pub primary_reads: bool,
+    pub routing_hints: bool,
+    /// The global list followed by the database's own names.
+    pub write_functions: Vec<String>,
+    pub primary_wait_timeout: Duration,
+}
+
+/// The resolved health-check settings of one database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failures that mark a host down (at least 1).
+    pub failures: u32,
+    /// Consecutive successes that mark a down host up (at least 1).
+    pub successes: u32,
+    pub backoff_max: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        let g = General::default();
+        HealthSettings {
+            interval: g.health_check_interval.0,
+            timeout: g.health_check_timeout.0,
+            failures: g.health_check_failures,
+            successes: g.health_check_successes,
+            backoff_max: g.health_check_backoff_max.0,
+        }
+    }
+}
+
+/// Everything about one database's servers: its hosts, how (database, user) routes, and
+/// how the hosts are checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub hosts: Vec<HostConfig>,
+    pub routing: RoutingSettings,
+    pub health: HealthSettings,
 }
 
 impl Config {
@@ -317,11 +614,62 @@ impl Config {
         }
     }
 
+    /// The hosts, routing and health-check settings of `database` for `user`: a user's
+    /// `route` wins over the database's; the database's other settings win over
+    /// `[pgtide]`; its `write_functions` add to the global ones. `None` when the database
+    /// is not configured.
+    pub fn cluster_settings(&self, database: &str, user: &str) -> Option<ClusterSettings> {
+        let g = &self.pgtide;
+        let d = self.databases.get(database)?;
+        let route = self
+            .users
+            .get(user)
+            .and_then(|u| u.route)
+            .or(d.route)
+            .unwrap_or(Route::Auto);
+        let mut write_functions = g.write_functions.clone();
+        for f in d.write_functions.iter().flatten() {
+            if !write_functions.contains(f) {
+                write_functions.push(f.clone());
+            }
+        }
+        Some(ClusterSettings {
+            hosts: d.host_list(),
+            routing: RoutingSettings {
+                route,
+                load_balance: d.load_balance.unwrap_or(g.load_balance),
+                max_replica_lag_bytes: d.max_replica_lag_bytes.unwrap_or(g.max_replica_lag_bytes),
+                max_replica_lag: d.max_replica_lag.unwrap_or(g.max_replica_lag).0,
+                replica_fallback: d.replica_fallback.unwrap_or(g.replica_fallback),
+                read_your_writes: d.read_your_writes.unwrap_or(g.read_your_writes),
+                primary_reads: d.primary_reads.unwrap_or(g.primary_reads),
+                routing_hints: d.routing_hints.unwrap_or(g.routing_hints),
+                write_functions,
+                primary_wait_timeout: d.primary_wait_timeout.unwrap_or(g.primary_wait_timeout).0,
+            },
+            health: health_settings(g, d),
+        })
+    }
+
     /// The authentication method for `user`.
     pub fn auth_type(&self, user: &str) -> AuthType {
         self.users
             .get(user)
             .and_then(|u| u.auth_type)
             .unwrap_or(self.pgtide.auth_type)
+    }
+}
+
+/// The health-check settings of database `d`, its overrides applied.
+fn health_settings(g: &General, d: &Database) -> HealthSettings {
+    HealthSettings {
+        interval: d.health_check_interval.unwrap_or(g.health_check_interval).0,
+        timeout: d.health_check_timeout.unwrap_or(g.health_check_timeout).0,
+        failures: d.health_check_failures.unwrap_or(g.health_check_failures),
+        successes: d.health_check_successes.unwrap_or(g.health_check_successes),
+        backoff_max: d
+            .health_check_backoff_max
+            .unwrap_or(g.health_check_backoff_max)
+            .0,
     }
 }

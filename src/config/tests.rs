@@ -1,7 +1,11 @@
 //! Tests of parsing, validation and the upstream-URL mode.
 
-use super::super::{AuthType, Config, Database, General, PoolMode, User};
+use super::super::{
+    AuthType, Config, ConfigDuration, Database, General, HostConfig, HostRole, LoadBalance,
+    PoolMode, ReadYourWrites, ReplicaFallback, Route, User,
+};
 use super::*;
+use std::time::Duration;
 
 const EXAMPLE: &str = include_str!("../../pooler.toml.example");
 
@@ -76,6 +80,28 @@ fn example_parses_and_validates() {
     );
     assert_eq!(c.users["admin"].password.as_deref(), Some(SCRAM));
     assert_eq!(c.users["reporting"].password.as_deref(), Some(MD5));
+    // A primary with two replicas.
+    let app = c.cluster_settings("app", "app").unwrap();
+    let roles: Vec<HostRole> = app.hosts.iter().map(|h| h.role).collect();
+    assert_eq!(
+        roles,
+        [HostRole::Primary, HostRole::Replica, HostRole::Replica]
+    );
+    assert_eq!(app.hosts[1].weight, 2);
+    assert_eq!(app.hosts[2].port, 5432);
+    assert_eq!(app.routing.max_replica_lag, Duration::from_secs(5));
+    assert_eq!(app.routing.write_functions, ["audit.log_event"]);
+    assert_eq!(
+        c.cluster_settings("app", "reporting")
+            .unwrap()
+            .routing
+            .route,
+        Route::Replica
+    );
+    let analytics = c.cluster_settings("analytics", "app").unwrap();
+    assert_eq!(analytics.hosts.len(), 1);
+    assert_eq!(analytics.hosts[0].role, HostRole::Primary);
+    assert_eq!(analytics.hosts[0].port, 5433);
 }
 
 /// Every `#key = value` and `# default: key = value` line of `[pgtide]` in the example
@@ -136,14 +162,38 @@ fn key_tables_match_the_types() {
         pool_size: Some(1),
         min_pool_size: Some(1),
         max_db_connections: Some(1),
+        hosts: Some(vec![]),
+        route: Some(Route::Auto),
+        load_balance: Some(LoadBalance::Random),
+        max_replica_lag_bytes: Some(1),
+        max_replica_lag: Some(ConfigDuration::secs(1)),
+        replica_fallback: Some(ReplicaFallback::Error),
+        read_your_writes: Some(ReadYourWrites::Lsn),
+        primary_reads: Some(false),
+        routing_hints: Some(false),
+        write_functions: Some(vec![]),
+        primary_wait_timeout: Some(ConfigDuration::secs(1)),
+        health_check_interval: Some(ConfigDuration::secs(1)),
+        health_check_timeout: Some(ConfigDuration::secs(1)),
+        health_check_failures: Some(1),
+        health_check_successes: Some(1),
+        health_check_backoff_max: Some(ConfigDuration::secs(1)),
         ..Database::default()
     };
     assert_eq!(serialized_keys(&d), table_keys(DATABASE_KEYS));
+    let h = HostConfig {
+        host: "h".into(),
+        port: 1,
+        role: HostRole::Auto,
+        weight: 1,
+    };
+    assert_eq!(serialized_keys(&h), table_keys(HOST_KEYS));
     let u = User {
         password: Some("x".into()),
         auth_type: Some(AuthType::Md5),
         pool_mode: Some(PoolMode::Session),
         pool_size: Some(1),
+        route: Some(Route::Primary),
     };
     assert_eq!(serialized_keys(&u), table_keys(USER_KEYS));
 }
@@ -158,6 +208,20 @@ fn enum_tables_match_the_types() {
         let v: AuthType = toml::Value::String(a.to_string()).try_into().unwrap();
         assert_eq!(v.to_string(), *a);
     }
+    fn round_trip<T>(names: &[&str])
+    where
+        T: serde::de::DeserializeOwned + std::fmt::Display,
+    {
+        for n in names {
+            let v: T = toml::Value::String(n.to_string()).try_into().unwrap();
+            assert_eq!(v.to_string(), *n);
+        }
+    }
+    round_trip::<HostRole>(HOST_ROLES);
+    round_trip::<LoadBalance>(LOAD_BALANCES);
+    round_trip::<ReplicaFallback>(REPLICA_FALLBACKS);
+    round_trip::<ReadYourWrites>(READ_YOUR_WRITES);
+    round_trip::<Route>(ROUTES);
 }
 
 // --- every problem, each with its key -------------------------------------------------
@@ -692,6 +756,312 @@ fn validate_checks_configs_built_in_code() {
         keys,
         ["pgtide.pool_size", "users.\"\"", "users.\"\".password"]
     );
+}
+
+// --- hosts, routing and health checks -------------------------------------------------
+
+fn with_db(lines: &str) -> String {
+    format!("[databases.app]\n{lines}\n[users.app]\npassword = \"pw\"\n")
+}
+
+#[test]
+fn host_and_port_mean_one_primary() {
+    let c = ok(BASE);
+    let s = c.cluster_settings("app", "app").unwrap();
+    assert_eq!(
+        s.hosts,
+        [HostConfig {
+            host: "db".into(),
+            port: 5432,
+            role: HostRole::Primary,
+            weight: 1
+        }]
+    );
+    assert!(c.cluster_settings("nope", "app").is_none());
+}
+
+#[test]
+fn hosts_defaults() {
+    let c = ok(&with_db(
+        "hosts = [{ host = \"a\" }, { host = \"b\", port = 6000 }]",
+    ));
+    let s = c.cluster_settings("app", "app").unwrap();
+    assert_eq!(s.hosts.len(), 2);
+    assert_eq!(
+        (s.hosts[0].port, s.hosts[0].role, s.hosts[0].weight),
+        (5432, HostRole::Auto, 1)
+    );
+    assert_eq!(s.hosts[1].port, 6000);
+}
+
+#[test]
+fn hosts_and_host_are_exclusive() {
+    let text = with_db("host = \"x\"\nport = 5000\nhosts = [{ host = \"a\" }]");
+    let ps = problems(&text);
+    let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["databases.app.host", "databases.app.port"],
+        "{ps:#?}"
+    );
+    assert!(ps[0].message.contains("either host or hosts"), "{ps:#?}");
+    // Built in code: reported on hosts.
+    let mut c = ok(BASE);
+    c.databases.get_mut("app").unwrap().hosts = Some(vec![HostConfig {
+        host: "a".into(),
+        port: 5432,
+        role: HostRole::Auto,
+        weight: 1,
+    }]);
+    let e = c.validate().unwrap_err();
+    assert_eq!(e.problems.len(), 1);
+    assert_eq!(e.problems[0].key, "databases.app.hosts");
+}
+
+#[test]
+fn hosts_entries_are_checked() {
+    only(
+        &with_db("hosts = []"),
+        "databases.app.hosts",
+        "at least one host",
+    );
+    only(
+        &with_db("hosts = \"a\""),
+        "databases.app.hosts",
+        "expected an array of hosts",
+    );
+    only(
+        &with_db("hosts = [\"a\"]"),
+        "databases.app.hosts[0]",
+        "expected a table",
+    );
+    only(
+        &with_db("hosts = [{ port = 5 }]"),
+        "databases.app.hosts[0].host",
+        "missing",
+    );
+    only(
+        &with_db("hosts = [{ host = \"a\", rol = \"replica\" }]"),
+        "databases.app.hosts[0].rol",
+        "did you mean \"role\"",
+    );
+    only(
+        &with_db("hosts = [{ host = \"a\", role = \"standby\" }]"),
+        "databases.app.hosts[0].role",
+        "\"primary\", \"replica\" or \"auto\"",
+    );
+    only(
+        &with_db("hosts = [{ host = \"a\", port = 70000 }]"),
+        "databases.app.hosts[0].port",
+        "not a port",
+    );
+    only(
+        &with_db("hosts = [{ host = \"a\", weight = -1 }]"),
+        "databases.app.hosts[0].weight",
+        "out of range",
+    );
+    only(
+        &with_db("hosts = [{ host = \" \" }]"),
+        "databases.app.hosts[0].host",
+        "must not be empty",
+    );
+    only(
+        &with_db(
+            "hosts = [{ host = \"a\", role = \"primary\" }, { host = \"b\", role = \"primary\" }]",
+        ),
+        "databases.app.hosts[1].role",
+        "at most one host",
+    );
+    only(
+        &with_db("hosts = [{ host = \"a\", role = \"replica\", weight = 0 }]"),
+        "databases.app.hosts[0].weight",
+        "at least 1",
+    );
+    ok(&with_db("hosts = [{ host = \"a\", role = \"auto\", weight = 0 }, { host = \"b\", role = \"primary\", weight = 0 }]"));
+    only(
+        &with_db("hosts = [{ host = \"a\" }, { host = \"a\", port = 5432 }]"),
+        "databases.app.hosts[1]",
+        "listed twice",
+    );
+    // Several mistakes in several entries are all reported.
+    let ps = problems(&with_db(
+        "hosts = [{ host = \"a\", role = \"x\" }, { host = 1 }, { port = 0 }]",
+    ));
+    let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "databases.app.hosts[0].role",
+            "databases.app.hosts[1].host",
+            "databases.app.hosts[2].port",
+            "databases.app.hosts[2].host"
+        ],
+        "{ps:#?}"
+    );
+}
+
+#[test]
+fn routing_defaults() {
+    let c = ok(BASE);
+    let r = c.cluster_settings("app", "app").unwrap();
+    assert_eq!(r.routing.route, Route::Auto);
+    assert_eq!(r.routing.load_balance, LoadBalance::LeastOutstanding);
+    assert_eq!(r.routing.max_replica_lag_bytes, 16 * 1024 * 1024);
+    assert_eq!(r.routing.max_replica_lag, Duration::from_secs(10));
+    assert_eq!(r.routing.replica_fallback, ReplicaFallback::Primary);
+    assert_eq!(r.routing.read_your_writes, ReadYourWrites::Off);
+    assert!(r.routing.primary_reads);
+    assert!(r.routing.routing_hints);
+    assert!(r.routing.write_functions.is_empty());
+    assert_eq!(r.routing.primary_wait_timeout, Duration::from_secs(10));
+    assert_eq!(r.health.interval, Duration::from_secs(1));
+    assert_eq!(r.health.timeout, Duration::from_secs(2));
+    assert_eq!((r.health.failures, r.health.successes), (3, 2));
+    assert_eq!(r.health.backoff_max, Duration::from_secs(30));
+    assert_eq!(r.health, super::super::HealthSettings::default());
+}
+
+#[test]
+fn routing_overrides() {
+    only(
+        &with_pgtide("route = \"primary\""),
+        "pgtide.route",
+        "unknown key",
+    );
+    let text = "[pgtide]\nload_balance = \"round_robin\"\nmax_replica_lag_bytes = 100\n\
+         write_functions = [\"f\", \"audit.g\"]\nhealth_check_interval = \"200ms\"\n\
+         health_check_failures = 5\n\
+         [databases.app]\nhosts = [{ host = \"a\" }, { host = \"b\", role = \"replica\" }]\n\
+         route = \"replica\"\nload_balance = \"random\"\nmax_replica_lag = 0\n\
+         write_functions = [\"h\", \"f\"]\nhealth_check_successes = 4\nprimary_reads = false\n\
+         [databases.other]\n\
+         [users.app]\npassword = \"pw\"\n[users.boss]\npassword = \"pw\"\nroute = \"primary\"\n";
+    let c = ok(text);
+    let app = c.cluster_settings("app", "app").unwrap();
+    assert_eq!(app.routing.route, Route::Replica);
+    assert_eq!(app.routing.load_balance, LoadBalance::Random);
+    assert_eq!(app.routing.max_replica_lag_bytes, 100);
+    assert_eq!(app.routing.max_replica_lag, Duration::ZERO);
+    assert_eq!(app.routing.write_functions, ["f", "audit.g", "h"]);
+    assert!(!app.routing.primary_reads);
+    assert_eq!(app.health.interval, Duration::from_millis(200));
+    assert_eq!((app.health.failures, app.health.successes), (5, 4));
+    // The user's route wins over the database's.
+    let boss = c.cluster_settings("app", "boss").unwrap();
+    assert_eq!(boss.routing.route, Route::Primary);
+    let other = c.cluster_settings("other", "app").unwrap();
+    assert_eq!(other.routing.route, Route::Auto);
+    assert_eq!(other.routing.load_balance, LoadBalance::RoundRobin);
+    assert_eq!(other.routing.write_functions, ["f", "audit.g"]);
+    assert_eq!(other.health.successes, 2);
+}
+
+#[test]
+fn routing_values_are_checked() {
+    only(
+        &with_pgtide("load_balance = \"fastest\""),
+        "pgtide.load_balance",
+        "\"least_outstanding\", \"round_robin\" or \"random\"",
+    );
+    only(
+        &with_pgtide("max_replica_lag_bytes = -1"),
+        "pgtide.max_replica_lag_bytes",
+        "negative",
+    );
+    only(
+        &with_pgtide("max_replica_lag_bytes = \"16MB\""),
+        "pgtide.max_replica_lag_bytes",
+        "expected an integer",
+    );
+    only(
+        &with_pgtide("max_replica_lag = \"ten\""),
+        "pgtide.max_replica_lag",
+        "not a duration",
+    );
+    only(
+        &with_pgtide("replica_fallback = \"none\""),
+        "pgtide.replica_fallback",
+        "\"primary\" or \"error\"",
+    );
+    only(
+        &with_pgtide("read_your_writes = true"),
+        "pgtide.read_your_writes",
+        "\"off\" or \"lsn\"",
+    );
+    only(
+        &with_pgtide("primary_reads = \"yes\""),
+        "pgtide.primary_reads",
+        "true or false",
+    );
+    only(
+        &with_pgtide("write_functions = [\"ok\", \"f()\"]"),
+        "pgtide.write_functions[1]",
+        "not a function name",
+    );
+    only(
+        &with_pgtide("write_functions = [\"a.b.c\"]"),
+        "pgtide.write_functions[0]",
+        "not a function name",
+    );
+    only(
+        &with_pgtide("health_check_interval = 0"),
+        "pgtide.health_check_interval",
+        "more than 0",
+    );
+    only(
+        &with_pgtide("health_check_timeout = \"0\""),
+        "pgtide.health_check_timeout",
+        "more than 0",
+    );
+    only(
+        &with_pgtide("health_check_failures = 0"),
+        "pgtide.health_check_failures",
+        "at least 1",
+    );
+    only(
+        &with_pgtide("health_check_successes = 0"),
+        "pgtide.health_check_successes",
+        "at least 1",
+    );
+    only(
+        &with_pgtide("health_check_backoff_max = \"500ms\""),
+        "pgtide.health_check_backoff_max",
+        "shorter than health_check_interval 1s",
+    );
+    only(
+        &with_user("password = \"pw\"\nroute = \"standby\""),
+        "users.u.route",
+        "\"auto\", \"primary\" or \"replica\"",
+    );
+    // Per database, checked as resolved with [pgtide].
+    only(
+        &with_db("health_check_failures = 0"),
+        "databases.app.health_check_failures",
+        "at least 1",
+    );
+    only(
+        &with_db("health_check_backoff_max = \"100ms\""),
+        "databases.app.health_check_backoff_max",
+        "(inherited from pgtide.health_check_interval)",
+    );
+    only(
+        &with_db("health_check_interval = \"1m\""),
+        "databases.app.health_check_interval",
+        "inherited from pgtide.health_check_backoff_max",
+    );
+    only(
+        &with_db("write_functions = [\"\"]"),
+        "databases.app.write_functions[0]",
+        "not a function name",
+    );
+    only(
+        &with_db("route = \"replica\""),
+        "databases.app.route",
+        "no host that can be a replica",
+    );
+    ok(&with_db(
+        "route = \"replica\"\nhosts = [{ host = \"a\", role = \"replica\" }]",
+    ));
 }
 
 // --- the upstream URL -------------------------------------------------------------------

@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use base64::Engine as _;
 use toml::{Table, Value};
 
-use super::{AuthType, Config, Database, User};
+use super::{AuthType, Config, ConfigDuration, Database, General, HostRole, Route, User};
 
 /// Every problem found in a configuration, each with the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,10 +82,45 @@ pub(super) enum Kind {
     Enum(&'static [&'static str]),
     Listen,
     StrList,
+    /// A non-negative integer up to i64::MAX (TOML's range).
+    U64,
+    /// `hosts = [{ host, port, role, weight }, ...]`.
+    Hosts,
 }
 
 pub(super) const POOL_MODES: &[&str] = &["transaction", "session"];
 pub(super) const AUTH_TYPES: &[&str] = &["trust", "md5", "scram-sha-256"];
+pub(super) const HOST_ROLES: &[&str] = &["primary", "replica", "auto"];
+pub(super) const LOAD_BALANCES: &[&str] = &["least_outstanding", "round_robin", "random"];
+pub(super) const REPLICA_FALLBACKS: &[&str] = &["primary", "error"];
+pub(super) const READ_YOUR_WRITES: &[&str] = &["off", "lsn"];
+pub(super) const ROUTES: &[&str] = &["auto", "primary", "replica"];
+
+/// The keys of one entry of `hosts`.
+pub(super) const HOST_KEYS: &[(&str, Kind)] = &[
+    ("host", Kind::Str),
+    ("port", Kind::Port),
+    ("role", Kind::Enum(HOST_ROLES)),
+    ("weight", Kind::U32),
+];
+
+/// The routing and health-check keys, allowed in `[pgtide]` and in `[databases.NAME]`.
+const ROUTING_KEYS: [(&str, Kind); 14] = [
+    ("load_balance", Kind::Enum(LOAD_BALANCES)),
+    ("max_replica_lag_bytes", Kind::U64),
+    ("max_replica_lag", Kind::Duration),
+    ("replica_fallback", Kind::Enum(REPLICA_FALLBACKS)),
+    ("read_your_writes", Kind::Enum(READ_YOUR_WRITES)),
+    ("primary_reads", Kind::Bool),
+    ("routing_hints", Kind::Bool),
+    ("write_functions", Kind::StrList),
+    ("primary_wait_timeout", Kind::Duration),
+    ("health_check_interval", Kind::Duration),
+    ("health_check_timeout", Kind::Duration),
+    ("health_check_failures", Kind::U32),
+    ("health_check_successes", Kind::U32),
+    ("health_check_backoff_max", Kind::Duration),
+];
 
 /// The keys of `[pgtide]`, in the order of [`super::General`].
 pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
@@ -114,6 +149,20 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("prepared_statement_cache_size", Kind::U32),
     ("prepared_statement_cache_bytes", Kind::U32),
     ("metrics_listen", Kind::Str),
+    ROUTING_KEYS[0],
+    ROUTING_KEYS[1],
+    ROUTING_KEYS[2],
+    ROUTING_KEYS[3],
+    ROUTING_KEYS[4],
+    ROUTING_KEYS[5],
+    ROUTING_KEYS[6],
+    ROUTING_KEYS[7],
+    ROUTING_KEYS[8],
+    ROUTING_KEYS[9],
+    ROUTING_KEYS[10],
+    ROUTING_KEYS[11],
+    ROUTING_KEYS[12],
+    ROUTING_KEYS[13],
 ];
 
 /// The keys of `[databases.NAME]`.
@@ -121,10 +170,26 @@ pub(super) const DATABASE_KEYS: &[(&str, Kind)] = &[
     ("host", Kind::Str),
     ("port", Kind::Port),
     ("dbname", Kind::Str),
+    ("hosts", Kind::Hosts),
+    ("route", Kind::Enum(ROUTES)),
     ("pool_mode", Kind::Enum(POOL_MODES)),
     ("pool_size", Kind::U32),
     ("min_pool_size", Kind::U32),
     ("max_db_connections", Kind::U32),
+    ROUTING_KEYS[0],
+    ROUTING_KEYS[1],
+    ROUTING_KEYS[2],
+    ROUTING_KEYS[3],
+    ROUTING_KEYS[4],
+    ROUTING_KEYS[5],
+    ROUTING_KEYS[6],
+    ROUTING_KEYS[7],
+    ROUTING_KEYS[8],
+    ROUTING_KEYS[9],
+    ROUTING_KEYS[10],
+    ROUTING_KEYS[11],
+    ROUTING_KEYS[12],
+    ROUTING_KEYS[13],
 ];
 
 /// The keys of `[users.NAME]`.
@@ -133,6 +198,7 @@ pub(super) const USER_KEYS: &[(&str, Kind)] = &[
     ("auth_type", Kind::Enum(AUTH_TYPES)),
     ("pool_mode", Kind::Enum(POOL_MODES)),
     ("pool_size", Kind::U32),
+    ("route", Kind::Enum(ROUTES)),
 ];
 
 const TOP_KEYS: &[&str] = &["pgtide", "databases", "users"];
@@ -252,8 +318,49 @@ fn check_value(kind: Kind, key: &str, v: &Value, out: &mut Vec<Problem>) {
             return;
         }
         (Kind::StrList, _) => wrong_type("an array of strings, e.g. [\"search_path\"]", v),
+        (Kind::U64, Value::Integer(i)) if *i >= 0 => return,
+        (Kind::U64, Value::Integer(i)) => format!("{i} is negative; use a whole number, 0 or more"),
+        (Kind::U64, _) => wrong_type("an integer", v),
+        (Kind::Hosts, Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                check_host_entry(&format!("{key}[{i}]"), item, out);
+            }
+            return;
+        }
+        (Kind::Hosts, _) => wrong_type(
+            "an array of hosts, e.g. [{ host = \"10.0.0.5\", role = \"primary\" }, { host = \"10.0.0.6\", role = \"replica\" }]",
+            v,
+        ),
     };
     out.push(Problem::new(key, message));
+}
+
+/// Checks one entry of `hosts`: a table with a `host` and only known keys.
+fn check_host_entry(key: &str, v: &Value, out: &mut Vec<Problem>) {
+    let Value::Table(t) = v else {
+        out.push(Problem::new(
+            key,
+            wrong_type(
+                "a table like { host = \"10.0.0.6\", role = \"replica\" }",
+                v,
+            ),
+        ));
+        return;
+    };
+    let names: Vec<&str> = HOST_KEYS.iter().map(|(k, _)| *k).collect();
+    for (name, value) in t {
+        let item_key = join(key, name);
+        match HOST_KEYS.iter().find(|(k, _)| *k == name) {
+            Some((_, kind)) => check_value(*kind, &item_key, value, out),
+            None => out.push(unknown_key(item_key, name, "a hosts entry", &names)),
+        }
+    }
+    if !t.contains_key("host") {
+        out.push(Problem::new(
+            join(key, "host"),
+            "missing; every hosts entry needs a host name or IP address",
+        ));
+    }
 }
 
 /// Levenshtein distance, for "did you mean" hints.
@@ -362,6 +469,18 @@ fn walk(doc: &mut Table) -> (Vec<Problem>, BTreeSet<String>) {
                     let section = format!("[{entry_key}]");
                     let what = format!("{section}, describing one {one}");
                     let t = expect_table(entry, &entry_key, &what, &mut out, &mut bad);
+                    if name == "databases" && t.contains_key("hosts") {
+                        for single in ["host", "port"] {
+                            if t.remove(single).is_some() {
+                                let k = join(&entry_key, single);
+                                out.push(Problem::new(
+                                    k.clone(),
+                                    format!("give either {single} or hosts, not both; with hosts, write each server's host and port in its entry"),
+                                ));
+                                bad.insert(k);
+                            }
+                        }
+                    }
                     walk_table(t, &entry_key, &section, keys, &mut out, &mut bad);
                 }
             }
@@ -512,12 +631,16 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
         }
     }
 
+    check_general_routing(g, &mut push);
+
     for (name, d) in &config.databases {
         let key = join("databases", name);
         if name.is_empty() {
             push(key.clone(), "a database name cannot be empty".into());
         }
         check_database(&key, d, g, &mut push);
+        check_hosts(&key, d, &mut push);
+        check_database_routing(&key, d, g, &mut push);
     }
 
     for (name, u) in &config.users {
@@ -591,6 +714,197 @@ fn check_database(
             format!("{key}.{at}"),
             format!("min_pool_size {min}{which} is larger than pool_size {size}; min_pool_size must be at most pool_size"),
         );
+    }
+}
+
+/// The routing and health-check values of `[pgtide]`.
+fn check_general_routing(g: &General, push: &mut impl FnMut(String, String)) {
+    let key = |name: &str| format!("pgtide.{name}");
+    if g.health_check_interval.0.is_zero() {
+        push(key("health_check_interval"), HEALTH_INTERVAL_ZERO.into());
+    }
+    if g.health_check_timeout.0.is_zero() {
+        push(key("health_check_timeout"), HEALTH_TIMEOUT_ZERO.into());
+    }
+    if g.health_check_failures == 0 {
+        push(key("health_check_failures"), "must be at least 1".into());
+    }
+    if g.health_check_successes == 0 {
+        push(key("health_check_successes"), "must be at least 1".into());
+    }
+    if !g.health_check_interval.0.is_zero()
+        && g.health_check_backoff_max.0 < g.health_check_interval.0
+    {
+        push(
+            key("health_check_backoff_max"),
+            backoff_below_interval(g.health_check_backoff_max, g.health_check_interval, ""),
+        );
+    }
+    check_write_functions(&key("write_functions"), &g.write_functions, push);
+}
+
+const HEALTH_INTERVAL_ZERO: &str =
+    "must be more than 0; it is the pause between two health checks of a host";
+const HEALTH_TIMEOUT_ZERO: &str =
+    "must be more than 0; it bounds each health check (connect, log in, query)";
+
+fn backoff_below_interval(max: ConfigDuration, interval: ConfigDuration, origin: &str) -> String {
+    format!(
+        "{} is shorter than health_check_interval {}{origin}; the back-off of a down host starts at the interval and grows up to this, so it must be at least the interval",
+        humantime::format_duration(max.0),
+        humantime::format_duration(interval.0)
+    )
+}
+
+/// Function names: an identifier, optionally schema-qualified (`audit.log_event`).
+fn check_write_functions(key: &str, names: &[String], push: &mut impl FnMut(String, String)) {
+    fn ident(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_alphabetic() || c == '_')
+            && chars.all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+    }
+    for (i, name) in names.iter().enumerate() {
+        let valid = match name.split_once('.') {
+            Some((schema, function)) => ident(schema) && ident(function),
+            None => ident(name),
+        };
+        if !valid {
+            push(
+                format!("{key}[{i}]"),
+                format!(
+                    "{name:?} is not a function name; write a name like \"log_event\" or \"audit.log_event\" (no parentheses or arguments)"
+                ),
+            );
+        }
+    }
+}
+
+/// `hosts`: not empty, valid entries, at most one primary, no host listed twice.
+fn check_hosts(key: &str, d: &Database, push: &mut impl FnMut(String, String)) {
+    let Some(hosts) = &d.hosts else {
+        return;
+    };
+    let hosts_key = format!("{key}.hosts");
+    let defaults = Database::default();
+    if d.host != defaults.host || d.port != defaults.port {
+        push(
+            hosts_key.clone(),
+            "give either host/port or hosts, not both; with hosts, write each server's host and port in its entry".into(),
+        );
+    }
+    if hosts.is_empty() {
+        push(
+            hosts_key.clone(),
+            "must list at least one host; remove it to use host and port".into(),
+        );
+    }
+    let mut primary: Option<usize> = None;
+    for (i, h) in hosts.iter().enumerate() {
+        let entry = format!("{hosts_key}[{i}]");
+        if h.host.trim().is_empty() {
+            push(
+                format!("{entry}.host"),
+                "must not be empty; give a host name or IP address".into(),
+            );
+        }
+        if h.port == 0 {
+            push(
+                format!("{entry}.port"),
+                "0 is not a port; use 1 to 65535".into(),
+            );
+        }
+        if h.role == HostRole::Primary {
+            match primary {
+                Some(first) => push(
+                    format!("{entry}.role"),
+                    format!(
+                        "a second primary (hosts[{first}] is one already); at most one host may have role \"primary\": use \"auto\" to let pgtide find out which one is"
+                    ),
+                ),
+                None => primary = Some(i),
+            }
+        }
+        if h.role == HostRole::Replica && h.weight == 0 {
+            push(
+                format!("{entry}.weight"),
+                "a replica's weight must be at least 1 (its share of the reads)".into(),
+            );
+        }
+        if let Some(j) = hosts[..i]
+            .iter()
+            .position(|o| o.host == h.host && o.port == h.port)
+        {
+            push(
+                entry,
+                format!(
+                    "{}:{} is listed twice (also hosts[{j}]); list each server once",
+                    h.host, h.port
+                ),
+            );
+        }
+    }
+}
+
+/// A database's routing and health-check overrides, checked as resolved with `[pgtide]`.
+fn check_database_routing(
+    key: &str,
+    d: &Database,
+    g: &General,
+    push: &mut impl FnMut(String, String),
+) {
+    let at = |name: &str| format!("{key}.{name}");
+    if d.health_check_interval.is_some_and(|v| v.0.is_zero()) {
+        push(at("health_check_interval"), HEALTH_INTERVAL_ZERO.into());
+    }
+    if d.health_check_timeout.is_some_and(|v| v.0.is_zero()) {
+        push(at("health_check_timeout"), HEALTH_TIMEOUT_ZERO.into());
+    }
+    if d.health_check_failures == Some(0) {
+        push(at("health_check_failures"), "must be at least 1".into());
+    }
+    if d.health_check_successes == Some(0) {
+        push(at("health_check_successes"), "must be at least 1".into());
+    }
+    let interval = d.health_check_interval.unwrap_or(g.health_check_interval);
+    let max = d
+        .health_check_backoff_max
+        .unwrap_or(g.health_check_backoff_max);
+    let overridden = d.health_check_interval.is_some() || d.health_check_backoff_max.is_some();
+    if overridden && !interval.0.is_zero() && max.0 < interval.0 {
+        let (name, origin) = if d.health_check_backoff_max.is_some() {
+            (
+                "health_check_backoff_max",
+                if d.health_check_interval.is_some() {
+                    ""
+                } else {
+                    " (inherited from pgtide.health_check_interval)"
+                },
+            )
+        } else {
+            ("health_check_interval", "")
+        };
+        let message = if name == "health_check_interval" {
+            format!(
+                "{} is longer than health_check_backoff_max {} (inherited from pgtide.health_check_backoff_max); the back-off of a down host starts at the interval, so the maximum must be at least the interval",
+                humantime::format_duration(interval.0),
+                humantime::format_duration(max.0)
+            )
+        } else {
+            backoff_below_interval(max, interval, origin)
+        };
+        push(at(name), message);
+    }
+    if let Some(names) = &d.write_functions {
+        check_write_functions(&at("write_functions"), names, push);
+    }
+    if d.route == Some(Route::Replica) {
+        let hosts = d.host_list();
+        if !hosts.iter().any(|h| h.role != HostRole::Primary) {
+            push(
+                at("route"),
+                "\"replica\" but the database has no host that can be a replica (role \"replica\" or \"auto\" in hosts)".into(),
+            );
+        }
     }
 }
 

@@ -1,0 +1,264 @@
+//! One health check of one host: the [`Probe`] trait (pluggable, so the monitor can be
+//! tested without servers), the real [`PgProbe`], WAL positions ([`Lsn`]) and the lag
+//! arithmetic.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::{SaltedPasswordCache, StoredCredential};
+use crate::server::{ServerConn, ServerTarget};
+
+/// The query of every check: whether the host is in recovery, its WAL position (replayed
+/// for a standby, current for a primary), and for a standby the age of the last
+/// transaction it replayed, in seconds.
+pub const HEALTH_QUERY: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+     CASE WHEN pg_is_in_recovery() THEN extract(epoch from now() - pg_last_xact_replay_timestamp()) END";
+
+/// A WAL position (`pg_lsn`), as a byte offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// Parses PostgreSQL's text form, `16/B374D848`.
+    pub fn parse(s: &str) -> Option<Lsn> {
+        let (hi, lo) = s.trim().split_once('/')?;
+        let hi = u32::from_str_radix(hi, 16).ok()?;
+        let lo = u32::from_str_radix(lo, 16).ok()?;
+        Some(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+/// What one successful check found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProbeResult {
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// Replay position of a standby; current WAL position of a primary. `None` for a
+    /// standby that has replayed nothing yet.
+    pub lsn: Option<Lsn>,
+    /// Seconds since the last transaction a standby replayed was committed on the
+    /// primary; `None` on a primary or when the standby has replayed none.
+    pub replay_age: Option<f64>,
+}
+
+impl ProbeResult {
+    /// Reads the one row of [`HEALTH_QUERY`].
+    pub fn from_row(row: &[Option<String>]) -> Result<ProbeResult, String> {
+        let in_recovery = match row.first().and_then(|v| v.as_deref()) {
+            Some("t") => true,
+            Some("f") => false,
+            other => return Err(format!("pg_is_in_recovery() returned {other:?}")),
+        };
+        let lsn = match row.get(1).and_then(|v| v.as_deref()) {
+            None => None,
+            Some(s) => Some(Lsn::parse(s).ok_or_else(|| format!("{s:?} is not an LSN"))?),
+        };
+        let replay_age = match row.get(2).and_then(|v| v.as_deref()) {
+            None => None,
+            Some(s) => Some(
+                s.parse::<f64>()
+                    .map_err(|_| format!("{s:?} is not a number of seconds"))?,
+            ),
+        };
+        Ok(ProbeResult {
+            in_recovery,
+            lsn,
+            replay_age,
+        })
+    }
+}
+
+/// The future of one check.
+pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<ProbeResult, String>> + Send + 'a>>;
+
+/// One host's health check. The monitor calls `probe` once per tick and never twice at
+/// once; an implementation may keep a connection between calls. The error is a message
+/// for the log (never containing a password).
+pub trait Probe: Send + 'static {
+    /// Runs one check, within `timeout`.
+    fn probe(&mut self, timeout: Duration) -> ProbeFuture<'_>;
+}
+
+/// A probe from a closure, for tests and tools.
+pub struct FnProbe<F>(pub F);
+
+impl<F> Probe for FnProbe<F>
+where
+    F: FnMut() -> Result<ProbeResult, String> + Send + 'static,
+{
+    fn probe(&mut self, _timeout: Duration) -> ProbeFuture<'_> {
+        let r = (self.0)();
+        Box::pin(async move { r })
+    }
+}
+
+/// As whom the monitor logs in to every host of a database.
+#[derive(Clone)]
+pub struct MonitorLogin {
+    /// Database name on the servers.
+    pub dbname: String,
+    pub user: String,
+    /// The user's configured credential; only a plain password or an md5 hash can log
+    /// in to a server that asks for one.
+    pub secret: Option<Arc<StoredCredential>>,
+    pub salted: Arc<SaltedPasswordCache>,
+    /// Largest message accepted from the server.
+    pub max_message: u32,
+}
+
+/// The real check: a monitoring connection (opened on first use and kept open between
+/// checks; closed and reopened after any failure) that runs [`HEALTH_QUERY`]. Connect,
+/// login and query together run under the check's timeout.
+pub struct PgProbe {
+    target: ServerTarget,
+    salted: Arc<SaltedPasswordCache>,
+    max_message: u32,
+    conn: Option<ServerConn>,
+}
+
+impl PgProbe {
+    pub fn new(host: &str, port: u16, login: &MonitorLogin) -> Self {
+        PgProbe {
+            target: ServerTarget {
+                host: host.to_string(),
+                port,
+                dbname: login.dbname.clone(),
+                user: login.user.clone(),
+                secret: login.secret.clone(),
+            },
+            salted: login.salted.clone(),
+            max_message: login.max_message,
+            conn: None,
+        }
+    }
+
+    async fn check(&mut self, timeout: Duration) -> Result<ProbeResult, String> {
+        let mut conn = match self.conn.take() {
+            Some(c) if c.is_quiet() => c,
+            _ => {
+                ServerConn::connect(&self.target, &self.salted, self.max_message)
+                    .await
+                    .map_err(|e| format!("cannot connect: {e}"))?
+                    .0
+            }
+        };
+        let result = conn
+            .run_internal(HEALTH_QUERY, timeout)
+            .await
+            .map_err(|e| format!("health query failed: {e}"))?;
+        if let Some((code, message)) = result.error {
+            return Err(format!("health query failed: {message} (SQLSTATE {code})"));
+        }
+        let row = result.rows.first().ok_or("health query returned no row")?;
+        let probe = ProbeResult::from_row(row)?;
+        self.conn = Some(conn);
+        Ok(probe)
+    }
+}
+
+impl Probe for PgProbe {
+    fn probe(&mut self, timeout: Duration) -> ProbeFuture<'_> {
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, self.check(timeout)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.conn = None;
+                    Err(format!(
+                        "no answer within {}",
+                        humantime::format_duration(timeout)
+                    ))
+                }
+            }
+        })
+    }
+}
+
+/// The lag of a standby whose replay position is `replay` and whose last replayed
+/// transaction is `replay_age` seconds old, against the primary's latest known WAL
+/// position: (bytes, seconds). A standby that has replayed everything the primary has
+/// is not lagging, whatever its replay age (an idle primary commits nothing, so the age
+/// keeps growing). Unknown values are `None`.
+pub fn replica_lag(
+    replay: Option<Lsn>,
+    primary: Option<Lsn>,
+    replay_age: Option<f64>,
+) -> (Option<u64>, Option<f64>) {
+    let bytes = match (replay, primary) {
+        (Some(r), Some(p)) => Some(p.0.saturating_sub(r.0)),
+        _ => None,
+    };
+    let seconds = if bytes == Some(0) {
+        Some(0.0)
+    } else {
+        replay_age.map(|s| s.max(0.0))
+    };
+    (bytes, seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_form() {
+        assert_eq!(Lsn::parse("0/0"), Some(Lsn(0)));
+        assert_eq!(Lsn::parse("16/B374D848"), Some(Lsn(0x16_B374_D848)));
+        assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
+        assert_eq!(Lsn::parse("FFFFFFFF/FFFFFFFF"), Some(Lsn(u64::MAX)));
+        for bad in ["", "16", "x/1", "1/", "100000000/0"] {
+            assert_eq!(Lsn::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn rows_of_the_health_query() {
+        let s = |v: &str| Some(v.to_string());
+        let primary = ProbeResult::from_row(&[s("f"), s("0/3000060"), None]).unwrap();
+        assert_eq!(
+            primary,
+            ProbeResult {
+                in_recovery: false,
+                lsn: Some(Lsn(0x300_0060)),
+                replay_age: None
+            }
+        );
+        let replica = ProbeResult::from_row(&[s("t"), s("0/3000000"), s("1.25")]).unwrap();
+        assert!(replica.in_recovery);
+        assert_eq!(replica.replay_age, Some(1.25));
+        assert!(ProbeResult::from_row(&[s("maybe"), None, None]).is_err());
+        assert!(ProbeResult::from_row(&[s("t"), s("nope"), None]).is_err());
+        assert!(ProbeResult::from_row(&[s("t"), s("0/1"), s("soon")]).is_err());
+        assert!(ProbeResult::from_row(&[]).is_err());
+    }
+
+    #[test]
+    fn lag_in_bytes_and_seconds() {
+        let l = |r: u64, p: u64, age: Option<f64>| replica_lag(Some(Lsn(r)), Some(Lsn(p)), age);
+        // Behind: bytes from the positions, seconds from the replay age.
+        assert_eq!(l(100, 1100, Some(3.5)), (Some(1000), Some(3.5)));
+        // Caught up (or ahead of the primary's last check): no lag at all, even with an
+        // old replay timestamp (an idle primary).
+        assert_eq!(l(1100, 1100, Some(600.0)), (Some(0), Some(0.0)));
+        assert_eq!(l(1200, 1100, Some(600.0)), (Some(0), Some(0.0)));
+        // Behind, nothing replayed yet: seconds unknown.
+        assert_eq!(l(100, 1100, None), (Some(1000), None));
+        // No primary known: bytes unknown, seconds from the replay age.
+        assert_eq!(
+            replica_lag(Some(Lsn(1)), None, Some(2.0)),
+            (None, Some(2.0))
+        );
+        assert_eq!(replica_lag(None, Some(Lsn(1)), None), (None, None));
+        // Clock skew can make the age negative.
+        assert_eq!(l(100, 200, Some(-0.2)), (Some(100), Some(0.0)));
+    }
+}
