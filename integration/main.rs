@@ -11,4 +11,5 @@ mod pgbench;
 mod pooling;
 mod prepared;
 mod protocol;
+mod routing;
 mod smoke;

@@ -56,6 +56,11 @@ pub async fn start(config: Config) -> io::Result<Pooler> {
             crate::metrics::serve(l, metrics, probe, stop).await;
         });
     }
+    for cluster in state.clusters.values() {
+        let cluster = cluster.clone();
+        let signal = controller.signal();
+        tokio::spawn(async move { cluster.run(signal).await });
+    }
     let task = tokio::spawn(crate::client::accept_loop(listener, state, controller));
     Ok(Pooler {
         addr,

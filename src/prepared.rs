@@ -233,6 +233,14 @@ impl ClientStatements {
         self.map.clear();
     }
 
+    /// The SQL text of the client's statement `name`.
+    pub fn text_of(&self, name: &[u8]) -> Option<&[u8]> {
+        let stmt = self.map.get(name)?;
+        // The Parse message: tag, length, server name, NUL, then the text.
+        let rest = stmt.parse.get(5 + stmt.server_name.len() + 1..)?;
+        crate::protocol::cstr(rest).map(|(sql, _)| sql)
+    }
+
     /// Maps `name` to `stmt`; returns how to undo it.
     fn set(&mut self, name: Bytes, stmt: Arc<Statement>) -> Undo {
         match self.map.insert(name.clone(), stmt) {

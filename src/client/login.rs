@@ -29,6 +29,16 @@ pub(super) struct LoggedIn {
     pub cancel: Arc<CancelSlot>,
 }
 
+impl LoggedIn {
+    /// The pool of this client's (database, user) on the current primary (which may have
+    /// changed since login).
+    pub fn pool_for_primary(&self, shared: &Shared) -> Arc<Pool> {
+        shared
+            .pool(&self.database, &self.user)
+            .unwrap_or_else(|| self.pool.clone())
+    }
+}
+
 /// How a connection attempt ended without a session.
 pub(super) enum NoSession {
     /// A CancelRequest (handled), or the client went away.

@@ -27,7 +27,12 @@ pub use cancel::CancelRegistry;
 /// State shared by every client session.
 pub struct Shared {
     pub config: Arc<Config>,
-    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    /// Pools by (database, user, host index in the database's host list).
+    pools: Mutex<HashMap<(String, String, usize), Arc<Pool>>>,
+    /// Health monitors of the databases that list more than one host.
+    pub clusters: HashMap<String, Arc<crate::cluster::Cluster>>,
+    /// Turns for round-robin replica choice.
+    pub replica_turn: std::sync::atomic::AtomicUsize,
     db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
     pub cancels: CancelRegistry,
     pub credentials: CredentialCache,
@@ -47,6 +52,16 @@ impl Shared {
                 credentials.get(user, password);
             }
         }
+        let salted = Arc::new(SaltedPasswordCache::default());
+        let clusters = config
+            .databases
+            .iter()
+            .filter(|(_, d)| d.host_list().len() > 1)
+            .filter_map(|(name, _)| {
+                crate::cluster::Cluster::from_config(&config, name, salted.clone())
+                    .map(|c| (name.clone(), c))
+            })
+            .collect();
         let statements = StatementCache::new(
             config.pgtide.prepared_statement_cache_size as usize,
             config.pgtide.prepared_statement_cache_bytes as usize,
@@ -54,10 +69,12 @@ impl Shared {
         Arc::new(Shared {
             config,
             pools: Mutex::new(HashMap::new()),
+            clusters,
+            replica_turn: std::sync::atomic::AtomicUsize::new(0),
             db_limits: Mutex::new(HashMap::new()),
             cancels: CancelRegistry::default(),
             credentials,
-            salted: Arc::new(SaltedPasswordCache::default()),
+            salted,
             statements,
             metrics: Arc::new(Metrics::new()),
             clients: AtomicU32::new(0),
@@ -71,10 +88,33 @@ impl Shared {
         Some(self.credentials.get(user, password))
     }
 
-    /// The pool for (database, user), created on first use. `None` when the database is
-    /// not configured.
+    /// The index of the host that takes writes for `database`: the monitor's current
+    /// primary, else the host configured as primary, else the first.
+    pub fn primary_host(&self, database: &str) -> usize {
+        if let Some(id) = self.clusters.get(database).and_then(|c| c.primary()) {
+            return id.0;
+        }
+        self.config
+            .databases
+            .get(database)
+            .map(|d| d.host_list())
+            .and_then(|hosts| {
+                hosts
+                    .iter()
+                    .position(|h| h.role == crate::config::HostRole::Primary)
+            })
+            .unwrap_or(0)
+    }
+
+    /// The pool for (database, user) on the primary, created on first use. `None` when
+    /// the database is not configured.
     pub fn pool(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
-        let key = (database.to_string(), user.to_string());
+        self.pool_on(database, user, self.primary_host(database))
+    }
+
+    /// The pool for (database, user) on the database's host number `host`.
+    pub fn pool_on(&self, database: &str, user: &str, host: usize) -> Option<Arc<Pool>> {
+        let key = (database.to_string(), user.to_string(), host);
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pools.get(&key) {
             return Some(p.clone());
@@ -89,14 +129,10 @@ impl Shared {
                 .or_insert_with(|| DbLimit::new(settings.max_db_connections))
                 .clone()
         };
-        // Until sessions route, everything goes to one host: the one configured as
-        // primary, or else the first listed.
         let hosts = db.host_list();
-        let primary = hosts
-            .iter()
-            .find(|h| h.role == crate::config::HostRole::Primary)
-            .or(hosts.first());
-        let (host, port) = primary.map_or((db.host.clone(), db.port), |h| (h.host.clone(), h.port));
+        let (host, port) = hosts
+            .get(host)
+            .map_or((db.host.clone(), db.port), |h| (h.host.clone(), h.port));
         let target = ServerTarget {
             host,
             port,

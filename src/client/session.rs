@@ -140,6 +140,14 @@ struct Session {
     /// transaction and request began, and whether a statement completed since the last
     /// idle ReadyForQuery.
     state: ClientState,
+    /// The pool the current (or last) server came from: the primary's, or a replica's.
+    pool: Arc<crate::pool::Pool>,
+    /// The current server is a replica: in autocommit, a message that writes waits until
+    /// the replica is idle, then goes to a server chosen anew.
+    on_replica: bool,
+    /// The current server is a replica chosen for an explicit read-only transaction:
+    /// everything until its end goes there.
+    replica_tx: bool,
     bytes_in: u64,
     bytes_out: u64,
     tx_started: Option<Instant>,
@@ -260,6 +268,7 @@ impl Session {
         let max = shared.config.pgtide.max_message_size;
         let tracked =
             login.mode == PoolMode::Transaction && shared.config.pgtide.max_prepared_statements > 0;
+        let pool = login.pool.clone();
         Session {
             shared,
             client,
@@ -287,6 +296,9 @@ impl Session {
             dealloc_pending: false,
             need_attach: false,
             state: ClientState::Idle,
+            pool,
+            on_replica: false,
+            replica_tx: false,
             bytes_in: 0,
             bytes_out: 0,
             tx_started: None,
@@ -396,6 +408,11 @@ impl Session {
             self.release().await;
             if self.signal.phase() != Phase::Running {
                 // Shutting down: this client is idle now; the next turn tells it.
+                return Ok(());
+            }
+            if self.c2s.len() > self.c_ready {
+                // Messages held back (a write behind replica reads) go to a server chosen
+                // for them now, not when the client next sends something.
                 return Ok(());
             }
         }
@@ -550,6 +567,17 @@ impl Session {
                 // Mapping statements needs the server: attach, then come back for it.
                 pos = start;
                 self.need_attach = true;
+                break;
+            }
+            if self.server.is_some()
+                && self.on_replica
+                && !self.replica_tx
+                && self.writes(frame.tag, frame.body)
+            {
+                // A write behind reads that went to a replica: it waits in `c2s` until the
+                // replica has answered everything before it, then gets a server of its own.
+                tracing::debug!(tag = %(frame.tag as char), pending = self.pending, unsynced = self.unsynced, "holding a write behind replica reads");
+                pos = start;
                 break;
             }
             let mut counted = true;
@@ -761,13 +789,180 @@ impl Session {
         }
     }
 
+    /// The SQL texts of the complete messages waiting in `c2s` (Query and Parse texts,
+    /// and the text of each named statement a Bind uses), and whether the batch is
+    /// complete (its last message is a Query or a Sync).
+    fn pending_texts(&self) -> (Vec<&[u8]>, bool) {
+        let mut texts = Vec::new();
+        let mut complete = false;
+        let mut scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        let buf = &self.c2s[..];
+        let mut pos = 0;
+        while let Ok(Some(f)) = scan.next(buf, &mut pos, |_| true) {
+            let Some(body) = f.body else { break };
+            complete = matches!(f.tag, tag::QUERY | tag::SYNC);
+            match f.tag {
+                tag::QUERY => texts.extend(frontend::query_text(body)),
+                tag::PARSE => texts.extend(frontend::parse_statement(body).map(|(_, sql)| sql)),
+                tag::BIND => {
+                    let name = crate::protocol::cstr(body)
+                        .and_then(|(_, rest)| crate::protocol::cstr(rest))
+                        .map(|(n, _)| n);
+                    if let Some(sql) = name.and_then(|n| self.statements.text_of(n)) {
+                        texts.push(sql);
+                    }
+                }
+                _ => {}
+            }
+        }
+        (texts, complete)
+    }
+
+    /// True when a Query, Parse or Bind (of a named statement) must run on the primary.
+    fn writes(&self, t: u8, body: Option<&[u8]>) -> bool {
+        use crate::router::classify::{classify, ClassifyOptions, Route};
+        let Some(body) = body else { return false };
+        let sql = match t {
+            tag::QUERY => frontend::query_text(body),
+            tag::PARSE => frontend::parse_statement(body).map(|(_, sql)| sql),
+            tag::BIND => crate::protocol::cstr(body)
+                .and_then(|(_, rest)| crate::protocol::cstr(rest))
+                .and_then(|(n, _)| self.statements.text_of(n)),
+            _ => None,
+        };
+        let opts = ClassifyOptions {
+            write_functions: &self.shared.config.pgtide.write_functions,
+            hints: self.shared.config.pgtide.routing_hints,
+        };
+        sql.is_some_and(|sql| classify(sql, &opts).route == Route::Primary)
+    }
+
+    /// Where the transaction the client is starting should run: (pool, is a replica, is
+    /// an explicit transaction on a replica).
+    /// `Err` carries the message for a read that may not fall back to the primary.
+    fn choose_pool(&self) -> Result<(Arc<crate::pool::Pool>, bool, bool), String> {
+        use crate::config::{LoadBalance, ReplicaFallback, Route as Override};
+        use crate::router::classify::{classify, transaction_mode, ClassifyOptions, Route};
+        let primary = || Ok((self.login.pool_for_primary(&self.shared), false, false));
+        let Some(cluster) = self.shared.clusters.get(&self.login.database) else {
+            return primary();
+        };
+        if self.login.mode != PoolMode::Transaction {
+            return primary();
+        }
+        let Some(settings) = self
+            .shared
+            .config
+            .cluster_settings(&self.login.database, &self.login.user)
+        else {
+            return primary();
+        };
+        let r = &settings.routing;
+        let mut explicit = false;
+        let route = match (r.route, self.login.params.value("pgtide.route")) {
+            (_, Some("primary")) | (Override::Primary, _) => Route::Primary,
+            (_, Some("replica")) | (Override::Replica, _) => {
+                // Everything goes to a replica, writes too (they fail there): nothing is
+                // held back for the primary.
+                explicit = true;
+                Route::Replica
+            }
+            _ => {
+                let (texts, complete) = self.pending_texts();
+                let default_ro = matches!(
+                    self.login.params.value("default_transaction_read_only"),
+                    Some("on" | "true" | "1" | "yes")
+                );
+                let opts = ClassifyOptions {
+                    write_functions: &r.write_functions,
+                    hints: r.routing_hints,
+                };
+                let mut route = if complete && !texts.is_empty() {
+                    Route::Replica
+                } else {
+                    Route::Primary
+                };
+                for (i, sql) in texts.iter().enumerate() {
+                    if i == 0 {
+                        if let Some(tx) = transaction_mode(sql) {
+                            if tx.starts_transaction() {
+                                // An explicit transaction: all of it goes where its start says.
+                                route = if tx.replica_ok(default_ro) {
+                                    Route::Replica
+                                } else {
+                                    Route::Primary
+                                };
+                                explicit = true;
+                                break;
+                            }
+                        }
+                    }
+                    if classify(sql, &opts).route == Route::Primary {
+                        route = Route::Primary;
+                        break;
+                    }
+                }
+                route
+            }
+        };
+        if route == Route::Primary {
+            return primary();
+        }
+        let mut replicas = cluster.replicas_within(r.max_replica_lag_bytes, r.max_replica_lag);
+        if r.primary_reads {
+            if let Some(p) = cluster.primary() {
+                replicas.push(p);
+            }
+        }
+        if replicas.is_empty() {
+            return match r.replica_fallback {
+                ReplicaFallback::Primary => primary(),
+                ReplicaFallback::Error => Err(format!(
+                    "no replica of database \"{}\" is up and within max_replica_lag, and replica_fallback is \"error\"",
+                    self.login.database
+                )),
+            };
+        }
+        let turn = self
+            .shared
+            .replica_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pick = match r.load_balance {
+            LoadBalance::Random => replicas[rand::random::<usize>() % replicas.len()],
+            // Round robin; least_outstanding is approximated by it until pools report
+            // their load.
+            LoadBalance::RoundRobin | LoadBalance::LeastOutstanding => {
+                replicas[turn % replicas.len()]
+            }
+        };
+        let is_replica = Some(pick) != cluster.primary();
+        match self
+            .shared
+            .pool_on(&self.login.database, &self.login.user, pick.0)
+        {
+            Some(pool) => Ok((pool, is_replica, is_replica && explicit)),
+            None => primary(),
+        }
+    }
+
     /// Checks out a server for the transaction the client has started, and brings the
     /// server's settings in line with the client's.
     async fn attach(&mut self) -> Result<(), End> {
         let wait = self.shared.config.pgtide.query_wait_timeout.0;
         self.set_state(ClientState::Waiting);
         let waiting_since = Instant::now();
-        let checkout = self.login.pool.checkout(wait);
+        let (pool, on_replica, replica_tx) = match self.choose_pool() {
+            Ok(p) => p,
+            Err(msg) => {
+                return Err(self
+                    .tell(sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, &msg)
+                    .await);
+            }
+        };
+        self.pool = pool;
+        self.on_replica = on_replica;
+        self.replica_tx = replica_tx;
+        let checkout = self.pool.checkout(wait);
         let mut signal = self.signal.clone();
         let r = tokio::select! {
             r = checkout => r,
@@ -793,7 +988,7 @@ impl Session {
             Err(e) => {
                 let msg = format!(
                     "pgtide could not connect to the server {}: {e}",
-                    self.login.pool.target().address()
+                    self.pool.target().address()
                 );
                 return Err(self.tell(sqlstate::CONNECTION_FAILURE, &msg).await);
             }
@@ -806,13 +1001,13 @@ impl Session {
                 Ok(r) => match r.error {
                     None => self.login.params.synced_to(&mut server.params),
                     Some((code, message)) => {
-                        self.login.pool.checkin(server);
+                        self.pool.checkin(server);
                         let msg = format!("invalid run-time parameter for this session: {message}");
                         return Err(self.tell(&code, &msg).await);
                     }
                 },
                 Err(e) => {
-                    self.login.pool.discard(server);
+                    self.pool.discard(server);
                     let msg =
                         format!("server connection failed while applying session settings: {e}");
                     return Err(self.tell(sqlstate::CONNECTION_FAILURE, &msg).await);
@@ -839,20 +1034,20 @@ impl Session {
             // this connection's statement set.
             tracing::warn!(pipeline = ?self.pipeline, "answers left unmatched at release; closing the server connection");
             self.pipeline = Pipeline::default();
-            self.login.pool.discard(server);
+            self.pool.discard(server);
             return;
         }
         if std::mem::take(&mut self.settings_changed) && !self.refresh_settings(&mut server).await {
-            self.login.pool.discard(server);
+            self.pool.discard(server);
             return;
         }
         if std::mem::take(&mut self.dealloc_pending) && !self.deallocate_all(&mut server).await {
-            self.login.pool.discard(server);
+            self.pool.discard(server);
             return;
         }
         // Any bytes left in the scanner state belong to no message: start clean.
         self.s_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
-        self.login.pool.checkin(server);
+        self.pool.checkin(server);
     }
 
     /// Puts the server's prepared statements in a known state: none.
@@ -920,7 +1115,7 @@ impl Session {
     /// The server connection broke while the client was using it.
     fn server_lost(&mut self, why: &str) -> ServerLost {
         if let Some(server) = self.server.take() {
-            self.login.pool.discard(server);
+            self.pool.discard(server);
         }
         self.pending = 0;
         self.unsynced = false;
@@ -931,7 +1126,7 @@ impl Session {
         self.c_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
         ServerLost(format!(
             "server connection lost ({}): {why}; the transaction's outcome is unknown, reconnect and check",
-            self.login.pool.target().address()
+            self.pool.target().address()
         ))
     }
 
@@ -958,7 +1153,7 @@ impl Session {
         };
         self.login.cancel.detach().await;
         if let Some(server) = self.recover(server).await {
-            self.login.pool.checkin(server);
+            self.pool.checkin(server);
         }
     }
 
@@ -967,7 +1162,7 @@ impl Session {
     /// mode runs `server_reset_query`. `None` when that fails (the connection is closed).
     async fn recover(&mut self, mut server: ServerConn) -> Option<ServerConn> {
         let timeout = login::internal_timeout(&self.shared);
-        let pool = self.login.pool.clone();
+        let pool = self.pool.clone();
         let give_up = |server: ServerConn| {
             pool.discard(server);
             None

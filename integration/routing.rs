@@ -1,0 +1,202 @@
+//! Read/write routing against the harness's real primary and hot standby. Where a
+//! statement ran is proven by the statement itself (`pg_is_in_recovery()`), never by
+//! pgtide's own account.
+
+use pgtide::config::{Database, HostConfig, HostRole, Route};
+use tokio_postgres::Client;
+
+use crate::harness::{self, to, APP_PASSWORD, APP_USER};
+
+/// A pgtide whose database lists the primary and the replica (reads to the replica
+/// only: `primary_reads = false`).
+async fn routed(
+    prefix: &str,
+    tweak: impl FnOnce(&mut pgtide::config::Config),
+) -> (String, pgtide::Pooler) {
+    let (db, pooler, _) = harness::setup(prefix, |c| {
+        let name = c.databases.keys().next().expect("a database").clone();
+        let d = c.databases.get_mut(&name).expect("the database");
+        let dbname = d.dbname.clone();
+        *d = Database {
+            hosts: Some(vec![
+                HostConfig {
+                    host: "127.0.0.1".into(),
+                    port: harness::primary_port(),
+                    role: HostRole::Primary,
+                    weight: 1,
+                },
+                HostConfig {
+                    host: "127.0.0.1".into(),
+                    port: harness::replica_port(),
+                    role: HostRole::Replica,
+                    weight: 1,
+                },
+            ]),
+            dbname,
+            ..Database::default()
+        };
+        c.pgtide.primary_reads = false;
+        c.pgtide.health_check_interval =
+            pgtide::config::ConfigDuration(std::time::Duration::from_millis(100));
+        tweak(c);
+    })
+    .await;
+    (db, pooler)
+}
+
+async fn app(pooler: &pgtide::Pooler, db: &str) -> Client {
+    let s = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, db);
+    to("connect", harness::connect(&s))
+        .await
+        .expect("connect through pgtide")
+}
+
+/// Runs `sql` (simple protocol) and returns the first column of its last row.
+async fn last_value(c: &Client, sql: &str) -> String {
+    let msgs = to(sql, c.simple_query(sql))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .last()
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+/// Waits until the monitor has seen the replica (reads go there once it is up).
+async fn until_replica_serves(c: &Client) {
+    for _ in 0..100 {
+        if last_value(c, "SELECT pg_is_in_recovery()").await == "t" {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("reads never reached the replica");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_replica_and_writes_to_the_primary() {
+    let (db, pooler) = routed("route_basic", |_| {}).await;
+    harness::psql(
+        harness::primary_port(),
+        &db,
+        "CREATE TABLE t (id int); CREATE SEQUENCE s",
+    );
+    harness::wait_replica_caught_up();
+    let c = app(&pooler, &db).await;
+    until_replica_serves(&c).await;
+    // Autocommit reads: the replica.
+    assert_eq!(last_value(&c, "SELECT pg_is_in_recovery()").await, "t");
+    let row = to(
+        "extended read",
+        c.query_one("SELECT pg_is_in_recovery()", &[]),
+    )
+    .await
+    .expect("read");
+    assert!(
+        row.get::<_, bool>(0),
+        "an extended-protocol read runs on the replica"
+    );
+    // Writes, and reads that write, run on the primary.
+    for sql in [
+        "INSERT INTO t VALUES (1) RETURNING pg_is_in_recovery()",
+        "WITH d AS (DELETE FROM t RETURNING 1) SELECT pg_is_in_recovery() FROM (SELECT 1) x",
+        "SELECT nextval('s'), pg_is_in_recovery()",
+        "SELECT pg_is_in_recovery() FROM t FOR UPDATE",
+        "/* pgtide: primary */ SELECT pg_is_in_recovery()",
+    ] {
+        let msgs = to(sql, c.simple_query(sql))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        for m in msgs {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                let v = r.get(r.len() - 1).unwrap_or("");
+                assert_eq!(v, "f", "{sql} ran on a replica");
+            }
+        }
+    }
+    // An explicit transaction runs on the primary; a read-only one on the replica.
+    assert_eq!(
+        last_value(&c, "BEGIN; SELECT pg_is_in_recovery(); COMMIT").await,
+        "f"
+    );
+    assert_eq!(
+        last_value(&c, "BEGIN READ ONLY; SELECT pg_is_in_recovery(); COMMIT").await,
+        "t"
+    );
+    assert_eq!(
+        last_value(
+            &c,
+            "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT pg_is_in_recovery(); COMMIT"
+        )
+        .await,
+        "t"
+    );
+    to("begin", c.batch_execute("BEGIN")).await.expect("begin");
+    assert_eq!(
+        last_value(&c, "SELECT pg_is_in_recovery()").await,
+        "f",
+        "inside BEGIN: primary"
+    );
+    to("commit", c.batch_execute("COMMIT"))
+        .await
+        .expect("commit");
+    // A prepared read goes to the replica, and runs there again later.
+    let stmt = to("prepare", c.prepare("SELECT pg_is_in_recovery()"))
+        .await
+        .expect("prepare");
+    for _ in 0..3 {
+        let r = to("run", c.query_one(&stmt, &[])).await.expect("run");
+        assert!(r.get::<_, bool>(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_write_after_reads_waits_for_the_primary() {
+    let (db, pooler) = routed("route_pipeline", |_| {}).await;
+    harness::psql(harness::primary_port(), &db, "CREATE TABLE t (id int)");
+    harness::wait_replica_caught_up();
+    let c = app(&pooler, &db).await;
+    until_replica_serves(&c).await;
+    // tokio-postgres pipelines these: reads and a write in flight together. None may
+    // fail with 25006 (a write on the replica).
+    let read = c.query_one("SELECT pg_is_in_recovery()", &[]);
+    let write = c.execute("INSERT INTO t VALUES (1)", &[]);
+    let read2 = c.query_one("SELECT count(*) FROM t", &[]);
+    let (r, w, _r2) = to("pipeline", async { tokio::join!(read, write, read2) }).await;
+    r.expect("read");
+    assert_eq!(w.expect("the write reached the primary"), 1);
+    let n = harness::psql(harness::primary_port(), &db, "SELECT count(*) FROM t");
+    assert_eq!(n.trim(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_can_be_sent_to_the_primary_or_the_replica() {
+    let (db, pooler) = routed("route_user", |c| {
+        c.users.get_mut(APP_USER).expect("app").route = Some(Route::Primary);
+    })
+    .await;
+    let c = app(&pooler, &db).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            last_value(&c, "SELECT pg_is_in_recovery()").await,
+            "f",
+            "route = primary"
+        );
+    }
+    drop(pooler);
+    let (db, pooler) = routed("route_user_replica", |c| {
+        c.users.get_mut(APP_USER).expect("app").route = Some(Route::Replica);
+    })
+    .await;
+    let c = app(&pooler, &db).await;
+    until_replica_serves(&c).await;
+    assert_eq!(
+        last_value(&c, "BEGIN; SELECT pg_is_in_recovery(); COMMIT").await,
+        "t",
+        "route = replica sends even explicit transactions to the replica"
+    );
+}
