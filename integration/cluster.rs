@@ -119,7 +119,7 @@ async fn roles_and_lag_on_the_shared_cluster() {
 
 /// `pg_ctl <args> -D <dir>/<name>` as the owner of the data directory (the `postgres` OS
 /// user when we are root, as `LocalCluster` runs the servers).
-fn pg_ctl(lc: &LocalCluster, name: &str, args: &[&str]) {
+pub(crate) fn pg_ctl(lc: &LocalCluster, name: &str, args: &[&str]) {
     let data = lc.dir.join(name);
     let mut cmd = Command::new(lc.bindir().join("pg_ctl"));
     for (k, _) in std::env::vars_os() {

@@ -55,7 +55,7 @@ async fn app(pooler: &pgtide::Pooler, db: &str) -> Client {
 async fn last_value(c: &Client, sql: &str) -> String {
     let msgs = to(sql, c.simple_query(sql))
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     msgs.iter()
         .filter_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
@@ -199,4 +199,175 @@ async fn a_user_can_be_sent_to_the_primary_or_the_replica() {
         "t",
         "route = replica sends even explicit transactions to the replica"
     );
+}
+
+/// Runs blocking work (psql, pg_ctl) off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking work")
+}
+
+/// Polls `sql` on `c` until its last value is `want` (each attempt must succeed).
+async fn until_value(c: &Client, sql: &str, want: &str, what: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(45);
+    loop {
+        if last_value(c, sql).await == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: never happened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Lag, a replica outage and a failover, on a primary and replica of the test's own
+/// (pausing replay on the shared cluster would stall every other test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_outage_and_failover_keep_clients_working() {
+    use pgtide::demo::{ClusterOptions, LocalCluster};
+    use std::sync::Arc;
+    let lc = blocking(|| {
+        LocalCluster::start(&ClusterOptions {
+            users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
+            databases: vec!["rt".to_string()],
+            with_replica: true,
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    let lc = Arc::new(lc);
+    let (pport, rport) = (lc.primary_port, lc.replica_port.expect("a replica"));
+    let mut config = harness::config_for("rt");
+    let d = config.databases.get_mut("rt").expect("rt");
+    *d = Database {
+        hosts: Some(vec![
+            HostConfig {
+                host: "127.0.0.1".into(),
+                port: pport,
+                role: HostRole::Auto,
+                weight: 1,
+            },
+            HostConfig {
+                host: "127.0.0.1".into(),
+                port: rport,
+                role: HostRole::Auto,
+                weight: 1,
+            },
+        ]),
+        ..Database::default()
+    };
+    config.pgtide.primary_reads = false;
+    config.pgtide.max_replica_lag_bytes = 1024 * 1024;
+    config.pgtide.health_check_interval =
+        pgtide::config::ConfigDuration(std::time::Duration::from_millis(100));
+    config.pgtide.health_check_failures = 2;
+    config.pgtide.server_connect_retries = 0;
+    let pooler = harness::start_pgtide(config).await;
+    let c = app(&pooler, "rt").await;
+    until_value(
+        &c,
+        "SELECT pg_is_in_recovery()",
+        "t",
+        "reads reach the replica",
+    )
+    .await;
+
+    // Replay paused and ~13 MB written: the replica is beyond max_replica_lag_bytes, so
+    // reads leave it (for the primary) without any error; resumed, they come back.
+    let l = lc.clone();
+    blocking(move || {
+        l.psql(rport, "rt", "SELECT pg_wal_replay_pause()").expect("pause");
+        l.psql(
+            pport,
+            "rt",
+            "CREATE TABLE filler AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 100000) g",
+        )
+        .expect("write");
+    })
+    .await;
+    until_value(
+        &c,
+        "SELECT pg_is_in_recovery()",
+        "f",
+        "reads leave the lagging replica",
+    )
+    .await;
+    let l = lc.clone();
+    blocking(move || {
+        l.psql(rport, "rt", "SELECT pg_wal_replay_resume()")
+            .expect("resume")
+    })
+    .await;
+    until_value(
+        &c,
+        "SELECT pg_is_in_recovery()",
+        "t",
+        "reads return to the caught-up replica",
+    )
+    .await;
+
+    // The replica stops: reads fall back to the primary; the client stays connected.
+    let l = lc.clone();
+    blocking(move || crate::cluster::pg_ctl(&l, "replica", &["-m", "fast", "-w", "stop"])).await;
+    until_value(
+        &c,
+        "SELECT pg_is_in_recovery()",
+        "f",
+        "reads fall back to the primary",
+    )
+    .await;
+    let l = lc.clone();
+    blocking(move || {
+        let log = l.log_path(true);
+        let log = log.to_str().expect("utf-8 path").to_string();
+        crate::cluster::pg_ctl(&l, "replica", &["-l", &log, "-w", "-t", "60", "start"]);
+    })
+    .await;
+    until_value(
+        &c,
+        "SELECT pg_is_in_recovery()",
+        "t",
+        "the restarted replica serves reads",
+    )
+    .await;
+
+    // Failover: the primary stops and the replica is promoted. The idle client `c`, never
+    // reconnected, writes to the new primary.
+    let idle = app(&pooler, "rt").await;
+    let l = lc.clone();
+    blocking(move || {
+        crate::cluster::pg_ctl(&l, "primary", &["-m", "fast", "-w", "stop"]);
+        crate::cluster::pg_ctl(&l, "replica", &["-w", "promote"]);
+    })
+    .await;
+    // Probe with fresh connections until the new primary takes writes.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(45);
+    loop {
+        let s = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, "rt");
+        if let Ok(p) = harness::connect(&s).await {
+            if p.batch_execute("CREATE TABLE IF NOT EXISTS after_failover (v int)")
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "writes never reached the promoted replica"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    for client in [&c, &idle] {
+        assert_eq!(
+            last_value(
+                client,
+                "INSERT INTO after_failover VALUES (1) RETURNING pg_is_in_recovery()"
+            )
+            .await,
+            "f",
+            "a write through an existing client reaches the new primary"
+        );
+    }
 }

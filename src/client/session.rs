@@ -962,14 +962,30 @@ impl Session {
         self.pool = pool;
         self.on_replica = on_replica;
         self.replica_tx = replica_tx;
-        let checkout = self.pool.checkout(wait);
         let mut signal = self.signal.clone();
-        let r = tokio::select! {
-            r = checkout => r,
+        let mut r = tokio::select! {
+            r = self.pool.checkout(wait) => r,
             _ = signal.reached(Phase::Now) => {
                 return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
             }
         };
+        if self.on_replica && matches!(r, Err(crate::pool::CheckoutError::Connect { .. })) {
+            // The replica went away before the monitor noticed: this read runs on the
+            // primary rather than failing the client.
+            tracing::warn!(
+                server = %self.pool.target().address(),
+                "replica unreachable; running the transaction on the primary"
+            );
+            self.pool = self.login.pool_for_primary(&self.shared);
+            self.on_replica = false;
+            self.replica_tx = false;
+            r = tokio::select! {
+                r = self.pool.checkout(wait) => r,
+                _ = signal.reached(Phase::Now) => {
+                    return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
+                }
+            };
+        }
         let mut server = match r {
             Ok(s) => {
                 self.login
