@@ -371,3 +371,122 @@ async fn lag_outage_and_failover_keep_clients_working() {
         );
     }
 }
+
+/// A pgtide in front of `lc` (both hosts `auto`), with `tweak` applied.
+async fn routed_own(
+    lc: &pgtide::demo::LocalCluster,
+    tweak: impl FnOnce(&mut pgtide::config::Config),
+) -> pgtide::Pooler {
+    let (pport, rport) = (lc.primary_port, lc.replica_port.expect("a replica"));
+    let mut config = harness::config_for("rt");
+    let host = |port| HostConfig {
+        host: "127.0.0.1".into(),
+        port,
+        role: HostRole::Auto,
+        weight: 1,
+    };
+    *config.databases.get_mut("rt").expect("rt") = Database {
+        hosts: Some(vec![host(pport), host(rport)]),
+        ..Database::default()
+    };
+    config.pgtide.primary_reads = false;
+    config.pgtide.health_check_interval =
+        pgtide::config::ConfigDuration(std::time::Duration::from_millis(100));
+    tweak(&mut config);
+    harness::start_pgtide(config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_sees_its_own_write() {
+    use pgtide::config::{ConfigDuration, ReadYourWrites};
+    use pgtide::demo::{ClusterOptions, LocalCluster};
+    use std::sync::Arc;
+    let lc = blocking(|| {
+        LocalCluster::start(&ClusterOptions {
+            users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
+            databases: vec!["rt".to_string()],
+            with_replica: true,
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    let lc = Arc::new(lc);
+    let (pport, rport) = (lc.primary_port, lc.replica_port.expect("a replica"));
+    let l = lc.clone();
+    blocking(move || {
+        l.psql(pport, "rt", "CREATE TABLE t (v int)")
+            .expect("create");
+        l.wait_replica_caught_up().expect("caught up");
+    })
+    .await;
+    // No lag limits: a paused replica stays eligible, so only read-your-writes keeps a
+    // client's read off it.
+    let no_limits = |c: &mut pgtide::config::Config| {
+        c.pgtide.max_replica_lag_bytes = 0;
+        c.pgtide.max_replica_lag = ConfigDuration::secs(0);
+    };
+    let with_ryw = routed_own(&lc, |c| {
+        no_limits(c);
+        c.pgtide.read_your_writes = ReadYourWrites::Lsn;
+    })
+    .await;
+    let without = routed_own(&lc, no_limits).await;
+    let a = app(&with_ryw, "rt").await;
+    let b = app(&without, "rt").await;
+    until_value(
+        &a,
+        "SELECT pg_is_in_recovery()",
+        "t",
+        "reads reach the replica",
+    )
+    .await;
+    until_value(
+        &b,
+        "SELECT pg_is_in_recovery()",
+        "t",
+        "reads reach the replica",
+    )
+    .await;
+
+    let l = lc.clone();
+    blocking(move || {
+        l.psql(rport, "rt", "SELECT pg_wal_replay_pause()")
+            .expect("pause")
+    })
+    .await;
+    // Each client writes (on the primary), then reads at once.
+    assert_eq!(
+        last_value(&a, "INSERT INTO t VALUES (1) RETURNING pg_is_in_recovery()").await,
+        "f"
+    );
+    assert_eq!(
+        last_value(&a, "SELECT count(*) FROM t").await,
+        "1",
+        "read_your_writes = lsn: the client sees its own write"
+    );
+    assert_eq!(
+        last_value(&b, "INSERT INTO t VALUES (2) RETURNING pg_is_in_recovery()").await,
+        "f"
+    );
+    assert_eq!(
+        last_value(&b, "SELECT count(*) FROM t").await,
+        "0",
+        "read_your_writes = off: the paused replica answers, without the writes (this is what the \
+         other client is protected from)"
+    );
+    let l = lc.clone();
+    blocking(move || {
+        l.psql(rport, "rt", "SELECT pg_wal_replay_resume()")
+            .expect("resume")
+    })
+    .await;
+    // Once the replica has replayed it, reads go back to the replica.
+    until_value(
+        &a,
+        "SELECT pg_is_in_recovery()",
+        "t",
+        "reads return to the replica",
+    )
+    .await;
+    assert_eq!(last_value(&a, "SELECT count(*) FROM t").await, "2");
+}

@@ -148,11 +148,27 @@ struct Session {
     /// The current server is a replica chosen for an explicit read-only transaction:
     /// everything until its end goes there.
     replica_tx: bool,
+    /// read_your_writes = lsn: the WAL position of this client's last transaction on the
+    /// primary; its reads go only to replicas that have replayed it.
+    written_lsn: Option<u64>,
+    /// The current transaction went to the primary because it may write.
+    for_write: bool,
     bytes_in: u64,
     bytes_out: u64,
     tx_started: Option<Instant>,
     req_started: Option<Instant>,
     did_work: bool,
+}
+
+/// Where a transaction runs, as [`Session::choose_pool`] decides.
+struct Choice {
+    pool: Arc<crate::pool::Pool>,
+    /// The pool is a replica's.
+    replica: bool,
+    /// An explicit read-only transaction (or a forced route) on a replica.
+    replica_tx: bool,
+    /// The primary was chosen because the transaction may write.
+    write: bool,
 }
 
 /// A client's state, as the `pgtide_clients` gauge counts it.
@@ -299,6 +315,8 @@ impl Session {
             pool,
             on_replica: false,
             replica_tx: false,
+            written_lsn: None,
+            for_write: false,
             bytes_in: 0,
             bytes_out: 0,
             tx_started: None,
@@ -837,13 +855,19 @@ impl Session {
         sql.is_some_and(|sql| classify(sql, &opts).route == Route::Primary)
     }
 
-    /// Where the transaction the client is starting should run: (pool, is a replica, is
-    /// an explicit transaction on a replica).
-    /// `Err` carries the message for a read that may not fall back to the primary.
-    fn choose_pool(&self) -> Result<(Arc<crate::pool::Pool>, bool, bool), String> {
+    /// Where the transaction the client is starting should run. `Err` carries the message
+    /// for a read that may not fall back to the primary.
+    fn choose_pool(&self) -> Result<Choice, String> {
         use crate::config::{LoadBalance, ReplicaFallback, Route as Override};
         use crate::router::classify::{classify, transaction_mode, ClassifyOptions, Route};
-        let primary = || Ok((self.login.pool_for_primary(&self.shared), false, false));
+        let primary = || {
+            Ok(Choice {
+                pool: self.login.pool_for_primary(&self.shared),
+                replica: false,
+                replica_tx: false,
+                write: false,
+            })
+        };
         let Some(cluster) = self.shared.clusters.get(&self.login.database) else {
             return primary();
         };
@@ -906,9 +930,18 @@ impl Session {
             }
         };
         if route == Route::Primary {
-            return primary();
+            return primary().map(|c| Choice { write: true, ..c });
         }
         let mut replicas = cluster.replicas_within(r.max_replica_lag_bytes, r.max_replica_lag);
+        if let Some(lsn) = self.written_lsn {
+            // Read your writes: only replicas seen to have replayed the client's last write.
+            replicas.retain(|id| {
+                cluster
+                    .host(*id)
+                    .and_then(|h| h.replay_lsn)
+                    .is_some_and(|replayed| replayed.0 >= lsn)
+            });
+        }
         if r.primary_reads {
             if let Some(p) = cluster.primary() {
                 replicas.push(p);
@@ -940,8 +973,60 @@ impl Session {
             .shared
             .pool_on(&self.login.database, &self.login.user, pick.0)
         {
-            Some(pool) => Ok((pool, is_replica, is_replica && explicit)),
+            Some(pool) => Ok(Choice {
+                pool,
+                replica: is_replica,
+                replica_tx: is_replica && explicit,
+                write: false,
+            }),
             None => primary(),
+        }
+    }
+
+    /// A database whose monitor knows no primary (failover under way): wait up to
+    /// `primary_wait_timeout` for one, then take its pool.
+    async fn wait_for_primary(&mut self) {
+        let Some(cluster) = self.shared.clusters.get(&self.login.database).cloned() else {
+            return;
+        };
+        if cluster.primary().is_some() {
+            return;
+        }
+        let wait = self
+            .shared
+            .config
+            .cluster_settings(&self.login.database, &self.login.user)
+            .map_or(Duration::ZERO, |s| s.routing.primary_wait_timeout);
+        let mut changes = cluster.primary_changes();
+        let _ = tokio::time::timeout(wait, changes.wait_for(|p| p.is_some())).await;
+        self.pool = self.login.pool_for_primary(&self.shared);
+    }
+
+    /// read_your_writes = lsn: after a transaction on the primary, remembers where its
+    /// WAL ends (one extra round trip), so that the client's reads avoid replicas that
+    /// have not replayed it yet.
+    async fn note_written_lsn(&mut self, server: &mut ServerConn) {
+        let on = self
+            .shared
+            .config
+            .cluster_settings(&self.login.database, &self.login.user)
+            .is_some_and(|s| s.routing.read_your_writes == crate::config::ReadYourWrites::Lsn);
+        if !on || !self.for_write || !self.shared.clusters.contains_key(&self.login.database) {
+            return;
+        }
+        let timeout = login::internal_timeout(&self.shared);
+        if let Ok(r) = server
+            .run_internal("SELECT pg_current_wal_insert_lsn()", timeout)
+            .await
+        {
+            let lsn = r
+                .rows
+                .first()
+                .and_then(|row| row.first().cloned().flatten())
+                .and_then(|t| crate::cluster::Lsn::parse(&t));
+            if let Some(lsn) = lsn {
+                self.written_lsn = Some(self.written_lsn.map_or(lsn.0, |w| w.max(lsn.0)));
+            }
         }
     }
 
@@ -951,7 +1036,12 @@ impl Session {
         let wait = self.shared.config.pgtide.query_wait_timeout.0;
         self.set_state(ClientState::Waiting);
         let waiting_since = Instant::now();
-        let (pool, on_replica, replica_tx) = match self.choose_pool() {
+        let Choice {
+            pool,
+            replica: on_replica,
+            replica_tx,
+            write,
+        } = match self.choose_pool() {
             Ok(p) => p,
             Err(msg) => {
                 return Err(self
@@ -962,6 +1052,10 @@ impl Session {
         self.pool = pool;
         self.on_replica = on_replica;
         self.replica_tx = replica_tx;
+        self.for_write = write;
+        if !on_replica {
+            self.wait_for_primary().await;
+        }
         let mut signal = self.signal.clone();
         let mut r = tokio::select! {
             r = self.pool.checkout(wait) => r,
@@ -1057,6 +1151,7 @@ impl Session {
             self.pool.discard(server);
             return;
         }
+        self.note_written_lsn(&mut server).await;
         if std::mem::take(&mut self.dealloc_pending) && !self.deallocate_all(&mut server).await {
             self.pool.discard(server);
             return;
