@@ -154,6 +154,31 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_replica_refuses_runs_on_the_primary() {
+    let (db, pooler) = routed("route_25006", |_| {}).await;
+    harness::psql(
+        harness::primary_port(),
+        &db,
+        "CREATE TABLE t (id int); \
+         CREATE FUNCTION f() RETURNS int LANGUAGE sql VOLATILE AS 'INSERT INTO t VALUES (1) RETURNING 1'",
+    );
+    harness::wait_replica_caught_up();
+    let c = app(&pooler, &db).await;
+    until_replica_serves(&c).await;
+    // SELECT f() looks like a read, goes to the replica, which refuses it (25006): it
+    // runs again on the primary before the client sees anything.
+    assert_eq!(last_value(&c, "SELECT f()").await, "1");
+    let row = to("extended", c.query_one("SELECT f()", &[]))
+        .await
+        .expect("extended SELECT f()");
+    assert_eq!(row.get::<_, i32>(0), 1);
+    let n = harness::psql(harness::primary_port(), &db, "SELECT count(*) FROM t");
+    assert_eq!(n.trim(), "2", "both calls inserted on the primary");
+    // Reads still go to the replica afterwards.
+    assert_eq!(last_value(&c, "SELECT pg_is_in_recovery()").await, "t");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_write_after_reads_waits_for_the_primary() {
     let (db, pooler) = routed("route_pipeline", |_| {}).await;
     harness::psql(harness::primary_port(), &db, "CREATE TABLE t (id int)");

@@ -29,6 +29,9 @@ use crate::protocol::{frontend, sqlstate, status, tag, ScanError, Scanner};
 use crate::server::ServerConn;
 use crate::shutdown::{Phase, ShutdownSignal};
 
+/// The largest request, and answer, held for a retry on the primary.
+const RETRY_MAX: usize = 256 * 1024;
+
 /// Read at most this much ahead of what the other side has taken.
 const HIGH_WATER: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
@@ -153,6 +156,15 @@ struct Session {
     written_lsn: Option<u64>,
     /// The current transaction went to the primary because it may write.
     for_write: bool,
+    /// An autocommit request on a replica, kept (as the client sent it) so that it can
+    /// run again on the primary if the replica refuses it as a write (25006). While it
+    /// is kept, the replica's answer is held back from the client (from `retry_mark`
+    /// in `s2c`); a request or answer too large to keep gives the retry up.
+    retry: Option<BytesMut>,
+    retry_mark: usize,
+    retry_to_primary: bool,
+    /// The next transaction goes to the primary whatever its text says.
+    force_primary: bool,
     bytes_in: u64,
     bytes_out: u64,
     tx_started: Option<Instant>,
@@ -317,6 +329,10 @@ impl Session {
             replica_tx: false,
             written_lsn: None,
             for_write: false,
+            retry: None,
+            retry_mark: 0,
+            retry_to_primary: false,
+            force_primary: false,
             bytes_in: 0,
             bytes_out: 0,
             tx_started: None,
@@ -413,10 +429,27 @@ impl Session {
                 return Err(self.server_lost(&e.to_string()).await_told(self).await);
             }
         }
-        if self.s_ready > 0 {
-            let before = self.s_ready;
-            let r = write_some(&self.client, &mut self.s2c, &mut self.s_ready);
-            self.bytes_out += (before - self.s_ready) as u64;
+        if self.retry.is_some() && self.s2c.len() - self.retry_mark > RETRY_MAX {
+            // Too much to hold back: the client gets the replica's answer as it comes.
+            self.retry = None;
+        }
+        if self.retry_to_primary && self.pending == 0 && self.server.is_some() {
+            return self.retry_on_primary().await;
+        }
+        let writable = if self.retry.is_some() {
+            self.s_ready.min(self.retry_mark)
+        } else {
+            self.s_ready
+        };
+        if writable > 0 {
+            let mut ready = writable;
+            let r = write_some(&self.client, &mut self.s2c, &mut ready);
+            let written = writable - ready;
+            self.s_ready -= written;
+            if self.retry.is_some() {
+                self.retry_mark -= written;
+            }
+            self.bytes_out += written as u64;
             r.map_err(|e| End::ClientError(e.to_string()))?;
         }
         if let Some(msg) = self.server_fatal.take() {
@@ -502,6 +535,12 @@ impl Session {
         let server = self.server.as_ref().map(|s| &s.stream);
         let want_client = !self.terminated && (self.c_ready == 0 || self.c2s.len() < HIGH_WATER);
         let want_server = server.is_some() && (self.s_ready == 0 || self.s2c.len() < HIGH_WATER);
+        // Bytes that may go to the client now (an answer held for a retry does not).
+        let client_bytes = if self.retry.is_some() {
+            self.s_ready.min(self.retry_mark)
+        } else {
+            self.s_ready
+        };
         let client = &self.client;
         let signal = &mut self.signal;
         tokio::select! {
@@ -524,7 +563,7 @@ impl Session {
                 let _ = r;
                 Event::ServerWritable
             }
-            r = client.writable(), if self.s_ready > 0 => {
+            r = client.writable(), if client_bytes > 0 => {
                 let _ = r;
                 Event::ClientWritable
             }
@@ -646,6 +685,13 @@ impl Session {
                 }
                 _ => {}
             }
+            if let Some(kept) = self.retry.as_mut() {
+                if frame.body.is_some() && kept.len() < RETRY_MAX {
+                    kept.extend_from_slice(&self.c2s[start..pos]);
+                } else {
+                    self.retry = None;
+                }
+            }
             if self.tracked && counted && owes_answer(frame.tag) {
                 self.track_client_message(frame.tag, start, &mut pos);
             }
@@ -738,6 +784,9 @@ impl Session {
                     let f = backend::parse_error_fields(body);
                     error_code = Some(f.code.to_string());
                     self.login.pool.metrics.error(f.code);
+                    if f.code == "25006" && self.retry.is_some() {
+                        self.retry_to_primary = true;
+                    }
                     self.login.pool.metrics.queries.inc();
                     self.did_work = true;
                     if f.is_fatal() {
@@ -871,6 +920,9 @@ impl Session {
         let Some(cluster) = self.shared.clusters.get(&self.login.database) else {
             return primary();
         };
+        if self.force_primary {
+            return primary().map(|c| Choice { write: true, ..c });
+        }
         if self.login.mode != PoolMode::Transaction {
             return primary();
         }
@@ -983,6 +1035,31 @@ impl Session {
         }
     }
 
+    /// The replica refused the request as a write (25006) and nothing of its answer reached
+    /// the client: drop the answer, give the replica back, and send the request again,
+    /// to the primary.
+    async fn retry_on_primary(&mut self) -> Result<(), End> {
+        let Some(kept) = self.retry.take() else {
+            return Ok(());
+        };
+        self.retry_to_primary = false;
+        tracing::debug!("a replica refused a write (25006); running it on the primary");
+        self.s2c.truncate(self.retry_mark);
+        self.s_ready = self.retry_mark;
+        self.release().await;
+        if self.server.is_some() {
+            // Not released (the answer was not complete): give up the retry.
+            return Ok(());
+        }
+        let mut again = kept;
+        again.extend_from_slice(&self.c2s[self.c_ready..]);
+        self.c2s = again;
+        self.c_ready = 0;
+        self.c_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        self.force_primary = true;
+        Ok(())
+    }
+
     /// A database whose monitor knows no primary (failover under way): wait up to
     /// `primary_wait_timeout` for one, then take its pool.
     async fn wait_for_primary(&mut self) {
@@ -1053,6 +1130,10 @@ impl Session {
         self.on_replica = on_replica;
         self.replica_tx = replica_tx;
         self.for_write = write;
+        self.force_primary = false;
+        self.retry_to_primary = false;
+        self.retry = (on_replica && !replica_tx).then(BytesMut::new);
+        self.retry_mark = self.s2c.len();
         if !on_replica {
             self.wait_for_primary().await;
         }
@@ -1138,6 +1219,7 @@ impl Session {
         };
         self.set_state(ClientState::Idle);
         self.flush_metrics();
+        self.retry = None;
         self.login.cancel.detach().await;
         if !self.pipeline.is_empty() {
             // Every answer came back, yet the bookkeeping says otherwise: do not trust
