@@ -515,3 +515,142 @@ async fn read_your_writes_sees_its_own_write() {
     .await;
     assert_eq!(last_value(&a, "SELECT count(*) FROM t").await, "2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_usable_replica_falls_back_or_fails_as_configured() {
+    use pgtide::config::ReplicaFallback;
+    // The "replica" is a port nobody listens on: the monitor marks it down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let with_dead_replica = |fallback: ReplicaFallback| {
+        move |c: &mut pgtide::config::Config| {
+            let d = c.databases.values_mut().next().expect("a database");
+            if let Some(hosts) = d.hosts.as_mut() {
+                hosts[1].port = closed.port();
+            }
+            c.pgtide.replica_fallback = fallback;
+            c.pgtide.health_check_failures = 1;
+        }
+    };
+    let (db, pooler) = routed(
+        "route_fallback",
+        with_dead_replica(ReplicaFallback::Primary),
+    )
+    .await;
+    let c = app(&pooler, &db).await;
+    for _ in 0..5 {
+        assert_eq!(
+            last_value(&c, "SELECT pg_is_in_recovery()").await,
+            "f",
+            "reads fall back to the primary"
+        );
+    }
+    let (db, pooler) = routed(
+        "route_fallback_err",
+        with_dead_replica(ReplicaFallback::Error),
+    )
+    .await;
+    let s = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, &db);
+    let (c, conn) = to(
+        "connect",
+        tokio_postgres::connect(&s, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("connect");
+    let driver = tokio::spawn(conn);
+    // Give the monitor a moment to see the replica down, then read.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let e = to("read", c.simple_query("SELECT 1"))
+        .await
+        .expect_err("no replica, no fallback");
+    let end = to("connection end", driver).await.expect("driver");
+    let code = e
+        .code()
+        .cloned()
+        .or_else(|| end.err().and_then(|e| e.code().cloned()));
+    assert_eq!(
+        code,
+        Some(tokio_postgres::error::SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+        "{e:?}"
+    );
+}
+
+/// 50 clients mixing TPC-B transactions (writes) and select-only reads for 20 s: no
+/// failed transaction, reads served by the replica, and no write ever attempted there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_workload_has_no_errors_and_no_writes_on_the_replica() {
+    let (db, pooler) = routed("route_mixed", |c| c.pgtide.pool_size = 10).await;
+    crate::pgbench::init(harness::primary_port(), &db).await;
+    harness::wait_replica_caught_up();
+    let replica_stats = || {
+        let out = harness::psql(
+            harness::replica_port(),
+            "postgres",
+            &format!(
+                "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = '{db}'"
+            ),
+        );
+        let mut it = out
+            .trim()
+            .split('|')
+            .map(|v| v.parse::<i64>().expect("a number"));
+        (it.next().expect("commits"), it.next().expect("rollbacks"))
+    };
+    let (commits_before, rollbacks_before) = replica_stats();
+    let (ok, out, err) = crate::pgbench::pgbench(
+        pooler.local_addr().port(),
+        &db,
+        &[
+            "-c",
+            "50",
+            "-j",
+            "2",
+            "-T",
+            "20",
+            "-n",
+            "-b",
+            "tpcb-like@1",
+            "-b",
+            "select-only@4",
+        ],
+    )
+    .await;
+    assert!(ok, "pgbench failed:\n{out}\n{err}");
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    assert!(
+        !out.contains("aborted") && !err.contains("aborted"),
+        "{out}\n{err}"
+    );
+    // Statistics reach pg_stat_database within a second or so.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (commits, rollbacks) = replica_stats();
+    assert!(
+        commits - commits_before > 100,
+        "the replica served reads ({commits_before} -> {commits})"
+    );
+    assert_eq!(
+        rollbacks - rollbacks_before,
+        0,
+        "a write was attempted on the replica"
+    );
+    // And the primary kept pgbench's invariant.
+    let sum = |t: &str, c: &str| {
+        harness::psql(
+            harness::primary_port(),
+            &db,
+            &format!("SELECT sum({c}) FROM {t}"),
+        )
+        .trim()
+        .to_string()
+    };
+    assert_eq!(
+        sum("pgbench_accounts", "abalance"),
+        sum("pgbench_tellers", "tbalance")
+    );
+    assert_eq!(
+        sum("pgbench_branches", "bbalance"),
+        sum("pgbench_history", "delta")
+    );
+}
