@@ -272,8 +272,16 @@ fn spawn_zero_config(db: &str, via_env: bool) -> (ChildGuard, SocketAddr) {
 
 /// `pgtide` for the upstream `url` on a free port; waits until it accepts.
 fn spawn_upstream(url: &str, via_env: bool) -> (ChildGuard, SocketAddr) {
+    spawn_upstream_with(url, via_env, &[])
+}
+
+/// The same, with `--replica` URLs.
+fn spawn_upstream_with(url: &str, via_env: bool, replicas: &[String]) -> (ChildGuard, SocketAddr) {
     let listen = free_addr();
     let mut cmd = Command::new(PGTIDE);
+    for r in replicas {
+        cmd.arg("--replica").arg(r);
+    }
     cmd.env_remove("DATABASE_URL");
     if via_env {
         cmd.env("DATABASE_URL", url);
@@ -605,4 +613,53 @@ fn demo_serves_psql_and_removes_everything_on_sigint() {
     );
     // And nothing listens on the demo's address any more.
     assert!(TcpStream::connect_timeout(&listen, Duration::from_secs(1)).is_err());
+}
+
+/// Zero-config mode with `--replica`: reads go to the replica, writes to the primary.
+#[test]
+fn zero_config_with_a_replica_routes_reads_to_it() {
+    let db = harness::fresh_database("cli_replica");
+    harness::psql(harness::primary_port(), &db, "CREATE TABLE t (v int)");
+    harness::wait_replica_caught_up();
+    let url = |port: u16| {
+        format!(
+            "postgres://app:{}@127.0.0.1:{port}/{db}",
+            harness::APP_PASSWORD
+        )
+    };
+    let (_child, addr) = spawn_upstream_with(
+        &url(harness::primary_port()),
+        false,
+        &[url(harness::replica_port())],
+    );
+    let conninfo = format!("postgres://app@{addr}/{db}");
+    // The monitor finds the roles within a few checks; poll for the replica.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, err) = psql_url(
+            &conninfo,
+            Some(harness::APP_PASSWORD),
+            "SELECT pg_is_in_recovery()",
+        );
+        assert!(ok, "read through pgtide: {err}");
+        if out == "t" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads never reached the replica"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, out, err) = psql_url(
+        &conninfo,
+        Some(harness::APP_PASSWORD),
+        "INSERT INTO t VALUES (1) RETURNING pg_is_in_recovery()",
+    );
+    assert!(ok, "write through pgtide: {err}");
+    assert_eq!(
+        out.lines().next(),
+        Some("f"),
+        "the write ran on the primary: {out}"
+    );
 }

@@ -17,6 +17,10 @@ struct Cli {
     /// Zero-config mode: pool this one database (postgres://user:pass@host:port/db).
     #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
     upstream: Option<String>,
+    /// Zero-config mode: a streaming replica of the upstream database (repeatable); reads
+    /// go to replicas, roles are discovered with pg_is_in_recovery().
+    #[arg(long = "replica", value_name = "URL")]
+    replicas: Vec<String>,
     /// Listen address, overriding the config (default 127.0.0.1:6432).
     #[arg(long, value_name = "HOST:PORT", global = true)]
     listen: Option<SocketAddr>,
@@ -115,7 +119,7 @@ fn main() -> ExitCode {
             init_logging(cli.log_format);
             let loaded = match (&cli.config, &cli.upstream) {
                 (Some(path), _) => Config::from_file(path),
-                (None, Some(url)) => Config::from_upstream_url(url),
+                (None, Some(url)) => Config::from_upstream_with_replicas(url, &cli.replicas),
                 (None, None) => {
                     eprintln!("pgtide: give --config FILE, or --upstream URL (or DATABASE_URL) for zero-config mode");
                     return ExitCode::from(2);

@@ -1012,12 +1012,48 @@ impl Session {
             .shared
             .replica_turn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let weight = |id: crate::cluster::HostId| cluster.host(id).map_or(1, |h| h.weight.max(1));
         let pick = match r.load_balance {
-            LoadBalance::Random => replicas[rand::random::<usize>() % replicas.len()],
-            // Round robin; least_outstanding is approximated by it until pools report
-            // their load.
-            LoadBalance::RoundRobin | LoadBalance::LeastOutstanding => {
-                replicas[turn % replicas.len()]
+            LoadBalance::Random => {
+                // In proportion to weight.
+                let total: u32 = replicas.iter().map(|id| weight(*id)).sum();
+                let mut n = rand::random::<u32>() % total.max(1);
+                let mut pick = replicas[0];
+                for id in &replicas {
+                    if n < weight(*id) {
+                        pick = *id;
+                        break;
+                    }
+                    n -= weight(*id);
+                }
+                pick
+            }
+            LoadBalance::RoundRobin => replicas[turn % replicas.len()],
+            LoadBalance::LeastOutstanding => {
+                // Fewest connections in use or waited for, per unit of weight; ties go
+                // in turn.
+                let load = |id: crate::cluster::HostId| {
+                    let busy = self
+                        .shared
+                        .pool_on(&self.login.database, &self.login.user, id.0)
+                        .map_or(0, |p| {
+                            let (total, idle, waiting) = p.counts();
+                            total as usize - idle + waiting
+                        });
+                    busy as f64 / f64::from(weight(id))
+                };
+                let n = replicas.len();
+                let mut best = replicas[turn % n];
+                let mut best_load = load(best);
+                for k in 1..n {
+                    let id = replicas[(turn + k) % n];
+                    let l = load(id);
+                    if l < best_load {
+                        best = id;
+                        best_load = l;
+                    }
+                }
+                best
             }
         };
         let is_replica = Some(pick) != cluster.primary();

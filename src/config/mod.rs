@@ -592,6 +592,49 @@ impl Config {
         validate::from_upstream_url(url)
     }
 
+    /// Zero-config mode with replicas: the upstream URL's database, served by the
+    /// upstream host and each replica URL's host, every one with `role = "auto"` (roles
+    /// come from `pg_is_in_recovery()`).
+    pub fn from_upstream_with_replicas(
+        url: &str,
+        replicas: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut config = validate::from_upstream_url(url)?;
+        if replicas.is_empty() {
+            return Ok(config);
+        }
+        let Some(db) = config.databases.values_mut().next() else {
+            return Ok(config);
+        };
+        let auto = |host: String, port: u16| HostConfig {
+            host,
+            port,
+            role: HostRole::Auto,
+            weight: 1,
+        };
+        let mut hosts = vec![auto(db.host.clone(), db.port)];
+        for r in replicas {
+            let rc = validate::from_upstream_url(r).map_err(|e| ConfigError {
+                problems: e
+                    .problems
+                    .into_iter()
+                    .map(|p| Problem {
+                        key: "replica".into(),
+                        message: p.message,
+                    })
+                    .collect(),
+            })?;
+            if let Some(rd) = rc.databases.values().next() {
+                hosts.push(auto(rd.host.clone(), rd.port));
+            }
+        }
+        db.hosts = Some(hosts);
+        db.host = Database::default().host;
+        db.port = Database::default().port;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// The settings of the pool for (database, user): user overrides win over database
     /// overrides, which win over the global values.
     pub fn pool_settings(&self, database: &str, user: &str) -> PoolSettings {
