@@ -1075,18 +1075,20 @@ impl Session {
     /// the client: drop the answer, give the replica back, and send the request again,
     /// to the primary.
     async fn retry_on_primary(&mut self) -> Result<(), End> {
+        self.retry_to_primary = false;
+        if !self.server_idle() {
+            // The replica is not idle (say, its answer is still arriving): no retry; the
+            // client gets the replica's answer, error included.
+            self.retry = None;
+            return Ok(());
+        }
         let Some(kept) = self.retry.take() else {
             return Ok(());
         };
-        self.retry_to_primary = false;
         tracing::debug!("a replica refused a write (25006); running it on the primary");
         self.s2c.truncate(self.retry_mark);
         self.s_ready = self.retry_mark;
         self.release().await;
-        if self.server.is_some() {
-            // Not released (the answer was not complete): give up the retry.
-            return Ok(());
-        }
         let mut again = kept;
         again.extend_from_slice(&self.c2s[self.c_ready..]);
         self.c2s = again;
