@@ -654,3 +654,54 @@ async fn mixed_workload_has_no_errors_and_no_writes_on_the_replica() {
         sum("pgbench_history", "delta")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_transaction_read_only_after_begin_goes_to_the_replica() {
+    let (db, pooler) = routed("route_settx", |_| {}).await;
+    harness::psql(harness::primary_port(), &db, "CREATE TABLE t (v int)");
+    harness::wait_replica_caught_up();
+    let c = app(&pooler, &db).await;
+    until_replica_serves(&c).await;
+    // BEGIN, then SET TRANSACTION READ ONLY as its own statement: a replica.
+    to("begin", c.batch_execute("BEGIN")).await.expect("begin");
+    to("set", c.batch_execute("SET TRANSACTION READ ONLY"))
+        .await
+        .expect("set");
+    assert_eq!(last_value(&c, "SELECT pg_is_in_recovery()").await, "t");
+    assert_eq!(last_value(&c, "SHOW transaction_read_only").await, "on");
+    to("commit", c.batch_execute("COMMIT"))
+        .await
+        .expect("commit");
+    // BEGIN, then anything else: the primary, one transaction.
+    to("begin", c.batch_execute("BEGIN")).await.expect("begin");
+    assert_eq!(last_value(&c, "SELECT pg_is_in_recovery()").await, "f");
+    to("insert", c.batch_execute("INSERT INTO t VALUES (1)"))
+        .await
+        .expect("insert");
+    to("rollback", c.batch_execute("ROLLBACK"))
+        .await
+        .expect("rollback");
+    let n = harness::psql(harness::primary_port(), &db, "SELECT count(*) FROM t");
+    assert_eq!(
+        n.trim(),
+        "0",
+        "the rolled-back insert was in the transaction BEGIN started"
+    );
+    // BEGIN then COMMIT with nothing in between works too, and so does the extended
+    // protocol inside the transaction.
+    to("begin", c.batch_execute("BEGIN")).await.expect("begin");
+    to("commit", c.batch_execute("COMMIT"))
+        .await
+        .expect("commit");
+    to("begin", c.batch_execute("BEGIN")).await.expect("begin");
+    let r = to("extended", c.query_one("SELECT pg_is_in_recovery()", &[]))
+        .await
+        .expect("read");
+    assert!(
+        !r.get::<_, bool>(0),
+        "a transaction without READ ONLY runs on the primary"
+    );
+    to("commit", c.batch_execute("COMMIT"))
+        .await
+        .expect("commit");
+}

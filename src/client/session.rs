@@ -165,6 +165,12 @@ struct Session {
     retry_to_primary: bool,
     /// The next transaction goes to the primary whatever its text says.
     force_primary: bool,
+    /// A plain `BEGIN` answered by pgtide without a server (the client's Query message),
+    /// so that a `SET TRANSACTION READ ONLY` that follows can still send the transaction
+    /// to a replica; it goes to the server chosen for the next statement, its reply (a
+    /// CommandComplete and a ReadyForQuery: `hide_begin_reply`) hidden.
+    deferred_begin: Option<Vec<u8>>,
+    hide_begin_reply: u8,
     bytes_in: u64,
     bytes_out: u64,
     tx_started: Option<Instant>,
@@ -333,6 +339,8 @@ impl Session {
             retry_mark: 0,
             retry_to_primary: false,
             force_primary: false,
+            deferred_begin: None,
+            hide_begin_reply: 0,
             bytes_in: 0,
             bytes_out: 0,
             tx_started: None,
@@ -412,11 +420,49 @@ impl Session {
                     .await)
             }
         }
+        if self.server.is_none()
+            && (self.c_ready > 0 || self.need_attach)
+            && self.deferred_begin.is_none()
+            && self.begin_can_wait()
+        {
+            let msg = self.c2s.split().to_vec();
+            if !self.tracked {
+                // Counted when it was framed; it does not go out now.
+                self.pending = self.pending.saturating_sub(1);
+            }
+            self.c_ready = 0;
+            self.need_attach = false;
+            let mut b = BytesMut::new();
+            crate::protocol::put_message(&mut b, Some(tag::COMMAND_COMPLETE), |b| {
+                b.extend_from_slice(b"BEGIN\0")
+            });
+            backend::ready_for_query(&mut b, status::IN_TRANSACTION);
+            let at = self.s_ready;
+            splice(&mut self.s2c, at..at, &b);
+            self.s_ready += b.len();
+            self.deferred_begin = Some(msg);
+            return Ok(());
+        }
         if self.server.is_none() && (self.c_ready > 0 || self.need_attach) {
             self.attach().await?;
             if std::mem::take(&mut self.need_attach) {
                 // Frame (and map) the messages that waited for the server.
                 self.scan_client()?;
+            }
+            if let Some(begin) = self.deferred_begin.take() {
+                // The BEGIN pgtide answered goes first; its reply is hidden.
+                let len = begin.len();
+                let mut with_begin = BytesMut::with_capacity(len + self.c2s.len());
+                with_begin.extend_from_slice(&begin);
+                with_begin.extend_from_slice(&self.c2s);
+                self.c2s = with_begin;
+                self.c_ready += len;
+                self.pending += 1;
+                if self.tracked {
+                    let mut end = len;
+                    self.track_client_message(tag::QUERY, 0, &mut end);
+                }
+                self.hide_begin_reply = 2;
             }
         }
         if self.c_ready > 0 && self.server.is_some() {
@@ -740,7 +786,8 @@ impl Session {
     fn scan_server(&mut self) -> Result<(), End> {
         let mut pos = self.s_ready;
         pos += self.s_scan.resume(&self.s2c[pos..]);
-        let whole = if self.tracked {
+        // CommandComplete is looked at whole while a BEGIN's reply is to be hidden.
+        let whole = if self.tracked || self.hide_begin_reply > 0 {
             server_whole_tracked
         } else {
             server_whole
@@ -806,6 +853,32 @@ impl Session {
                     self.copy_in = self.copy_window_open;
                 }
                 _ => {}
+            }
+            if self.hide_begin_reply > 0
+                && matches!(t, tag::COMMAND_COMPLETE | tag::READY_FOR_QUERY)
+            {
+                // The reply to the BEGIN pgtide already answered.
+                self.hide_begin_reply -= 1;
+                let mut after = Vec::new();
+                if self.tracked {
+                    if let Some(server) = self.server.as_mut() {
+                        prepared::on_server_message(
+                            t,
+                            None,
+                            prepared::ServerCtx {
+                                pipeline: &mut self.pipeline,
+                                server: &mut server.statements,
+                                client: &mut self.statements,
+                                cache: &self.shared.statements,
+                                after: &mut after,
+                            },
+                        );
+                    }
+                }
+                // Answers pgtide owes right after it still go out.
+                splice(&mut self.s2c, start..pos, &after);
+                pos = start + after.len();
+                continue;
             }
             if self.tracked {
                 if let Some(server) = self.server.as_mut() {
@@ -923,6 +996,18 @@ impl Session {
         if self.force_primary {
             return primary().map(|c| Choice { write: true, ..c });
         }
+        let deferred_read_only = self.deferred_begin.is_some() && {
+            // The transaction pgtide began: read-only if its first statement says so.
+            let (texts, _) = self.pending_texts();
+            texts
+                .first()
+                .and_then(|sql| transaction_mode(sql))
+                .is_some_and(|tx| {
+                    tx.kind == crate::router::classify::TxKind::SetTransaction
+                        && tx.read_only == Some(true)
+                        && tx.replica_ok(false)
+                })
+        };
         if self.login.mode != PoolMode::Transaction {
             return primary();
         }
@@ -936,6 +1021,14 @@ impl Session {
         let r = &settings.routing;
         let mut explicit = false;
         let route = match (r.route, self.login.params.value("pgtide.route")) {
+            _ if self.deferred_begin.is_some() => {
+                explicit = true;
+                if deferred_read_only {
+                    Route::Replica
+                } else {
+                    return primary().map(|c| Choice { write: true, ..c });
+                }
+            }
             (_, Some("primary")) | (Override::Primary, _) => Route::Primary,
             (_, Some("replica")) | (Override::Replica, _) => {
                 // Everything goes to a replica, writes too (they fail there): nothing is
@@ -1069,6 +1162,50 @@ impl Session {
             }),
             None => primary(),
         }
+    }
+
+    /// True when the client's only pending message is a plain `BEGIN` (no read mode) on a
+    /// routed database: pgtide can answer it and route the transaction by what follows.
+    fn begin_can_wait(&self) -> bool {
+        use crate::config::Route as Override;
+        use crate::router::classify::{transaction_mode, TxKind};
+        if self.login.mode != PoolMode::Transaction
+            || !self.shared.clusters.contains_key(&self.login.database)
+        {
+            return false;
+        }
+        let routed_by_text = self
+            .shared
+            .config
+            .cluster_settings(&self.login.database, &self.login.user)
+            .is_some_and(|s| s.routing.route == Override::Auto);
+        if !routed_by_text || self.login.params.value("pgtide.route").is_some() {
+            return false;
+        }
+        let mut scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        let mut pos = 0;
+        let Ok(Some(f)) = scan.next(&self.c2s, &mut pos, |_| true) else {
+            return false;
+        };
+        if f.tag != tag::QUERY || pos != self.c2s.len() {
+            return false;
+        }
+        let Some(sql) = f.body.and_then(frontend::query_text) else {
+            return false;
+        };
+        transaction_mode(sql).is_some_and(|tx| {
+            tx.kind == TxKind::Begin && tx.read_only.is_none() && !self.session_read_only()
+        }) && crate::router::lexer::Lexer::new(sql)
+            .filter(|t| matches!(t, crate::router::lexer::Token::Semicolon))
+            .count()
+            <= 1
+    }
+
+    fn session_read_only(&self) -> bool {
+        matches!(
+            self.login.params.value("default_transaction_read_only"),
+            Some("on" | "true" | "1" | "yes")
+        )
     }
 
     /// The replica refused the request as a write (25006) and nothing of its answer reached
