@@ -143,6 +143,23 @@ async fn reads_go_to_the_replica_and_writes_to_the_primary() {
     to("commit", c.batch_execute("COMMIT"))
         .await
         .expect("commit");
+    // BEGIN READ ONLY through the extended protocol (as pgjdbc sends it): the replica.
+    to("begin ro", c.execute("BEGIN READ ONLY", &[]))
+        .await
+        .expect("extended BEGIN READ ONLY");
+    let r = to(
+        "read in ro tx",
+        c.query_one("SELECT pg_is_in_recovery()", &[]),
+    )
+    .await
+    .expect("read");
+    assert!(
+        r.get::<_, bool>(0),
+        "a read-only transaction begun by Parse/Bind/Execute runs on the replica"
+    );
+    to("commit", c.execute("COMMIT", &[]))
+        .await
+        .expect("commit");
     // A prepared read goes to the replica, and runs there again later.
     let stmt = to("prepare", c.prepare("SELECT pg_is_in_recovery()"))
         .await
