@@ -212,19 +212,7 @@ fn client_whole(t: u8) -> bool {
 
 /// With prepared-statement tracking every message that owes an answer is looked at.
 fn client_whole_tracked(t: u8) -> bool {
-    matches!(
-        t,
-        tag::QUERY
-            | tag::PARSE
-            | tag::BIND
-            | tag::DESCRIBE
-            | tag::EXECUTE
-            | tag::CLOSE
-            | tag::SYNC
-            | tag::FLUSH
-            | tag::FUNCTION_CALL
-            | tag::TERMINATE
-    )
+    owes_answer(t) || matches!(t, tag::FLUSH | tag::TERMINATE)
 }
 
 fn owes_answer(t: u8) -> bool {
