@@ -125,11 +125,16 @@ async fn pgbench_tpcb_simple_and_extended_keep_the_balances() {
     let simple = run(addr, &db, "simple", false).await;
     let extended = run(addr, &db, "extended", false).await;
 
-    // pgbench's invariant, checked on the primary: every committed transaction updated
-    // one account, one teller and one branch by the delta it logged in the history.
+    check_balances(&db, simple + extended);
+}
+
+/// pgbench's invariant, checked on the primary: every committed transaction updated one
+/// account, one teller and one branch by the delta it logged in the history, and left
+/// exactly one history row (`transactions` of them in all).
+pub(crate) fn check_balances(db: &str, transactions: u64) {
     let sums = harness::psql(
         harness::primary_port(),
-        &db,
+        db,
         "SELECT (SELECT coalesce(sum(abalance), 0) FROM pgbench_accounts) || ' ' || \
                 (SELECT coalesce(sum(tbalance), 0) FROM pgbench_tellers) || ' ' || \
                 (SELECT coalesce(sum(bbalance), 0) FROM pgbench_branches) || ' ' || \
@@ -141,17 +146,15 @@ async fn pgbench_tpcb_simple_and_extended_keep_the_balances() {
         sums.iter().all(|s| *s == sums[0]),
         "balance invariant broken (accounts, tellers, branches, history): {sums:?}"
     );
-    // Every transaction pgbench counted left exactly one history row.
     let history: u64 = harness::psql(
         harness::primary_port(),
-        &db,
+        db,
         "SELECT count(*) FROM pgbench_history",
     )
     .parse()
-    .unwrap();
+    .expect("a count");
     assert_eq!(
-        history,
-        simple + extended,
+        history, transactions,
         "history rows vs transactions pgbench reported"
     );
 }

@@ -414,31 +414,7 @@ async fn pgbench_prepared_mode_50_clients_pool_5() {
     let tpcb = pgbench_prepared(addr, &db, 10, false).await;
     pgbench_prepared(addr, &db, 10, true).await;
 
-    let sums = harness::psql(
-        harness::primary_port(),
-        &db,
-        "SELECT (SELECT coalesce(sum(abalance), 0) FROM pgbench_accounts) || ' ' || \
-                (SELECT coalesce(sum(tbalance), 0) FROM pgbench_tellers) || ' ' || \
-                (SELECT coalesce(sum(bbalance), 0) FROM pgbench_branches) || ' ' || \
-                (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
-    );
-    let sums: Vec<&str> = sums.split(' ').collect();
-    assert_eq!(sums.len(), 4, "{sums:?}");
-    assert!(
-        sums.iter().all(|s| *s == sums[0]),
-        "balance invariant broken (accounts, tellers, branches, history): {sums:?}"
-    );
-    let history: u64 = harness::psql(
-        harness::primary_port(),
-        &db,
-        "SELECT count(*) FROM pgbench_history",
-    )
-    .parse()
-    .unwrap();
-    assert_eq!(
-        history, tpcb,
-        "history rows vs TPC-B transactions pgbench reported"
-    );
+    crate::pgbench::check_balances(&db, tpcb);
 }
 
 // 4 ------------------------------------------------------------------------------------

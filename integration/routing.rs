@@ -267,45 +267,14 @@ async fn until_value(c: &Client, sql: &str, want: &str, what: &str) {
 /// (pausing replay on the shared cluster would stall every other test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_outage_and_failover_keep_clients_working() {
-    use pgtide::demo::{ClusterOptions, LocalCluster};
-    use std::sync::Arc;
-    let lc = blocking(|| {
-        LocalCluster::start(&ClusterOptions {
-            users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
-            databases: vec!["rt".to_string()],
-            with_replica: true,
-        })
-    })
-    .await
-    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
-    let lc = Arc::new(lc);
+    let lc = own_cluster().await;
     let (pport, rport) = (lc.primary_port, lc.replica_port.expect("a replica"));
-    let mut config = harness::config_for("rt");
-    let d = config.databases.get_mut("rt").expect("rt");
-    *d = Database {
-        hosts: Some(vec![
-            HostConfig {
-                host: "127.0.0.1".into(),
-                port: pport,
-                role: HostRole::Auto,
-                weight: 1,
-            },
-            HostConfig {
-                host: "127.0.0.1".into(),
-                port: rport,
-                role: HostRole::Auto,
-                weight: 1,
-            },
-        ]),
-        ..Database::default()
-    };
-    config.pgtide.primary_reads = false;
-    config.pgtide.max_replica_lag_bytes = 1024 * 1024;
-    config.pgtide.health_check_interval =
-        pgtide::config::ConfigDuration(std::time::Duration::from_millis(100));
-    config.pgtide.health_check_failures = 2;
-    config.pgtide.server_connect_retries = 0;
-    let pooler = harness::start_pgtide(config).await;
+    let pooler = routed_own(&lc, |c| {
+        c.pgtide.max_replica_lag_bytes = 1024 * 1024;
+        c.pgtide.health_check_failures = 2;
+        c.pgtide.server_connect_retries = 0;
+    })
+    .await;
     let c = app(&pooler, "rt").await;
     until_value(
         &c,
@@ -414,6 +383,22 @@ async fn lag_outage_and_failover_keep_clients_working() {
     }
 }
 
+/// A primary and streaming replica of the test's own, with user app and database `rt`
+/// (pausing replay or stopping servers of the shared cluster would stall other tests).
+async fn own_cluster() -> std::sync::Arc<pgtide::demo::LocalCluster> {
+    use pgtide::demo::{ClusterOptions, LocalCluster};
+    let lc = blocking(|| {
+        LocalCluster::start(&ClusterOptions {
+            users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
+            databases: vec!["rt".to_string()],
+            with_replica: true,
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    std::sync::Arc::new(lc)
+}
+
 /// A pgtide in front of `lc` (both hosts `auto`), with `tweak` applied.
 async fn routed_own(
     lc: &pgtide::demo::LocalCluster,
@@ -441,18 +426,7 @@ async fn routed_own(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_sees_its_own_write() {
     use pgtide::config::{ConfigDuration, ReadYourWrites};
-    use pgtide::demo::{ClusterOptions, LocalCluster};
-    use std::sync::Arc;
-    let lc = blocking(|| {
-        LocalCluster::start(&ClusterOptions {
-            users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
-            databases: vec!["rt".to_string()],
-            with_replica: true,
-        })
-    })
-    .await
-    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
-    let lc = Arc::new(lc);
+    let lc = own_cluster().await;
     let (pport, rport) = (lc.primary_port, lc.replica_port.expect("a replica"));
     let l = lc.clone();
     blocking(move || {
