@@ -44,10 +44,16 @@ pub(crate) async fn init(port: u16, db: &str) {
     assert!(ok, "pgbench -i failed:\n{out}\n{err}");
 }
 
-/// One timed run with 50 clients through pgtide; asserts success, no failed or aborted
-/// transactions, and some processed ones. Returns the number processed.
-async fn run(addr: SocketAddr, db: &str, mode: &str, select_only: bool) -> u64 {
-    let t = RUN_SECONDS.to_string();
+/// One timed run of `seconds` with 50 clients through pgtide; asserts success, no failed
+/// or aborted transactions, and some processed ones. Returns the number processed.
+pub(crate) async fn run(
+    addr: SocketAddr,
+    db: &str,
+    mode: &str,
+    seconds: u32,
+    select_only: bool,
+) -> u64 {
+    let t = seconds.to_string();
     let mut args = vec!["-c", "50", "-j", "2", "-T", &t, "-M", mode, "-n"];
     if select_only {
         args.push("-S");
@@ -101,8 +107,8 @@ async fn pgbench_init_and_select_only_through_pgtide() {
         "200000"
     );
 
-    run(addr, &db, "simple", true).await;
-    run(addr, &db, "extended", true).await;
+    run(addr, &db, "simple", RUN_SECONDS, true).await;
+    run(addr, &db, "extended", RUN_SECONDS, true).await;
 
     // pgtide kept to its pool size.
     let n: u32 = harness::psql(
@@ -122,8 +128,8 @@ async fn pgbench_tpcb_simple_and_extended_keep_the_balances() {
     let pooler = harness::start_pgtide(config_pool_5(&db)).await;
     let addr = pooler.local_addr();
 
-    let simple = run(addr, &db, "simple", false).await;
-    let extended = run(addr, &db, "extended", false).await;
+    let simple = run(addr, &db, "simple", RUN_SECONDS, false).await;
+    let extended = run(addr, &db, "extended", RUN_SECONDS, false).await;
 
     check_balances(&db, simple + extended);
 }

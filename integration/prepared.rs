@@ -340,67 +340,11 @@ async fn sqlx_pool_with_statement_cache() {
 
 // 3 ------------------------------------------------------------------------------------
 
-/// Runs pgbench as app/apppass against `port`; (success, stdout, stderr).
-async fn pgbench(port: u16, db: &str, args: &[&str]) -> (bool, String, String) {
-    let child = tokio::process::Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER])
-        .args(args)
-        .arg(db)
-        .env("PGPASSWORD", APP_PASSWORD)
-        .env("PGCONNECT_TIMEOUT", "30")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("cannot run pgbench");
-    let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("pgbench {args:?} did not finish within 90 s"))
-        .expect("pgbench");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-async fn pgbench_prepared(addr: SocketAddr, db: &str, seconds: u32, select_only: bool) -> u64 {
-    let t = seconds.to_string();
-    let mut args = vec!["-c", "50", "-j", "2", "-T", &t, "-M", "prepared", "-n"];
-    if select_only {
-        args.push("-S");
-    }
-    let what = format!("pgbench {}", args.join(" "));
-    let (ok, out, err) = pgbench(addr.port(), db, &args).await;
-    assert!(ok, "{what} exited with failure:\n{out}\n{err}");
-    assert!(
-        !out.contains("aborted") && !err.contains("aborted"),
-        "{what}: clients aborted:\n{out}\n{err}"
-    );
-    let failed = out
-        .lines()
-        .find(|l| l.starts_with("number of failed transactions"));
-    if let Some(line) = failed {
-        assert!(
-            line.starts_with("number of failed transactions: 0 "),
-            "{what}: {line}\n{out}\n{err}"
-        );
-    }
-    let processed = out
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("{what}: no transaction count in the output:\n{out}\n{err}"));
-    assert!(processed > 0, "{what} processed nothing:\n{out}\n{err}");
-    processed
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_prepared_mode_50_clients_pool_5() {
     let db = harness::fresh_database("prep_pgbench");
-    let (ok, out, err) = pgbench(harness::primary_port(), &db, &["-i", "-s", "1", "-q"]).await;
+    let (ok, out, err) =
+        crate::pgbench::pgbench(harness::primary_port(), &db, &["-i", "-s", "1", "-q"]).await;
     assert!(ok, "pgbench -i failed:\n{out}\n{err}");
     let (_db, _p, addr) = {
         let mut config = harness::config_for(&db);
@@ -411,8 +355,8 @@ async fn pgbench_prepared_mode_50_clients_pool_5() {
         (db.clone(), pooler, addr)
     };
 
-    let tpcb = pgbench_prepared(addr, &db, 10, false).await;
-    pgbench_prepared(addr, &db, 10, true).await;
+    let tpcb = crate::pgbench::run(addr, &db, "prepared", 10, false).await;
+    crate::pgbench::run(addr, &db, "prepared", 10, true).await;
 
     crate::pgbench::check_balances(&db, tpcb);
 }
