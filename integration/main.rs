@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL (a primary and a streaming replica started by
 //! [`harness`]). Each area of pgtide adds its own `mod` here.
 
+mod admin;
 mod auth;
 mod cli;
 mod cluster;

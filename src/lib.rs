@@ -4,6 +4,7 @@
 //! which checks out a [`server`] connection from a [`pool`] for each transaction.
 //! [`protocol`] and [`config`] are leaves that import nothing of ours.
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod cluster;
@@ -14,8 +15,9 @@ pub mod metrics;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
+pub mod reload;
 pub mod router;
 pub mod server;
 mod shutdown;
 
-pub use listener::{start, Pooler};
+pub use listener::{start, start_from, Pooler};

@@ -18,11 +18,18 @@ pub struct Pooler {
     metrics_addr: Option<SocketAddr>,
     phase: watch::Sender<Phase>,
     task: JoinHandle<()>,
+    shared: Arc<crate::client::Shared>,
 }
 
 /// Binds the listen address (and the metrics address) of `config` and starts accepting
 /// clients.
 pub async fn start(config: Config) -> io::Result<Pooler> {
+    start_from(config, None).await
+}
+
+/// Like [`start`], for a configuration read from `source`: `RELOAD` and
+/// [`Pooler::reload`] read that file again.
+pub async fn start_from(config: Config, source: Option<crate::reload::ConfigSource>) -> io::Result<Pooler> {
     let listener = TcpListener::bind(config.pgtide.listen).await?;
     let addr = listener.local_addr()?;
     let metrics_listener = match config.pgtide.metrics_listen.as_str() {
@@ -44,6 +51,8 @@ pub async fn start(config: Config) -> io::Result<Pooler> {
     let controller = ShutdownController::new();
     let phase = controller.sender();
     let state = crate::client::Shared::new(Arc::new(config));
+    state.admin.set_source(source);
+    state.admin.set_phase(phase.clone());
     if let Some(l) = metrics_listener {
         let mut phase_rx = phase.subscribe();
         let metrics = state.metrics.clone();
@@ -56,17 +65,19 @@ pub async fn start(config: Config) -> io::Result<Pooler> {
             crate::metrics::serve(l, metrics, probe, stop).await;
         });
     }
-    for cluster in state.clusters.values() {
-        let cluster = cluster.clone();
-        let signal = controller.signal();
-        tokio::spawn(async move { cluster.run(signal).await });
-    }
-    let task = tokio::spawn(crate::client::accept_loop(listener, state, controller));
+    state.start_monitors();
+    crate::admin::spawn_stats(state.clone(), controller.signal());
+    let task = tokio::spawn(crate::client::accept_loop(
+        listener,
+        state.clone(),
+        controller,
+    ));
     Ok(Pooler {
         addr,
         metrics_addr,
         phase,
         task,
+        shared: state,
     })
 }
 
@@ -92,6 +103,18 @@ impl Pooler {
                 false
             }
         });
+    }
+
+    /// Reads the configuration file again and applies it (what SIGHUP and the admin
+    /// console's `RELOAD` do): `Ok` says what changed, `Err` why nothing was applied.
+    pub async fn reload(&self) -> Result<String, String> {
+        crate::reload::reload(&self.shared).await
+    }
+
+    /// Resolves when a shutdown has begun (a signal, or `SHUTDOWN` on the admin console).
+    pub async fn stopped(&self) {
+        let mut rx = self.phase.subscribe();
+        let _ = rx.wait_for(|p| *p >= Phase::Draining).await;
     }
 
     /// Immediate shutdown: close every connection now.

@@ -138,7 +138,13 @@ fn main() -> ExitCode {
             if let Some(m) = &cli.metrics_listen {
                 config.pgtide.metrics_listen = m.clone();
             }
-            runtime().block_on(serve(config))
+            // SIGHUP and RELOAD read the file again, with the same overrides.
+            let source = cli.config.as_ref().map(|path| pgtide::reload::ConfigSource {
+                path: path.clone(),
+                listen: cli.listen,
+                metrics_listen: cli.metrics_listen.clone(),
+            });
+            runtime().block_on(serve(config, source))
         }
     }
 }
@@ -196,10 +202,10 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("cannot start the tokio runtime")
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, source: Option<pgtide::reload::ConfigSource>) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let listen = config.pgtide.listen;
-    let pooler = match pgtide::start(config).await {
+    let pooler = match pgtide::start_from(config, source).await {
         Ok(p) => p,
         Err(e) => {
             eprintln!("pgtide: cannot listen on {listen}: {e}");
@@ -207,17 +213,32 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     tracing::info!(listen = %pooler.local_addr(), version = env!("CARGO_PKG_VERSION"), "pgtide is ready");
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         eprintln!("pgtide: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut stopped = Box::pin(pooler.stopped());
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                // The outcome (what changed, or why nothing did) is logged by reload.
+                let _ = pooler.reload().await;
+            }
+            _ = &mut stopped => {
+                // SHUTDOWN from the admin console.
+                tracing::info!("shutdown requested from the admin console");
+                break;
+            }
+        }
     }
+    drop(stopped);
     tracing::info!(
         "signal received: finishing in-flight transactions (a second signal exits at once)"
     );

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::admin::pause::PauseGate;
+use crate::admin::registry::{Registry, ServerEntry};
 use crate::auth::SaltedPasswordCache;
 use crate::config::PoolSettings;
 use crate::metrics::PoolMetrics;
@@ -145,6 +147,20 @@ struct Inner {
     /// Clients waiting for a connection, first come first served, with when they began.
     waiters: VecDeque<(Instant, Waiter)>,
     settings: PoolSettings,
+    timeouts: PoolTimeouts,
+    /// Connections opened before this instant are closed when released (RECONNECT).
+    retire_before: Option<Instant>,
+    /// The pool was replaced by a reload (or its database removed, or KILLed): every
+    /// connection is closed when released and no new one is opened for maintenance.
+    retired: bool,
+}
+
+/// What a pool shares with the rest of pgtide besides its own connections: the PAUSE
+/// gate and the registry `SHOW SERVERS` reads.
+#[derive(Clone, Default)]
+pub struct PoolHooks {
+    pub gate: Arc<PauseGate>,
+    pub servers: Arc<Registry<ServerEntry>>,
 }
 
 /// A counted slot for a connection being opened: dropping it gives the slot back.
@@ -163,7 +179,7 @@ pub struct Pool {
     pub database: String,
     pub user: String,
     target: ServerTarget,
-    timeouts: PoolTimeouts,
+    hooks: PoolHooks,
     salted: Arc<SaltedPasswordCache>,
     db_limit: Arc<DbLimit>,
     inner: Mutex<Inner>,
@@ -180,12 +196,13 @@ impl Pool {
         salted: Arc<SaltedPasswordCache>,
         db_limit: Arc<DbLimit>,
         metrics: PoolMetrics,
+        hooks: PoolHooks,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             database: metrics.database.clone(),
             user: metrics.user.clone(),
             target,
-            timeouts,
+            hooks,
             salted,
             db_limit,
             inner: Mutex::new(Inner {
@@ -193,6 +210,9 @@ impl Pool {
                 total: 0,
                 waiters: VecDeque::new(),
                 settings,
+                timeouts,
+                retire_before: None,
+                retired: false,
             }),
             login_params: OnceLock::new(),
             metrics,
@@ -226,11 +246,17 @@ impl Pool {
 
     /// Returns an idle connection, opens a new one if the pool has room, or waits in
     /// line (FIFO) for one to be checked in, up to `wait`.
+    ///
+    /// While the pool's database is paused, waits first for `RESUME` (that wait does not
+    /// count against `wait`).
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<ServerConn, CheckoutError> {
+        if self.hooks.gate.is_paused(&self.database) {
+            self.hooks.gate.wait_resumed(&self.database).await;
+        }
         let rx = {
             let mut inner = self.lock();
             while let Some(conn) = inner.idle.pop() {
-                if self.usable(&conn) {
+                if usable(&inner, &conn) {
                     return Ok(conn);
                 }
                 inner.total -= 1;
@@ -281,32 +307,37 @@ impl Pool {
         }
     }
 
-    fn usable(&self, conn: &ServerConn) -> bool {
-        let now = Instant::now();
-        if let Some(l) = self.timeouts.lifetime {
-            if now.duration_since(conn.created) >= l {
-                return false;
-            }
-        }
-        conn.is_quiet()
-    }
 
     /// Opens a connection for a slot already counted in `total`, with retries and
     /// exponential back-off.
     async fn open(&self) -> Result<ServerConn, (u32, Arc<ServerError>)> {
-        let attempts = self.timeouts.connect_retries + 1;
-        let mut backoff = self.timeouts.connect_backoff;
+        let timeouts = self.lock().timeouts.clone();
+        let attempts = timeouts.connect_retries + 1;
+        let mut backoff = timeouts.connect_backoff;
         let mut last = None;
         for attempt in 1..=attempts {
             let r = tokio::time::timeout(
-                self.timeouts.connect_timeout,
-                ServerConn::connect(&self.target, &self.salted, self.timeouts.max_message),
+                timeouts.connect_timeout,
+                ServerConn::connect(&self.target, &self.salted, timeouts.max_message),
             )
             .await
             .unwrap_or(Err(ServerError::Timeout));
             match r {
-                Ok((conn, login)) => {
+                Ok((mut conn, login)) => {
                     self.metrics.server_connects.inc();
+                    let id = self.hooks.servers.next_id();
+                    let entry = ServerEntry {
+                        user: self.user.clone(),
+                        database: self.database.clone(),
+                        host: self.target.host.clone(),
+                        port: self.target.port,
+                        local: conn.stream.local_addr().ok(),
+                        connect_time_us: crate::admin::registry::now_us(),
+                        remote_pid: conn.cancel.pid,
+                        link: Default::default(),
+                        close_needed: Default::default(),
+                    };
+                    conn.entry = Some(self.hooks.servers.register(id, entry));
                     let _ = self.login_params.set(login);
                     return Ok(conn);
                 }
@@ -337,13 +368,21 @@ impl Pool {
     /// idle list.
     pub fn checkin(self: &Arc<Self>, mut conn: ServerConn) {
         conn.last_used = Instant::now();
-        if let Some(l) = self.timeouts.lifetime {
-            if conn.created.elapsed() >= l {
-                self.discard(conn);
-                return;
-            }
+        if let Some(e) = &conn.entry {
+            e.link.store(0, Ordering::Relaxed);
         }
         let mut inner = self.lock();
+        let expired = inner
+            .timeouts
+            .lifetime
+            .is_some_and(|l| conn.created.elapsed() >= l);
+        let retired =
+            inner.retired || inner.retire_before.is_some_and(|t| conn.created <= t);
+        if expired || retired {
+            drop(inner);
+            self.discard(conn);
+            return;
+        }
         if inner.total > inner.settings.pool_size && inner.waiters.is_empty() {
             // The pool was shrunk by a reload: close the surplus.
             drop(inner);
@@ -472,12 +511,12 @@ impl Pool {
             let mut i = 0;
             while i < inner.idle.len() {
                 let conn = &inner.idle[i];
-                let idle_too_long = self
+                let idle_too_long = inner
                     .timeouts
                     .idle_timeout
                     .is_some_and(|t| now.duration_since(conn.last_used) >= t);
                 let open_after = inner.total - closed.len() as u32;
-                if !self.usable(conn) || (idle_too_long && open_after > keep) {
+                if !usable(&inner, conn) || (idle_too_long && open_after > keep) {
                     closed.push(inner.idle.swap_remove(i));
                 } else {
                     i += 1;
@@ -488,7 +527,10 @@ impl Pool {
                 self.db_limit.release();
             }
             let mut n = 0;
-            while inner.total < inner.settings.min_pool_size.min(inner.settings.pool_size)
+            // A paused or retired pool opens nothing on its own.
+            let may_open = !inner.retired && !self.hooks.gate.is_paused(&self.database);
+            while may_open
+                && inner.total < inner.settings.min_pool_size.min(inner.settings.pool_size)
                 && self.db_limit.try_acquire()
             {
                 inner.total += 1;
@@ -539,6 +581,102 @@ impl Pool {
             drop_in_background(conn);
         }
     }
+}
+
+impl Pool {
+    /// Applies reloaded settings: a smaller `pool_size` closes surplus idle connections
+    /// now (busy ones as they are released), a larger one lets waiting clients in.
+    pub fn update(self: &Arc<Self>, settings: PoolSettings, timeouts: PoolTimeouts) {
+        let surplus: Vec<ServerConn> = {
+            let mut inner = self.lock();
+            inner.settings = settings;
+            inner.timeouts = timeouts;
+            let mut out = Vec::new();
+            while inner.total > inner.settings.pool_size {
+                let Some(conn) = inner.idle.pop() else { break };
+                inner.total -= 1;
+                out.push(conn);
+            }
+            out
+        };
+        for conn in surplus {
+            self.db_limit.release();
+            drop_in_background(conn);
+        }
+        self.grow_for_waiters();
+    }
+
+    /// `RECONNECT`: closes the idle connections now and the busy ones when released.
+    pub fn reconnect(&self) {
+        self.lock().retire_before = Some(Instant::now());
+        self.mark_close_needed();
+        self.close_idle();
+    }
+
+    /// Takes the pool out of service (reload replaced it, its database is gone, `KILL`):
+    /// every connection is closed, the busy ones when released.
+    pub fn retire(&self) {
+        self.lock().retired = true;
+        self.mark_close_needed();
+        self.close_idle();
+    }
+
+    fn mark_close_needed(&self) {
+        for (_, e) in self.hooks.servers.snapshot() {
+            if e.database == self.database
+                && e.user == self.user
+                && e.host == self.target.host
+                && e.port == self.target.port
+            {
+                e.close_needed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Connections checked out (or being opened): open minus idle.
+    pub fn busy(&self) -> u32 {
+        let inner = self.lock();
+        inner.total.saturating_sub(inner.idle.len() as u32)
+    }
+
+    pub fn timeouts(&self) -> PoolTimeouts {
+        self.lock().timeouts.clone()
+    }
+
+    /// The per-database connection limit this pool shares.
+    pub fn db_limit(&self) -> &Arc<DbLimit> {
+        &self.db_limit
+    }
+}
+
+impl DbLimit {
+    /// Applies a reloaded `max_db_connections`.
+    pub fn set_max(&self, max: u32) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// Connections open for this database across its pools.
+    pub fn used(&self) -> u32 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn max(&self) -> u32 {
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
+/// True when an idle connection may be handed out: within `server_lifetime` and with
+/// nothing unexpected from the server.
+fn usable(inner: &Inner, conn: &ServerConn) -> bool {
+    if let Some(l) = inner.timeouts.lifetime {
+        if conn.created.elapsed() >= l {
+            return false;
+        }
+    }
+    if inner.retired || inner.retire_before.is_some_and(|t| conn.created <= t) {
+        return false;
+    }
+    conn.is_quiet()
 }
 
 fn drop_in_background(conn: ServerConn) {

@@ -100,6 +100,8 @@ pub struct ServerConn {
     /// Named statements pgtide prepared on this connection (transaction mode).
     pub statements: crate::prepared::ServerStatements,
     max_message: u32,
+    /// This connection's entry in the registry `SHOW SERVERS` reads (set by the pool).
+    pub entry: Option<crate::admin::registry::Registration<crate::admin::registry::ServerEntry>>,
 }
 
 /// Parameters reported at login, in the order the server sent them, with their
@@ -146,6 +148,7 @@ impl ServerConn {
             last_used: Instant::now(),
             statements: Default::default(),
             max_message,
+            entry: None,
         };
         let mut login = Vec::new();
         let mut buf = BytesMut::with_capacity(1024);

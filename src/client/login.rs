@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use super::cancel::CancelSlot;
 use super::params::ClientParams;
 use super::Shared;
+use crate::admin::registry::{ClientEntry, Registration};
 use crate::config::PoolMode;
 use crate::pool::Pool;
 use crate::protocol::backend::{self, Severity};
@@ -27,6 +28,8 @@ pub(super) struct LoggedIn {
     pub params: ClientParams,
     pub key_pid: i32,
     pub cancel: Arc<CancelSlot>,
+    /// This client in the registry `SHOW CLIENTS` reads; `KILL` reaches it through here.
+    pub entry: Registration<ClientEntry>,
 }
 
 impl LoggedIn {
@@ -45,6 +48,12 @@ pub(super) enum NoSession {
     Done,
     /// A FATAL was sent, or the client broke the protocol.
     Refused,
+    /// An admin user logged in to the admin console (nothing sent yet after the
+    /// authentication exchange).
+    Admin {
+        user: String,
+        application_name: String,
+    },
 }
 
 /// Writes a FATAL ErrorResponse; errors writing it are ignored (the connection closes).
@@ -66,7 +75,7 @@ pub(super) async fn login(
     shared: &Arc<Shared>,
     over_limit: bool,
 ) -> Result<LoggedIn, NoSession> {
-    let timeout = shared.config.pgtide.client_login_timeout.0;
+    let timeout = shared.config().pgtide.client_login_timeout.0;
     match tokio::time::timeout(timeout, login_inner(stream, shared, over_limit)).await {
         Ok(r) => r,
         Err(_) => {
@@ -139,7 +148,7 @@ async fn login_inner(
                 }
             }
             StartupPacket::CancelRequest { pid, secret } => {
-                let t = shared.config.pgtide.server_connect_timeout.0;
+                let t = shared.config().pgtide.server_connect_timeout.0;
                 shared.cancels.cancel(pid, secret, t).await;
                 return Err(NoSession::Done);
             }
@@ -161,7 +170,7 @@ async fn login_inner(
         return Err(NoSession::Refused);
     }
     if over_limit {
-        let max = shared.config.pgtide.max_client_conn;
+        let max = shared.config().pgtide.max_client_conn;
         send_fatal(
             stream,
             sqlstate::TOO_MANY_CONNECTIONS,
@@ -245,7 +254,7 @@ async fn login_inner(
         .unwrap_or_else(|| user.clone());
 
     // Authenticate before saying anything about the database, as PostgreSQL does.
-    let config = &shared.config;
+    let config = shared.config().clone();
     let known = config.users.contains_key(&user);
     let cred = if known {
         shared.credential(&user)
@@ -279,6 +288,28 @@ async fn login_inner(
         )
         .await;
         return Err(NoSession::Refused);
+    }
+
+    if crate::admin::is_admin_database(&database) {
+        if !config.pgtide.admin_users.contains(&user) {
+            send_fatal(
+                stream,
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                &format!("user \"{user}\" is not allowed to connect to the admin console"),
+                Some("list the user in admin_users to allow it"),
+            )
+            .await;
+            return Err(NoSession::Refused);
+        }
+        let application_name = settings
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        return Err(NoSession::Admin {
+            user,
+            application_name,
+        });
     }
 
     let Some(pool) = shared.pool(&database, &user) else {
@@ -338,6 +369,16 @@ async fn login_inner(
     if config.pgtide.log_connections {
         tracing::info!(%user, %database, %mode, "client logged in");
     }
+    let entry = shared.admin.clients.register(
+        shared.admin.clients.next_id(),
+        ClientEntry::new(
+            &user,
+            &database,
+            stream.peer_addr().ok(),
+            stream.local_addr().ok(),
+            params.value("application_name").unwrap_or(""),
+        ),
+    );
     Ok(LoggedIn {
         database,
         user,
@@ -346,13 +387,14 @@ async fn login_inner(
         params,
         key_pid,
         cancel,
+        entry,
     })
 }
 
 /// Used by the session for its own timeouts on internal queries.
 pub(super) fn internal_timeout(shared: &Shared) -> Duration {
     shared
-        .config
+        .config()
         .pgtide
         .server_connect_timeout
         .0

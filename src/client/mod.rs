@@ -12,11 +12,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, Guard};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::{CredentialCache, SaltedPasswordCache, StoredCredential};
 use crate::config::Config;
 use crate::metrics::{Metrics, Probe};
+use crate::cluster::{Cluster, MonitorHandle};
 use crate::pool::{DbLimit, Pool, PoolTimeouts};
 use crate::prepared::StatementCache;
 use crate::server::ServerTarget;
@@ -26,11 +28,16 @@ pub use cancel::CancelRegistry;
 
 /// State shared by every client session.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The configuration in force; swapped whole by a reload. Read it with
+    /// [`Shared::config`] (no lock: an atomic load).
+    config: ArcSwap<Config>,
     /// Pools by (database, user, host index in the database's host list).
     pools: Mutex<HashMap<(String, String, usize), Arc<Pool>>>,
-    /// Health monitors of the databases that list more than one host.
-    pub clusters: HashMap<String, Arc<crate::cluster::Cluster>>,
+    /// Health monitors of the databases that list more than one host; swapped by a
+    /// reload. Read with [`Shared::clusters`].
+    clusters: ArcSwap<HashMap<String, Arc<Cluster>>>,
+    /// The running monitor tasks of `clusters`; dropping a handle stops them.
+    monitors: Mutex<HashMap<String, MonitorHandle>>,
     /// Turns for round-robin replica choice.
     pub replica_turn: std::sync::atomic::AtomicUsize,
     db_limits: Mutex<HashMap<String, Arc<DbLimit>>>,
@@ -41,6 +48,8 @@ pub struct Shared {
     pub statements: StatementCache,
     pub metrics: Arc<Metrics>,
     clients: AtomicU32,
+    /// Admin console state: client and server registries, PAUSE, reload source.
+    pub admin: crate::admin::AdminState,
 }
 
 impl Shared {
@@ -58,8 +67,7 @@ impl Shared {
             .iter()
             .filter(|(_, d)| d.host_list().len() > 1)
             .filter_map(|(name, _)| {
-                crate::cluster::Cluster::from_config(&config, name, salted.clone())
-                    .map(|c| (name.clone(), c))
+                Cluster::from_config(&config, name, salted.clone()).map(|c| (name.clone(), c))
             })
             .collect();
         let statements = StatementCache::new(
@@ -67,9 +75,10 @@ impl Shared {
             config.pgtide.prepared_statement_cache_bytes as usize,
         );
         Arc::new(Shared {
-            config,
+            config: ArcSwap::new(config),
             pools: Mutex::new(HashMap::new()),
-            clusters,
+            clusters: ArcSwap::from_pointee(clusters),
+            monitors: Mutex::new(HashMap::new()),
             replica_turn: std::sync::atomic::AtomicUsize::new(0),
             db_limits: Mutex::new(HashMap::new()),
             cancels: CancelRegistry::default(),
@@ -78,23 +87,150 @@ impl Shared {
             statements,
             metrics: Arc::new(Metrics::new()),
             clients: AtomicU32::new(0),
+            admin: crate::admin::AdminState::default(),
         })
+    }
+
+    /// The configuration in force (an atomic load; hold it for one use, not across a
+    /// reload-sized stretch of time).
+    pub fn config(&self) -> Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// Replaces the configuration in force (reload).
+    pub(crate) fn store_config(&self, config: Arc<Config>) {
+        self.config.store(config);
+    }
+
+    /// The health monitors by database.
+    pub fn clusters(&self) -> Guard<Arc<HashMap<String, Arc<Cluster>>>> {
+        self.clusters.load()
+    }
+
+    /// The monitor of `database`, if it has several hosts.
+    pub fn cluster(&self, database: &str) -> Option<Arc<Cluster>> {
+        self.clusters.load().get(database).cloned()
+    }
+
+    /// Starts the monitor tasks of every cluster that has none running.
+    pub fn start_monitors(&self) {
+        let clusters = self.clusters();
+        let mut monitors = self.monitors.lock().unwrap_or_else(|e| e.into_inner());
+        for (db, cluster) in clusters.iter() {
+            monitors
+                .entry(db.clone())
+                .or_insert_with(|| cluster.spawn());
+        }
+    }
+
+    /// Replaces the clusters (reload): monitors of clusters no longer listed stop, new
+    /// ones start. A cluster kept (same `Arc`) keeps its running monitor.
+    pub(crate) fn replace_clusters(&self, clusters: HashMap<String, Arc<Cluster>>) {
+        let old = self.clusters.swap(Arc::new(clusters));
+        let new = self.clusters();
+        let mut monitors = self.monitors.lock().unwrap_or_else(|e| e.into_inner());
+        for (db, cluster) in old.iter() {
+            if !new.get(db).is_some_and(|c| Arc::ptr_eq(c, cluster)) {
+                monitors.remove(db);
+            }
+        }
+        for (db, cluster) in new.iter() {
+            monitors
+                .entry(db.clone())
+                .or_insert_with(|| cluster.spawn());
+        }
+    }
+
+    /// Stops every monitor and waits until they have closed their connections.
+    pub async fn stop_monitors(&self) {
+        let handles: Vec<MonitorHandle> = self
+            .monitors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        for h in handles {
+            h.stop().await;
+        }
+    }
+
+    /// Takes the pools matching `remove` out of the map (reload, KILL) and retires them.
+    pub(crate) fn retire_pools(&self, mut remove: impl FnMut(&(String, String, usize), &Pool) -> bool) {
+        let retired: Vec<Arc<Pool>> = {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            let keys: Vec<_> = pools
+                .iter()
+                .filter(|(k, p)| remove(k, p))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| pools.remove(k)).collect()
+        };
+        for pool in retired {
+            pool.retire();
+        }
+    }
+
+    /// The connection limit of `database`, if a pool of it was made.
+    pub(crate) fn db_limit(&self, database: &str) -> Option<Arc<DbLimit>> {
+        self.db_limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(database)
+            .cloned()
+    }
+
+    /// The server-side target and timeouts a pool for (database, user, host) gets under
+    /// `config`; `None` when the database or host is not configured.
+    pub(crate) fn pool_target(
+        &self,
+        config: &Config,
+        database: &str,
+        user: &str,
+        host: usize,
+    ) -> Option<(crate::server::ServerTarget, PoolTimeouts)> {
+        let db = config.databases.get(database)?;
+        let hosts = db.host_list();
+        let (h, port) = match hosts.get(host) {
+            Some(h) => (h.host.clone(), h.port),
+            None if host == 0 => (db.host.clone(), db.port),
+            None => return None,
+        };
+        let password = config.users.get(user).and_then(|u| u.password.as_deref());
+        let target = ServerTarget {
+            host: h,
+            port,
+            dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
+            user: user.to_string(),
+            secret: password.map(|p| self.credentials.get(user, p)),
+        };
+        let g = &config.pgtide;
+        let timeouts = PoolTimeouts {
+            connect_timeout: g.server_connect_timeout.0,
+            connect_retries: g.server_connect_retries,
+            connect_backoff: g.server_connect_backoff.0,
+            idle_timeout: g.server_idle_timeout.enabled(),
+            lifetime: g.server_lifetime.enabled(),
+            max_message: g.max_message_size,
+        };
+        Some((target, timeouts))
     }
 
     /// The configured credential of `user`, parsed (and for a plain password, its SCRAM
     /// verifier derived) once.
     pub fn credential(&self, user: &str) -> Option<Arc<StoredCredential>> {
-        let password = self.config.users.get(user)?.password.as_deref()?;
+        let config = self.config();
+        let password = config.users.get(user)?.password.as_deref()?;
         Some(self.credentials.get(user, password))
     }
 
     /// The index of the host that takes writes for `database`: the monitor's current
     /// primary, else the host configured as primary, else the first.
     pub fn primary_host(&self, database: &str) -> usize {
-        if let Some(id) = self.clusters.get(database).and_then(|c| c.primary()) {
+        if let Some(id) = self.clusters().get(database).and_then(|c| c.primary()) {
             return id.0;
         }
-        self.config
+        self.config()
             .databases
             .get(database)
             .map(|d| d.host_list())
@@ -119,34 +255,15 @@ impl Shared {
         if let Some(p) = pools.get(&key) {
             return Some(p.clone());
         }
-        let db = self.config.databases.get(database)?;
-        let settings = self.config.pool_settings(database, user);
-        let g = &self.config.pgtide;
+        let config = self.config();
+        let (target, timeouts) = self.pool_target(&config, database, user, host)?;
+        let settings = config.pool_settings(database, user);
         let limit = {
             let mut limits = self.db_limits.lock().unwrap_or_else(|e| e.into_inner());
             limits
                 .entry(database.to_string())
                 .or_insert_with(|| DbLimit::new(settings.max_db_connections))
                 .clone()
-        };
-        let hosts = db.host_list();
-        let (host, port) = hosts
-            .get(host)
-            .map_or((db.host.clone(), db.port), |h| (h.host.clone(), h.port));
-        let target = ServerTarget {
-            host,
-            port,
-            dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
-            user: user.to_string(),
-            secret: self.credential(user),
-        };
-        let timeouts = PoolTimeouts {
-            connect_timeout: g.server_connect_timeout.0,
-            connect_retries: g.server_connect_retries,
-            connect_backoff: g.server_connect_backoff.0,
-            idle_timeout: g.server_idle_timeout.enabled(),
-            lifetime: g.server_lifetime.enabled(),
-            max_message: g.max_message_size,
         };
         let pool = Pool::new(
             target,
@@ -155,6 +272,7 @@ impl Shared {
             self.salted.clone(),
             limit,
             self.metrics.pool(database, user),
+            self.admin.hooks.clone(),
         );
         pools.insert(key, pool.clone());
         Some(pool)
@@ -190,7 +308,7 @@ impl Probe for Shared {
 
     fn servers(&self) -> Vec<(String, u16)> {
         let mut out: Vec<(String, u16)> = self
-            .config
+            .config()
             .databases
             .values()
             .flat_map(|d| d.host_list())
@@ -225,7 +343,9 @@ pub async fn accept_loop(
     }
     drop(listener);
     tracing::info!("shutting down: no longer accepting clients");
-    let timeout = shared.config.pgtide.shutdown_timeout.0;
+    // The monitors stop: draining sessions keep the last known host states.
+    shared.stop_monitors().await;
+    let timeout = shared.config().pgtide.shutdown_timeout.0;
     let phase = controller.sender();
     let timer = tokio::spawn(async move {
         tokio::time::sleep(timeout).await;
@@ -245,7 +365,7 @@ pub async fn accept_loop(
 fn spawn_client(stream: TcpStream, shared: &Arc<Shared>, signal: ShutdownSignal) {
     let shared = shared.clone();
     let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
-    let over_limit = n > shared.config.pgtide.max_client_conn;
+    let over_limit = n > shared.config().pgtide.max_client_conn;
     tokio::spawn(async move {
         let _ = stream.set_nodelay(true);
         session::run(stream, &shared, signal, over_limit).await;

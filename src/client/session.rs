@@ -56,9 +56,17 @@ pub(super) async fn run(
     let logged_in = match login::login(&mut stream, shared, over_limit).await {
         Ok(l) => l,
         Err(NoSession::Done) | Err(NoSession::Refused) => return,
+        Err(NoSession::Admin {
+            user,
+            application_name,
+        }) => {
+            crate::admin::console::run(stream, shared.clone(), user, application_name, signal)
+                .await;
+            return;
+        }
     };
     let key = logged_in.key_pid;
-    let log = shared.config.pgtide.log_connections;
+    let log = shared.config().pgtide.log_connections;
     let (user, database) = (logged_in.user.clone(), logged_in.database.clone());
     let mut session = Session::new(stream, shared.clone(), logged_in, signal);
     session.login.pool.metrics.clients_idle.inc();
@@ -204,6 +212,8 @@ enum Event {
     ClientWritable,
     Timeout,
     Phase,
+    /// `KILL` on the admin console.
+    Killed,
 }
 
 fn client_whole(t: u8) -> bool {
@@ -287,9 +297,9 @@ impl Session {
         login: LoggedIn,
         signal: ShutdownSignal,
     ) -> Self {
-        let max = shared.config.pgtide.max_message_size;
+        let max = shared.config().pgtide.max_message_size;
         let tracked =
-            login.mode == PoolMode::Transaction && shared.config.pgtide.max_prepared_statements > 0;
+            login.mode == PoolMode::Transaction && shared.config().pgtide.max_prepared_statements > 0;
         let pool = login.pool.clone();
         Session {
             shared,
@@ -347,6 +357,11 @@ impl Session {
         gauge(self.state).dec();
         gauge(state).inc();
         self.state = state;
+        self.login.entry.set_state(match state {
+            ClientState::Idle => crate::admin::registry::ClientState::Idle,
+            ClientState::Waiting => crate::admin::registry::ClientState::Waiting,
+            ClientState::Active => crate::admin::registry::ClientState::Active,
+        });
     }
 
     /// Adds the bytes and prepared-statement events counted since the last flush.
@@ -535,6 +550,7 @@ impl Session {
                 }
             }
             Event::ServerWritable | Event::ClientWritable | Event::Phase => Ok(()),
+            Event::Killed => Err(self.killed().await),
             Event::Timeout => {
                 if self.server.is_some() {
                     Err(self
@@ -555,9 +571,18 @@ impl Session {
         }
     }
 
+    /// Ends the session after `KILL` on the admin console.
+    async fn killed(&mut self) -> End {
+        self.tell(
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection due to administrator command (KILL on the pgtide admin console)",
+        )
+        .await
+    }
+
     /// Waits for the next thing to do.
     async fn wait(&mut self) -> Event {
-        let g = &self.shared.config.pgtide;
+        let g = &self.shared.config().pgtide;
         let timer = match &self.server {
             None => g.client_idle_timeout.enabled(),
             Some(_) if self.pending == 0 && self.tx_status != status::IDLE && self.c_ready == 0 => {
@@ -577,8 +602,10 @@ impl Session {
         };
         let client = &self.client;
         let signal = &mut self.signal;
+        let entry = &self.login.entry;
         tokio::select! {
             biased;
+            _ = entry.killed() => Event::Killed,
             _ = async {
                 match phase {
                     Phase::Running => signal.reached(Phase::Draining).await,
@@ -747,7 +774,7 @@ impl Session {
                 server: &mut server.statements,
                 pipeline: &mut self.pipeline,
                 cache: &self.shared.statements,
-                max_per_server: self.shared.config.pgtide.max_prepared_statements as usize,
+                max_per_server: self.shared.config().pgtide.max_prepared_statements as usize,
                 search_path: self
                     .login
                     .params
@@ -923,7 +950,7 @@ impl Session {
     fn pending_texts(&self) -> (Vec<&[u8]>, bool) {
         let mut texts = Vec::new();
         let mut complete = false;
-        let mut scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        let mut scan = Scanner::new(self.shared.config().pgtide.max_message_size);
         let buf = &self.c2s[..];
         let mut pos = 0;
         while let Ok(Some(f)) = scan.next(buf, &mut pos, |_| true) {
@@ -959,8 +986,8 @@ impl Session {
             _ => None,
         };
         let opts = ClassifyOptions {
-            write_functions: &self.shared.config.pgtide.write_functions,
-            hints: self.shared.config.pgtide.routing_hints,
+            write_functions: &self.shared.config().pgtide.write_functions,
+            hints: self.shared.config().pgtide.routing_hints,
         };
         sql.is_some_and(|sql| classify(sql, &opts).route == Route::Primary)
     }
@@ -978,7 +1005,7 @@ impl Session {
                 write: false,
             })
         };
-        let Some(cluster) = self.shared.clusters.get(&self.login.database) else {
+        let Some(cluster) = self.shared.cluster(&self.login.database) else {
             return primary();
         };
         if self.force_primary {
@@ -1001,7 +1028,7 @@ impl Session {
         }
         let Some(settings) = self
             .shared
-            .config
+            .config()
             .cluster_settings(&self.login.database, &self.login.user)
         else {
             return primary();
@@ -1158,19 +1185,19 @@ impl Session {
         use crate::config::Route as Override;
         use crate::router::classify::{transaction_mode, TxKind};
         if self.login.mode != PoolMode::Transaction
-            || !self.shared.clusters.contains_key(&self.login.database)
+            || !self.shared.clusters().contains_key(&self.login.database)
         {
             return false;
         }
         let routed_by_text = self
             .shared
-            .config
+            .config()
             .cluster_settings(&self.login.database, &self.login.user)
             .is_some_and(|s| s.routing.route == Override::Auto);
         if !routed_by_text || self.login.params.value("pgtide.route").is_some() {
             return false;
         }
-        let mut scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        let mut scan = Scanner::new(self.shared.config().pgtide.max_message_size);
         let mut pos = 0;
         let Ok(Some(f)) = scan.next(&self.c2s, &mut pos, |_| true) else {
             return false;
@@ -1218,7 +1245,7 @@ impl Session {
         again.extend_from_slice(&self.c2s[self.c_ready..]);
         self.c2s = again;
         self.c_ready = 0;
-        self.c_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        self.c_scan = Scanner::new(self.shared.config().pgtide.max_message_size);
         self.force_primary = true;
         Ok(())
     }
@@ -1226,7 +1253,7 @@ impl Session {
     /// A database whose monitor knows no primary (failover under way): wait up to
     /// `primary_wait_timeout` for one, then take its pool.
     async fn wait_for_primary(&mut self) {
-        let Some(cluster) = self.shared.clusters.get(&self.login.database).cloned() else {
+        let Some(cluster) = self.shared.cluster(&self.login.database) else {
             return;
         };
         if cluster.primary().is_some() {
@@ -1234,7 +1261,7 @@ impl Session {
         }
         let wait = self
             .shared
-            .config
+            .config()
             .cluster_settings(&self.login.database, &self.login.user)
             .map_or(Duration::ZERO, |s| s.routing.primary_wait_timeout);
         let mut changes = cluster.primary_changes();
@@ -1248,10 +1275,10 @@ impl Session {
     async fn note_written_lsn(&mut self, server: &mut ServerConn) {
         let on = self
             .shared
-            .config
+            .config()
             .cluster_settings(&self.login.database, &self.login.user)
             .is_some_and(|s| s.routing.read_your_writes == crate::config::ReadYourWrites::Lsn);
-        if !on || !self.for_write || !self.shared.clusters.contains_key(&self.login.database) {
+        if !on || !self.for_write || !self.shared.clusters().contains_key(&self.login.database) {
             return;
         }
         let timeout = login::internal_timeout(&self.shared);
@@ -1273,7 +1300,7 @@ impl Session {
     /// Checks out a server for the transaction the client has started, and brings the
     /// server's settings in line with the client's.
     async fn attach(&mut self) -> Result<(), End> {
-        let wait = self.shared.config.pgtide.query_wait_timeout.0;
+        let wait = self.shared.config().pgtide.query_wait_timeout.0;
         self.set_state(ClientState::Waiting);
         let waiting_since = Instant::now();
         let Choice {
@@ -1301,11 +1328,13 @@ impl Session {
             self.wait_for_primary().await;
         }
         let mut signal = self.signal.clone();
+        let entry = &self.login.entry;
         let mut r = tokio::select! {
             r = self.pool.checkout(wait) => r,
             _ = signal.reached(Phase::Now) => {
                 return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
             }
+            _ = entry.killed() => return Err(self.killed().await),
         };
         if self.on_replica && matches!(r, Err(crate::pool::CheckoutError::Connect { .. })) {
             // The replica went away before the monitor noticed: this read runs on the
@@ -1332,6 +1361,15 @@ impl Session {
                     .wait_seconds
                     .observe(waiting_since.elapsed().as_secs_f64());
                 self.set_state(ClientState::Active);
+                if let Some(e) = &s.entry {
+                    // For SHOW SERVERS / SHOW CLIENTS; the pool clears it at checkin.
+                    e.link
+                        .store(self.login.entry.id, std::sync::atomic::Ordering::Relaxed);
+                    self.login
+                        .entry
+                        .link
+                        .store(s.entry.as_ref().map_or(0, |e| e.id), std::sync::atomic::Ordering::Relaxed);
+                }
                 s
             }
             Err(e @ crate::pool::CheckoutError::Exhausted { .. }) => {
@@ -1402,7 +1440,7 @@ impl Session {
             return;
         }
         // Any bytes left in the scanner state belong to no message: start clean.
-        self.s_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        self.s_scan = Scanner::new(self.shared.config().pgtide.max_message_size);
         self.pool.checkin(server);
     }
 
@@ -1479,7 +1517,7 @@ impl Session {
         self.pipeline = Pipeline::default();
         self.c_ready = 0;
         self.c2s.clear();
-        self.c_scan = Scanner::new(self.shared.config.pgtide.max_message_size);
+        self.c_scan = Scanner::new(self.shared.config().pgtide.max_message_size);
         ServerLost(format!(
             "server connection lost ({}): {why}; the transaction's outcome is unknown, reconnect and check",
             self.pool.target().address()
@@ -1566,7 +1604,7 @@ impl Session {
             }
         }
         if self.login.mode == PoolMode::Session {
-            let reset = self.shared.config.pgtide.server_reset_query.clone();
+            let reset = self.shared.config().pgtide.server_reset_query.clone();
             if !reset.trim().is_empty() {
                 match server.run_internal(&reset, timeout).await {
                     Ok(r) if r.error.is_none() => {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize};
 
 mod validate;
-pub use validate::{ConfigError, Problem};
+pub use validate::{ConfigError, Problem, ADMIN_DATABASES};
 
 /// How long a server connection stays with one client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,6 +273,10 @@ pub struct General {
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz; empty turns
     /// it off. Needs a restart to change.
     pub metrics_listen: String,
+    /// Users allowed on the admin console (the virtual database `pgtide`, also reachable
+    /// as `pgbouncer`). Each must be a configured user; it logs in with its own
+    /// credential and auth method. Empty (the default) turns the console off.
+    pub admin_users: Vec<String>,
 
     // Routing and health checks; each can be overridden per database.
     /// How reads pick a replica.
@@ -336,6 +340,7 @@ impl Default for General {
             prepared_statement_cache_size: 10_000,
             prepared_statement_cache_bytes: 64 * 1024 * 1024,
             metrics_listen: "127.0.0.1:9930".to_string(),
+            admin_users: Vec::new(),
             load_balance: LoadBalance::LeastOutstanding,
             max_replica_lag_bytes: 16 * 1024 * 1024,
             max_replica_lag: ConfigDuration::secs(10),

@@ -149,6 +149,7 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("prepared_statement_cache_size", Kind::U32),
     ("prepared_statement_cache_bytes", Kind::U32),
     ("metrics_listen", Kind::Str),
+    ("admin_users", Kind::StrList),
     ROUTING_KEYS[0],
     ROUTING_KEYS[1],
     ROUTING_KEYS[2],
@@ -570,6 +571,9 @@ pub(super) fn check(config: &Config) -> Result<(), ConfigError> {
     }
 }
 
+/// The names of the admin console's virtual database.
+pub const ADMIN_DATABASES: &[&str] = &["pgtide", "pgbouncer"];
+
 const MIN_MESSAGE_SIZE: u32 = 1024;
 const MAX_MESSAGE_SIZE: u32 = 1 << 30;
 
@@ -633,10 +637,27 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
 
     check_general_routing(g, &mut push);
 
+    for (i, name) in g.admin_users.iter().enumerate() {
+        if !config.users.contains_key(name) {
+            push(
+                format!("pgtide.admin_users[{i}]"),
+                format!(
+                    "{name:?} is not a configured user; add a [users.{name}] table (admin users log in with their own credential)"
+                ),
+            );
+        }
+    }
+
     for (name, d) in &config.databases {
         let key = join("databases", name);
         if name.is_empty() {
             push(key.clone(), "a database name cannot be empty".into());
+        }
+        if ADMIN_DATABASES.contains(&name.as_str()) {
+            push(
+                key.clone(),
+                format!("the name {name:?} is reserved for the admin console; give the database another name (dbname = \"{name}\" keeps the server-side name)"),
+            );
         }
         check_database(&key, d, g, &mut push);
         check_hosts(&key, d, &mut push);

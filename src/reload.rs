@@ -1,0 +1,288 @@
+//! Live reload (SIGHUP, the admin console's `RELOAD`): read the configuration file again,
+//! validate it, and apply it without dropping connected clients.
+//!
+//! What applies live: pool sizes and modes (existing pools resize: surplus idle servers
+//! close now, busy ones when released), timeouts, users and passwords, databases added
+//! or removed, hosts and their roles (the monitors of a database whose hosts or health
+//! settings changed are rebuilt), routing settings, `admin_users`. A pool whose server
+//! side changed (host, port, dbname, the user's password) is replaced: its connections
+//! close as they are released and new ones use the new settings. Clients of a removed
+//! database or user are disconnected.
+//!
+//! What needs a restart: `listen`, `metrics_listen`, and the prepared-statement cache
+//! sizes; a change to them is reported and the running value stays.
+//!
+//! An invalid file changes nothing: the reason is logged and returned.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::client::Shared;
+use crate::cluster::Cluster;
+use crate::config::{Config, ConfigError};
+
+/// Where the running configuration came from, and the command-line overrides to apply
+/// again on every reload.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<String>,
+}
+
+impl ConfigSource {
+    /// A source with no command-line overrides.
+    pub fn file(path: impl Into<PathBuf>) -> ConfigSource {
+        ConfigSource {
+            path: path.into(),
+            listen: None,
+            metrics_listen: None,
+        }
+    }
+
+    /// Reads and validates the file and applies the overrides.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::from_file(&self.path)?;
+        if let Some(l) = self.listen {
+            config.pgtide.listen = l;
+        }
+        if let Some(m) = &self.metrics_listen {
+            config.pgtide.metrics_listen = m.clone();
+        }
+        Ok(config)
+    }
+}
+
+/// Reads the configuration file again and applies it. `Ok` describes what changed; `Err`
+/// says why nothing was applied.
+pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
+    let Some(source) = shared.admin.source() else {
+        let msg = "pgtide runs in zero-config mode (--upstream / DATABASE_URL): there is no configuration file to reload".to_string();
+        tracing::warn!("reload: {msg}");
+        return Err(msg);
+    };
+    let _one_at_a_time = shared.admin.reload_lock.lock().await;
+    let mut new = match source.load() {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!(
+                "{} is invalid; the running configuration stays in force: {}",
+                source.path.display(),
+                e.problems
+                    .iter()
+                    .map(|p| if p.key.is_empty() {
+                        p.message.clone()
+                    } else {
+                        format!("{}: {}", p.key, p.message)
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            tracing::warn!("reload refused: {msg}");
+            return Err(msg);
+        }
+    };
+    let old = shared.config().clone();
+    let mut restart = Vec::new();
+    {
+        let (o, n) = (&old.pgtide, &mut new.pgtide);
+        if o.listen != n.listen {
+            restart.push(format!("listen ({} -> {})", o.listen, n.listen));
+            n.listen = o.listen;
+        }
+        if o.metrics_listen != n.metrics_listen {
+            restart.push(format!(
+                "metrics_listen ({:?} -> {:?})",
+                o.metrics_listen, n.metrics_listen
+            ));
+            n.metrics_listen = o.metrics_listen.clone();
+        }
+        if o.prepared_statement_cache_size != n.prepared_statement_cache_size {
+            restart.push("prepared_statement_cache_size".into());
+            n.prepared_statement_cache_size = o.prepared_statement_cache_size;
+        }
+        if o.prepared_statement_cache_bytes != n.prepared_statement_cache_bytes {
+            restart.push("prepared_statement_cache_bytes".into());
+            n.prepared_statement_cache_bytes = o.prepared_statement_cache_bytes;
+        }
+    }
+    let changes = describe_changes(&old, &new);
+    apply(shared, &old, new);
+
+    let mut summary = if changes.is_empty() {
+        "configuration reloaded: nothing changed".to_string()
+    } else {
+        format!("configuration reloaded: {}", changes.join("; "))
+    };
+    if !restart.is_empty() {
+        summary.push_str(&format!(
+            "; not applied, needs a restart: {}",
+            restart.join(", ")
+        ));
+        tracing::warn!(settings = %restart.join(", "), "reload: these settings need a restart to change");
+    }
+    tracing::info!(file = %source.path.display(), "{summary}");
+    Ok(summary)
+}
+
+/// Applies a validated configuration: credentials, the config itself, clusters, pools.
+fn apply(shared: &Arc<Shared>, old: &Config, new: Config) {
+    // Verifiers of new or changed passwords are derived now, not during a login.
+    for (user, u) in &new.users {
+        if let Some(p) = &u.password {
+            shared.credentials.get(user, p);
+        }
+    }
+    let new = Arc::new(new);
+    shared.store_config(new.clone());
+    shared.credentials.retain(|user, configured| {
+        new.users
+            .get(user)
+            .and_then(|u| u.password.as_deref())
+            .is_some_and(|p| p == configured)
+    });
+
+    // Clusters: kept when nothing about their hosts or monitoring changed.
+    let current = shared.clusters();
+    let mut clusters = HashMap::new();
+    for (name, d) in &new.databases {
+        if d.host_list().len() < 2 {
+            continue;
+        }
+        let unchanged = current.get(name).is_some_and(|_| {
+            old.cluster_settings(name, "").map(|s| (s.hosts, s.health))
+                == new.cluster_settings(name, "").map(|s| (s.hosts, s.health))
+                && monitor_login(old, name) == monitor_login(&new, name)
+        });
+        let cluster = match current.get(name) {
+            Some(c) if unchanged => Some(c.clone()),
+            _ => Cluster::from_config(&new, name, shared.salted.clone()),
+        };
+        if let Some(c) = cluster {
+            clusters.insert(name.clone(), c);
+        }
+    }
+    drop(current);
+    shared.replace_clusters(clusters);
+
+    // Pools: resized in place when their server side is the same, else replaced.
+    shared.retire_pools(|(db, user, host), pool| {
+        let same = new.users.contains_key(user)
+            && shared
+                .pool_target(&new, db, user, *host)
+                .is_some_and(|(t, _)| {
+                    let o = pool.target();
+                    t.host == o.host
+                        && t.port == o.port
+                        && t.dbname == o.dbname
+                        && password(old, user) == password(&new, user)
+                });
+        !same
+    });
+    for pool in shared.pools() {
+        if let Some((_, timeouts)) = shared.pool_target(&new, &pool.database, &pool.user, 0) {
+            pool.update(new.pool_settings(&pool.database, &pool.user), timeouts);
+        }
+    }
+    for db in new.databases.keys() {
+        if let Some(limit) = shared.db_limit(db) {
+            limit.set_max(new.pool_settings(db, "").max_db_connections);
+        }
+    }
+
+    // Clients of a removed database or user have nothing left to run on.
+    for (_, c) in shared.admin.clients.snapshot() {
+        if crate::admin::is_admin_database(&c.database) {
+            if !new.pgtide.admin_users.contains(&c.user) {
+                c.kill();
+            }
+            continue;
+        }
+        if !new.databases.contains_key(&c.database) || !new.users.contains_key(&c.user) {
+            c.kill();
+        }
+    }
+}
+
+fn password<'a>(config: &'a Config, user: &str) -> Option<&'a str> {
+    config.users.get(user).and_then(|u| u.password.as_deref())
+}
+
+/// What the monitors of `database` log in with (see `Cluster::from_config`): changes to
+/// it rebuild them.
+type MonitorLogin = (Option<String>, String, Option<String>);
+
+fn monitor_login(config: &Config, database: &str) -> Option<MonitorLogin> {
+    use crate::auth::Secret;
+    let d = config.databases.get(database)?;
+    // The same choice as Cluster::from_config: the first user whose password can log in
+    // to a server, else the first user.
+    let can_log_in = |p: &Option<String>| {
+        p.as_deref()
+            .is_some_and(|p| !matches!(Secret::parse(p), Secret::Scram(_)))
+    };
+    let (user, u) = config
+        .users
+        .iter()
+        .find(|(_, u)| can_log_in(&u.password))
+        .or_else(|| config.users.iter().next())?;
+    Some((d.dbname.clone(), user.clone(), u.password.clone()))
+}
+
+/// A line per change, for the log and the RELOAD reply. Passwords are never shown.
+fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let table = |g: &crate::config::General| {
+        toml::Value::try_from(g)
+            .ok()
+            .and_then(|v| v.as_table().cloned())
+            .unwrap_or_default()
+    };
+    let (o, n) = (table(&old.pgtide), table(&new.pgtide));
+    let keys: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
+    for k in keys {
+        if o.get(k) != n.get(k) {
+            let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+            out.push(format!("{k}: {} -> {}", show(o.get(k)), show(n.get(k))));
+        }
+    }
+    for name in new.databases.keys() {
+        match old.databases.get(name) {
+            None => out.push(format!("database {name} added")),
+            Some(d) if format!("{d:?}") != format!("{:?}", new.databases[name]) => {
+                out.push(format!("database {name} changed"))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in old.databases.keys() {
+        if !new.databases.contains_key(name) {
+            out.push(format!("database {name} removed"));
+        }
+    }
+    for (name, u) in &new.users {
+        match old.users.get(name) {
+            None => out.push(format!("user {name} added")),
+            Some(ou) => {
+                if ou.password != u.password {
+                    out.push(format!("user {name}: password changed"));
+                }
+                let strip = |u: &crate::config::User| crate::config::User {
+                    password: None,
+                    ..u.clone()
+                };
+                if format!("{:?}", strip(ou)) != format!("{:?}", strip(u)) {
+                    out.push(format!("user {name} changed"));
+                }
+            }
+        }
+    }
+    for name in old.users.keys() {
+        if !new.users.contains_key(name) {
+            out.push(format!("user {name} removed"));
+        }
+    }
+    out
+}
