@@ -20,7 +20,16 @@ async fn psql_as(
     sql: &str,
 ) -> (bool, String, String) {
     let child = tokio::process::Command::new("psql")
-        .args(["-X", "-A", "-F", "|", "-P", "footer=off", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-X",
+            "-A",
+            "-F",
+            "|",
+            "-P",
+            "footer=off",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
         .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
         .args(["-U", user, "-d", db, "-c", sql])
         .env("PGPASSWORD", password)
@@ -108,7 +117,13 @@ fn write_config(file: &std::path::Path, config: &Config) {
 async fn setup_from_file(
     prefix: &str,
     tweak: impl FnOnce(&mut Config),
-) -> (String, pgtide::Pooler, SocketAddr, tempfile::TempDir, Config) {
+) -> (
+    String,
+    pgtide::Pooler,
+    SocketAddr,
+    tempfile::TempDir,
+    Config,
+) {
     let db = harness::fresh_database(prefix);
     let mut config = harness::config_for(&db);
     config.pgtide.query_wait_timeout = ConfigDuration::secs(20);
@@ -138,7 +153,9 @@ async fn every_show_command_returns_pgbouncer_columns() {
     )
     .await
     .expect("app logs in");
-    to("select", client.simple_query("SELECT 1")).await.expect("select");
+    to("select", client.simple_query("SELECT 1"))
+        .await
+        .expect("select");
 
     let conn_cols = "type|user|database|state|addr|port|local_addr|local_port|connect_time|request_time|wait|wait_us|close_needed|ptr|link|remote_pid|tls|application_name";
     let expected: &[(&str, &str)] = &[
@@ -167,12 +184,30 @@ async fn every_show_command_returns_pgbouncer_columns() {
 
     // The rows say what a user would check.
     let pools = admin(addr, "SHOW POOLS").await;
-    assert_eq!(cell(&pools, "database", &db, "user").as_deref(), Some("app"));
-    assert_eq!(cell(&pools, "database", &db, "sv_idle").as_deref(), Some("1"), "{pools}");
-    assert_eq!(cell(&pools, "database", &db, "cl_active").as_deref(), Some("1"), "{pools}");
-    assert_eq!(cell(&pools, "database", &db, "pool_mode").as_deref(), Some("transaction"));
+    assert_eq!(
+        cell(&pools, "database", &db, "user").as_deref(),
+        Some("app")
+    );
+    assert_eq!(
+        cell(&pools, "database", &db, "sv_idle").as_deref(),
+        Some("1"),
+        "{pools}"
+    );
+    assert_eq!(
+        cell(&pools, "database", &db, "cl_active").as_deref(),
+        Some("1"),
+        "{pools}"
+    );
+    assert_eq!(
+        cell(&pools, "database", &db, "pool_mode").as_deref(),
+        Some("transaction")
+    );
     let servers = admin(addr, "SHOW SERVERS").await;
-    assert_eq!(cell(&servers, "database", &db, "state").as_deref(), Some("idle"), "{servers}");
+    assert_eq!(
+        cell(&servers, "database", &db, "state").as_deref(),
+        Some("idle"),
+        "{servers}"
+    );
     let pid: i32 = cell(&servers, "database", &db, "remote_pid")
         .and_then(|p| p.parse().ok())
         .expect("remote_pid");
@@ -193,8 +228,14 @@ async fn every_show_command_returns_pgbouncer_columns() {
         "SHOW SERVERS remote_pid {pid} is not a backend of {db}: {backend_pids}"
     );
     let clients = admin(addr, "SHOW CLIENTS").await;
-    assert_eq!(cell(&clients, "database", &db, "user").as_deref(), Some("app"));
-    assert_eq!(cell(&clients, "database", "pgtide", "user").as_deref(), Some("app"));
+    assert_eq!(
+        cell(&clients, "database", &db, "user").as_deref(),
+        Some("app")
+    );
+    assert_eq!(
+        cell(&clients, "database", "pgtide", "user").as_deref(),
+        Some("app")
+    );
     let stats = admin(addr, "SHOW STATS_TOTALS").await;
     let xacts: u64 = cell(&stats, "database", &db, "xact_count")
         .and_then(|v| v.parse().ok())
@@ -204,17 +245,38 @@ async fn every_show_command_returns_pgbouncer_columns() {
     assert_eq!(cell(&dbs, "name", &db, "pool_size").as_deref(), Some("20"));
     assert_eq!(cell(&dbs, "name", &db, "paused").as_deref(), Some("0"));
     let config = admin(addr, "SHOW CONFIG").await;
-    assert_eq!(cell(&config, "key", "pool_size", "value").as_deref(), Some("20"));
-    assert_eq!(cell(&config, "key", "listen", "changeable").as_deref(), Some("no"));
+    assert_eq!(
+        cell(&config, "key", "pool_size", "value").as_deref(),
+        Some("20")
+    );
+    assert_eq!(
+        cell(&config, "key", "listen", "changeable").as_deref(),
+        Some("no")
+    );
     let hosts = admin(addr, "SHOW HOSTS").await;
-    assert_eq!(cell(&hosts, "database", &db, "role").as_deref(), Some("primary"));
+    assert_eq!(
+        cell(&hosts, "database", &db, "role").as_deref(),
+        Some("primary")
+    );
     let version = admin(addr, "SHOW VERSION").await;
-    assert!(version.contains(&format!("pgtide {}", env!("CARGO_PKG_VERSION"))), "{version}");
+    assert!(
+        version.contains(&format!("pgtide {}", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
     // The PgBouncer name of the console works too.
-    let (ok, out, err) =
-        psql_as(addr, "app", harness::APP_PASSWORD, "pgbouncer", "SHOW LISTS").await;
+    let (ok, out, err) = psql_as(
+        addr,
+        "app",
+        harness::APP_PASSWORD,
+        "pgbouncer",
+        "SHOW LISTS",
+    )
+    .await;
     assert!(ok, "{out}{err}");
-    assert_eq!(cell(&out, "list", "databases", "items").as_deref(), Some("1"));
+    assert_eq!(
+        cell(&out, "list", "databases", "items").as_deref(),
+        Some("1")
+    );
     drop(client);
     pooler.shutdown();
 }
@@ -250,7 +312,12 @@ async fn non_admin_users_are_refused_and_errors_leave_the_console_usable() {
 
     let console = to(
         "connect",
-        harness::connect(&tcp_connect_string(addr, "app", harness::APP_PASSWORD, "pgtide")),
+        harness::connect(&tcp_connect_string(
+            addr,
+            "app",
+            harness::APP_PASSWORD,
+            "pgtide",
+        )),
     )
     .await
     .expect("the admin logs in");
@@ -302,12 +369,24 @@ async fn pause_and_resume_under_pgbench_load_lose_nothing() {
     let started = Instant::now();
     admin(addr, "PAUSE").await;
     // PAUSE returned: nothing runs on the servers and pgtide holds no connection.
-    assert_eq!(server_connections(&db).await, 0, "server connections after PAUSE");
+    assert_eq!(
+        server_connections(&db).await,
+        0,
+        "server connections after PAUSE"
+    );
     let pools = admin(addr, "SHOW POOLS").await;
-    assert_eq!(cell(&pools, "database", &db, "sv_active").as_deref(), Some("0"), "{pools}");
+    assert_eq!(
+        cell(&pools, "database", &db, "sv_active").as_deref(),
+        Some("0"),
+        "{pools}"
+    );
     // Held longer than query_wait_timeout: clients wait, they do not fail.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(server_connections(&db).await, 0, "server connections while paused");
+    assert_eq!(
+        server_connections(&db).await,
+        0,
+        "server connections while paused"
+    );
     let pools = admin(addr, "SHOW POOLS").await;
     let waiting: u32 = cell(&pools, "database", &db, "cl_waiting")
         .and_then(|v| v.parse().ok())
@@ -331,7 +410,9 @@ async fn reload_resizes_pools_without_dropping_clients() {
     .await;
     let conn = tcp_connect_string(addr, "app", harness::APP_PASSWORD, &db);
     let kept = to("connect", harness::connect(&conn)).await.expect("login");
-    to("select", kept.simple_query("SELECT 1")).await.expect("select");
+    to("select", kept.simple_query("SELECT 1"))
+        .await
+        .expect("select");
 
     // Six clients sleeping at once use at most pool_size servers.
     let burst = |n: usize| {
@@ -357,13 +438,20 @@ async fn reload_resizes_pools_without_dropping_clients() {
     write_config(&dir.path().join("pgtide.toml"), &config);
     let (ok, out, err) = psql_as(addr, "app", harness::APP_PASSWORD, "pgtide", "RELOAD").await;
     assert!(ok, "{out}{err}");
-    assert!(err.contains("pool_size: 2 -> 5"), "RELOAD reports the change: {err}");
+    assert!(
+        err.contains("pool_size: 2 -> 5"),
+        "RELOAD reports the change: {err}"
+    );
     let dbs = admin(addr, "SHOW DATABASES").await;
     assert_eq!(cell(&dbs, "name", &db, "pool_size").as_deref(), Some("5"));
     burst(6).await;
     assert_eq!(server_connections(&db).await, 5, "pool_size 5 after RELOAD");
     let pools = admin(addr, "SHOW POOLS").await;
-    assert_eq!(cell(&pools, "database", &db, "sv_idle").as_deref(), Some("5"), "{pools}");
+    assert_eq!(
+        cell(&pools, "database", &db, "sv_idle").as_deref(),
+        Some("5"),
+        "{pools}"
+    );
 
     // Shrinking closes the surplus idle servers at once.
     config.pgtide.pool_size = 1;
@@ -404,14 +492,23 @@ async fn a_broken_config_is_refused_and_the_old_one_stays() {
     assert!(err.contains("stays in force"), "{err}");
     // Not even TOML.
     std::fs::write(&file, "this is [not toml").unwrap();
-    let e = pooler.reload().await.expect_err("unparsable file is refused");
+    let e = pooler
+        .reload()
+        .await
+        .expect_err("unparsable file is refused");
     assert!(e.contains("stays in force"), "{e}");
     // The old configuration keeps working.
     let dbs = admin(addr, "SHOW DATABASES").await;
     assert_eq!(cell(&dbs, "name", &db, "pool_size").as_deref(), Some("3"));
-    to("select", kept.simple_query("SELECT 1")).await.expect("old config works");
-    let fresh = to("connect", harness::connect(&conn)).await.expect("new login");
-    to("select", fresh.simple_query("SELECT 1")).await.expect("select");
+    to("select", kept.simple_query("SELECT 1"))
+        .await
+        .expect("old config works");
+    let fresh = to("connect", harness::connect(&conn))
+        .await
+        .expect("new login");
+    to("select", fresh.simple_query("SELECT 1"))
+        .await
+        .expect("select");
 
     // A change that needs a restart is reported, not applied; the rest applies.
     config.pgtide.listen = "127.0.0.1:1".parse().unwrap();
@@ -421,8 +518,14 @@ async fn a_broken_config_is_refused_and_the_old_one_stays() {
     assert!(ok, "{out}{err}");
     assert!(err.contains("needs a restart: listen"), "{err}");
     let cfg = admin(addr, "SHOW CONFIG").await;
-    assert_eq!(cell(&cfg, "key", "listen", "value").as_deref(), Some("127.0.0.1:0"));
-    assert_eq!(cell(&cfg, "key", "pool_size", "value").as_deref(), Some("4"));
+    assert_eq!(
+        cell(&cfg, "key", "listen", "value").as_deref(),
+        Some("127.0.0.1:0")
+    );
+    assert_eq!(
+        cell(&cfg, "key", "pool_size", "value").as_deref(),
+        Some("4")
+    );
     pooler.shutdown();
 
     // Zero-config (no file): RELOAD says there is nothing to reload.
@@ -472,7 +575,10 @@ async fn reload_adds_users_and_changes_passwords() {
     let (ok, out, err) = psql_as(addr, "app", harness::APP_PASSWORD, "pgtide", "RELOAD").await;
     assert!(ok, "{out}{err}");
     assert!(err.contains(&format!("user {role} added")), "{err}");
-    assert!(!err.contains("first"), "a password must never be shown: {err}");
+    assert!(
+        !err.contains("first"),
+        "a password must never be shown: {err}"
+    );
     let c = to("connect", harness::connect(&login("first")))
         .await
         .expect("the added user logs in");
@@ -497,7 +603,10 @@ async fn reload_adds_users_and_changes_passwords() {
     config.users.get_mut(&role).unwrap().password = Some("second".into());
     write_config(&file, &config);
     let summary = pooler.reload().await.expect("reload");
-    assert!(summary.contains(&format!("user {role}: password changed")), "{summary}");
+    assert!(
+        summary.contains(&format!("user {role}: password changed")),
+        "{summary}"
+    );
     assert!(!summary.contains("second"), "{summary}");
     let e = to("connect", harness::connect(&login("first")))
         .await
@@ -508,8 +617,12 @@ async fn reload_adds_users_and_changes_passwords() {
         .await
         .expect("the new password works");
     // New server connections log in with the new password.
-    to("select", c2.simple_query("SELECT 1")).await.expect("select with the new password");
+    to("select", c2.simple_query("SELECT 1"))
+        .await
+        .expect("select with the new password");
     // The client that logged in before the change is still served.
-    to("select", c.simple_query("SELECT 1")).await.expect("earlier client");
+    to("select", c.simple_query("SELECT 1"))
+        .await
+        .expect("earlier client");
     pooler.shutdown();
 }

@@ -663,3 +663,108 @@ fn zero_config_with_a_replica_routes_reads_to_it() {
         "the write ran on the primary: {out}"
     );
 }
+
+/// Server connections PostgreSQL has for database `db`.
+fn server_connections(db: &str) -> u32 {
+    harness::psql(
+        harness::primary_port(),
+        "postgres",
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ),
+    )
+    .trim()
+    .parse()
+    .expect("a count")
+}
+
+#[test]
+fn sighup_reloads_the_config_file_without_dropping_clients() {
+    let db = harness::fresh_database("cli_sighup");
+    let mut config = harness::config_for(&db);
+    config.pgtide.pool_size = 1;
+    config.pgtide.admin_users = vec![harness::APP_USER.to_string()];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pgtide.toml");
+    std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+    let listen = free_addr();
+    let mut cmd = Command::new(PGTIDE);
+    cmd.env_remove("DATABASE_URL")
+        .arg("--config")
+        .arg(&file)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0");
+    let mut child = ChildGuard::spawn(cmd, "pgtide --config", false);
+    child.wait_accepting(listen);
+    let admin = |sql: &str| {
+        let url = format!("postgres://app@{listen}/pgtide");
+        let (ok, out, err) = psql_url(&url, Some(harness::APP_PASSWORD), sql);
+        assert!(ok, "{sql}: {out}\n{err}");
+        out
+    };
+    block_on(async {
+        let conn = tcp_connect_string(listen, "app", harness::APP_PASSWORD, &db);
+        let kept = tokio::time::timeout(TIMEOUT, harness::connect(&conn))
+            .await
+            .unwrap()
+            .expect("login");
+        // Three clients at once: one server with pool_size 1.
+        let burst = || async {
+            let mut tasks = Vec::new();
+            for _ in 0..3 {
+                let conn = conn.clone();
+                tasks.push(tokio::spawn(async move {
+                    let c = harness::connect(&conn).await.expect("login");
+                    c.simple_query("SELECT pg_sleep(0.3)").await.expect("sleep");
+                }));
+            }
+            for t in tasks {
+                tokio::time::timeout(TIMEOUT, t).await.unwrap().unwrap();
+            }
+        };
+        burst().await;
+        assert_eq!(server_connections(&db), 1);
+        assert!(admin("SHOW DATABASES").contains(&format!("{db}|127.0.0.1|")));
+
+        config.pgtide.pool_size = 3;
+        std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+        child.signal(libc::SIGHUP);
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let dbs = admin("SHOW DATABASES");
+            // name|host|port|database|force_user|pool_size|...
+            let size = dbs
+                .lines()
+                .find(|l| l.starts_with(&format!("{db}|")))
+                .and_then(|l| l.split('|').nth(5).map(str::to_string));
+            if size.as_deref() == Some("3") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SIGHUP did not apply pool_size 3: {dbs}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        burst().await;
+        assert_eq!(server_connections(&db), 3, "pool_size 3 after SIGHUP");
+        tokio::time::timeout(TIMEOUT, kept.simple_query("SELECT 1"))
+            .await
+            .unwrap()
+            .expect("the client connected before SIGHUP still works");
+    });
+    assert!(child.has_exited().is_none(), "SIGHUP must not stop pgtide");
+    let log = child.stderr_text();
+    assert!(
+        log.contains("pool_size: 1 -> 3"),
+        "the reload is logged: {log}"
+    );
+    assert!(
+        !log.contains(harness::APP_PASSWORD),
+        "a password was logged: {log}"
+    );
+    child.signal(libc::SIGTERM);
+    assert!(child.wait_timeout(TIMEOUT).is_some());
+}

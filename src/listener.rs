@@ -29,7 +29,10 @@ pub async fn start(config: Config) -> io::Result<Pooler> {
 
 /// Like [`start`], for a configuration read from `source`: `RELOAD` and
 /// [`Pooler::reload`] read that file again.
-pub async fn start_from(config: Config, source: Option<crate::reload::ConfigSource>) -> io::Result<Pooler> {
+pub async fn start_from(
+    config: Config,
+    source: Option<crate::reload::ConfigSource>,
+) -> io::Result<Pooler> {
     let listener = TcpListener::bind(config.pgtide.listen).await?;
     let addr = listener.local_addr()?;
     let metrics_listener = match config.pgtide.metrics_listen.as_str() {

@@ -139,11 +139,14 @@ fn main() -> ExitCode {
                 config.pgtide.metrics_listen = m.clone();
             }
             // SIGHUP and RELOAD read the file again, with the same overrides.
-            let source = cli.config.as_ref().map(|path| pgtide::reload::ConfigSource {
-                path: path.clone(),
-                listen: cli.listen,
-                metrics_listen: cli.metrics_listen.clone(),
-            });
+            let source = cli
+                .config
+                .as_ref()
+                .map(|path| pgtide::reload::ConfigSource {
+                    path: path.clone(),
+                    listen: cli.listen,
+                    metrics_listen: cli.metrics_listen.clone(),
+                });
             runtime().block_on(serve(config, source))
         }
     }

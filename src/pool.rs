@@ -307,7 +307,6 @@ impl Pool {
         }
     }
 
-
     /// Opens a connection for a slot already counted in `total`, with retries and
     /// exponential back-off.
     async fn open(&self) -> Result<ServerConn, (u32, Arc<ServerError>)> {
@@ -376,8 +375,7 @@ impl Pool {
             .timeouts
             .lifetime
             .is_some_and(|l| conn.created.elapsed() >= l);
-        let retired =
-            inner.retired || inner.retire_before.is_some_and(|t| conn.created <= t);
+        let retired = inner.retired || inner.retire_before.is_some_and(|t| conn.created <= t);
         if expired || retired {
             drop(inner);
             self.discard(conn);

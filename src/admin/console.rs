@@ -97,8 +97,8 @@ pub async fn run(
         let mut out = BytesMut::new();
         match t {
             tag::QUERY => {
-                let sql = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(&body))
-                    .into_owned();
+                let sql =
+                    String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(&body)).into_owned();
                 tracing::debug!(%user, command = %sql, "admin command");
                 match execute(&shared, &sql).await {
                     Ok(reply) => write_reply(&mut out, reply),
@@ -138,7 +138,10 @@ pub async fn run(
                 fatal(
                     &mut stream,
                     sqlstate::PROTOCOL_VIOLATION,
-                    &format!("unexpected message type {:?} on the admin console", other as char),
+                    &format!(
+                        "unexpected message type {:?} on the admin console",
+                        other as char
+                    ),
                 )
                 .await;
                 return;
@@ -240,7 +243,9 @@ fn database_arg(shared: &Shared, word: &str) -> Result<String, CommandError> {
 
 /// Runs one admin command.
 async fn execute(shared: &Arc<Shared>, sql: &str) -> Result<Reply, CommandError> {
-    let text = sql.trim().trim_end_matches(|c: char| c == ';' || c.is_whitespace());
+    let text = sql
+        .trim()
+        .trim_end_matches(|c: char| c == ';' || c.is_whitespace());
     if text.is_empty() {
         return Ok(Reply::Empty);
     }
@@ -264,7 +269,10 @@ async fn execute(shared: &Arc<Shared>, sql: &str) -> Result<Reply, CommandError>
         match args {
             [] => Ok(None),
             [db] => database_arg(shared, db).map(Some),
-            _ => Err((SYNTAX_ERROR, format!("{verb} takes at most one database name"))),
+            _ => Err((
+                SYNTAX_ERROR,
+                format!("{verb} takes at most one database name"),
+            )),
         }
     };
     match verb.as_str() {
@@ -354,7 +362,10 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<(), CommandErro
         .gate()
         .pause(db)
         .map_err(|m| (sqlstate::INVALID_PARAMETER_VALUE, m))?;
-    tracing::info!(database = db.unwrap_or("(all)"), "PAUSE: waiting for running transactions");
+    tracing::info!(
+        database = db.unwrap_or("(all)"),
+        "PAUSE: waiting for running transactions"
+    );
     let mut logged = std::time::Instant::now();
     loop {
         let pools: Vec<_> = shared
@@ -378,7 +389,10 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<(), CommandErro
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tracing::info!(database = db.unwrap_or("(all)"), "paused: no server connection open");
+    tracing::info!(
+        database = db.unwrap_or("(all)"),
+        "paused: no server connection open"
+    );
     Ok(())
 }
 
@@ -392,5 +406,9 @@ fn kill(shared: &Arc<Shared>, db: &str) {
         }
     }
     shared.retire_pools(|(d, _, _), _| d == db);
-    tracing::info!(database = db, clients = n, "KILL: clients disconnected, servers closed");
+    tracing::info!(
+        database = db,
+        clients = n,
+        "KILL: clients disconnected, servers closed"
+    );
 }

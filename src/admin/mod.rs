@@ -152,11 +152,7 @@ pub struct Averages {
 
 /// The averages of the last complete stats period (zero before the first one ends).
 pub fn averages(shared: &Shared) -> HashMap<String, Averages> {
-    let w = shared
-        .admin
-        .stats
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let w = shared.admin.stats.lock().unwrap_or_else(|e| e.into_inner());
     let (Some((t1, now)), Some((t0, before))) = (&w.last, &w.previous) else {
         return HashMap::new();
     };

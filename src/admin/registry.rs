@@ -59,11 +59,8 @@ impl<T> Registry<T> {
 
     /// Every entry, ordered by id (the order of connection).
     pub fn snapshot(&self) -> Vec<(u64, Arc<T>)> {
-        let mut v: Vec<(u64, Arc<T>)> = self
-            .lock()
-            .iter()
-            .map(|(id, e)| (*id, e.clone()))
-            .collect();
+        let mut v: Vec<(u64, Arc<T>)> =
+            self.lock().iter().map(|(id, e)| (*id, e.clone())).collect();
         v.sort_by_key(|(id, _)| *id);
         v
     }

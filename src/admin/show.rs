@@ -132,7 +132,9 @@ fn pools(shared: &Shared) -> ResultSet {
     let mut linked: HashMap<(String, String), u64> = HashMap::new();
     for (_, e) in shared.admin.hooks.servers.snapshot() {
         if e.link.load(Ordering::Relaxed) != 0 {
-            *linked.entry((e.database.clone(), e.user.clone())).or_default() += 1;
+            *linked
+                .entry((e.database.clone(), e.user.clone()))
+                .or_default() += 1;
         }
     }
     for pool in shared.pools() {
@@ -151,7 +153,10 @@ fn pools(shared: &Shared) -> ResultSet {
         let row = rows
             .entry((c.database.clone(), c.user.clone()))
             .or_insert_with(|| PoolRow {
-                mode: config.pool_settings(&c.database, &c.user).pool_mode.to_string(),
+                mode: config
+                    .pool_settings(&c.database, &c.user)
+                    .pool_mode
+                    .to_string(),
                 ..PoolRow::default()
             });
         match c.state() {
@@ -181,7 +186,10 @@ fn pools(shared: &Shared) -> ResultSet {
         ("pool_mode", T),
     ]);
     for ((db, user), row) in rows {
-        let active = linked.get(&(db.clone(), user.clone())).copied().unwrap_or(0);
+        let active = linked
+            .get(&(db.clone(), user.clone()))
+            .copied()
+            .unwrap_or(0);
         // Busy connections not linked to a client are being opened (or about to be).
         let login = row.sv_login.saturating_sub(active);
         r.push(vec![
@@ -460,12 +468,7 @@ fn config(shared: &Shared) -> ResultSet {
     };
     let now = table(&shared.config().pgtide);
     let default = table(&crate::config::General::default());
-    let mut r = ResultSet::new(&[
-        ("key", T),
-        ("value", T),
-        ("default", T),
-        ("changeable", T),
-    ]);
+    let mut r = ResultSet::new(&[("key", T), ("value", T), ("default", T), ("changeable", T)]);
     let mut keys: Vec<&String> = now.keys().chain(default.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -537,7 +540,9 @@ fn hosts(shared: &Shared) -> ResultSet {
         match clusters.get(name) {
             Some(cluster) => {
                 for st in cluster.snapshot() {
-                    let Some(h) = hosts.get(st.id.0) else { continue };
+                    let Some(h) = hosts.get(st.id.0) else {
+                        continue;
+                    };
                     let (health, breaker) = match st.health {
                         crate::cluster::Health::Up => ("up", "closed"),
                         crate::cluster::Health::Down => ("down", "open"),

@@ -16,9 +16,9 @@ use arc_swap::{ArcSwap, Guard};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::{CredentialCache, SaltedPasswordCache, StoredCredential};
+use crate::cluster::{Cluster, MonitorHandle};
 use crate::config::Config;
 use crate::metrics::{Metrics, Probe};
-use crate::cluster::{Cluster, MonitorHandle};
 use crate::pool::{DbLimit, Pool, PoolTimeouts};
 use crate::prepared::StatementCache;
 use crate::server::ServerTarget;
@@ -156,7 +156,10 @@ impl Shared {
     }
 
     /// Takes the pools matching `remove` out of the map (reload, KILL) and retires them.
-    pub(crate) fn retire_pools(&self, mut remove: impl FnMut(&(String, String, usize), &Pool) -> bool) {
+    pub(crate) fn retire_pools(
+        &self,
+        mut remove: impl FnMut(&(String, String, usize), &Pool) -> bool,
+    ) {
         let retired: Vec<Arc<Pool>> = {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             let keys: Vec<_> = pools

@@ -298,8 +298,8 @@ impl Session {
         signal: ShutdownSignal,
     ) -> Self {
         let max = shared.config().pgtide.max_message_size;
-        let tracked =
-            login.mode == PoolMode::Transaction && shared.config().pgtide.max_prepared_statements > 0;
+        let tracked = login.mode == PoolMode::Transaction
+            && shared.config().pgtide.max_prepared_statements > 0;
         let pool = login.pool.clone();
         Session {
             shared,
@@ -1365,10 +1365,10 @@ impl Session {
                     // For SHOW SERVERS / SHOW CLIENTS; the pool clears it at checkin.
                     e.link
                         .store(self.login.entry.id, std::sync::atomic::Ordering::Relaxed);
-                    self.login
-                        .entry
-                        .link
-                        .store(s.entry.as_ref().map_or(0, |e| e.id), std::sync::atomic::Ordering::Relaxed);
+                    self.login.entry.link.store(
+                        s.entry.as_ref().map_or(0, |e| e.id),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                 }
                 s
             }
