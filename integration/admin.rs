@@ -293,8 +293,7 @@ async fn non_admin_users_are_refused_and_errors_leave_the_console_usable() {
         harness::connect(&tcp_connect_string(addr, "pgtide_md5", "md5pass", "pgtide")),
     )
     .await
-    .err()
-    .expect("a non-admin user is refused");
+    .expect_err("a non-admin user is refused");
     assert_eq!(
         err.code().map(|c| c.code()),
         Some("28000"),
@@ -306,8 +305,7 @@ async fn non_admin_users_are_refused_and_errors_leave_the_console_usable() {
         harness::connect(&tcp_connect_string(addr, "app", "wrong", "pgtide")),
     )
     .await
-    .err()
-    .expect("a wrong password is refused");
+    .expect_err("a wrong password is refused");
     assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
 
     let console = to(
@@ -342,8 +340,7 @@ async fn non_admin_users_are_refused_and_errors_leave_the_console_usable() {
     // The extended protocol gets a clear error; the simple protocol still works after.
     let e = to("extended", console.query("SHOW POOLS", &[]))
         .await
-        .err()
-        .expect("extended protocol is refused");
+        .expect_err("extended protocol is refused");
     assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
     to("show pools", console.simple_query("show pools;"))
         .await
@@ -560,8 +557,7 @@ async fn reload_adds_users_and_changes_passwords() {
     // Unknown to pgtide before the reload.
     let e = to("connect", harness::connect(&login("first")))
         .await
-        .err()
-        .expect("unknown user");
+        .expect_err("unknown user");
     assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
 
     config.users.insert(
@@ -610,8 +606,7 @@ async fn reload_adds_users_and_changes_passwords() {
     assert!(!summary.contains("second"), "{summary}");
     let e = to("connect", harness::connect(&login("first")))
         .await
-        .err()
-        .expect("the old password is refused");
+        .expect_err("the old password is refused");
     assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
     let c2 = to("connect", harness::connect(&login("second")))
         .await

@@ -1178,3 +1178,32 @@ fn upstream_url_mistakes() {
     let e = Config::from_upstream_url("not a url hunter2").unwrap_err();
     assert!(!e.to_string().contains("hunter2"), "{e}");
 }
+
+// --- admin console -------------------------------------------------------------------
+
+#[test]
+fn admin_users_must_be_configured_users() {
+    let c = ok("[pgtide]\nadmin_users = [\"u\"]\n[databases.app]\n[users.u]\npassword = \"p\"\n");
+    assert_eq!(c.pgtide.admin_users, ["u"]);
+    only(
+        "[pgtide]\nadmin_users = [\"u\", \"ghost\"]\n[databases.app]\n[users.u]\npassword = \"p\"\n",
+        "pgtide.admin_users[1]",
+        "\"ghost\" is not a configured user",
+    );
+    only(
+        "[pgtide]\nadmin_users = \"u\"\n[databases.app]\n[users.u]\npassword = \"p\"\n",
+        "pgtide.admin_users",
+        "an array of strings",
+    );
+}
+
+#[test]
+fn the_admin_database_names_are_reserved() {
+    for name in ["pgtide", "pgbouncer"] {
+        only(
+            &format!("[databases.{name}]\n[users.u]\npassword = \"p\"\n"),
+            &format!("databases.{name}"),
+            "reserved for the admin console",
+        );
+    }
+}
