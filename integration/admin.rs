@@ -621,3 +621,90 @@ async fn reload_adds_users_and_changes_passwords() {
         .expect("earlier client");
     pooler.shutdown();
 }
+
+/// The PostgreSQL backend pid serving `client` now.
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    to("pid", client.query_one("SELECT pg_backend_pid()", &[]))
+        .await
+        .expect("pg_backend_pid")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_kill_and_shutdown() {
+    let (db, pooler, addr) = harness::setup("admin_kill", |c| {
+        c.pgtide.admin_users = vec![harness::APP_USER.to_string()];
+        c.pgtide.pool_size = 2;
+    })
+    .await;
+    let conn = tcp_connect_string(addr, "app", harness::APP_PASSWORD, &db);
+    let a = to("connect", harness::connect(&conn)).await.expect("login");
+    let b = to("connect", harness::connect(&conn)).await.expect("login");
+
+    // RECONNECT: the idle server is closed now, the busy one when its transaction ends;
+    // the transaction itself is not disturbed.
+    to("begin", a.batch_execute("BEGIN")).await.expect("begin");
+    let idle_pid = backend_pid(&a).await;
+    to("begin", b.batch_execute("BEGIN")).await.expect("begin");
+    let busy_pid = backend_pid(&b).await;
+    assert_ne!(idle_pid, busy_pid);
+    to("commit", a.batch_execute("COMMIT"))
+        .await
+        .expect("commit");
+    admin(addr, "RECONNECT").await;
+    let servers = admin(addr, "SHOW SERVERS").await;
+    assert_eq!(
+        cell(
+            &servers,
+            "remote_pid",
+            &busy_pid.to_string(),
+            "close_needed"
+        )
+        .as_deref(),
+        Some("1"),
+        "{servers}"
+    );
+    assert_eq!(
+        backend_pid(&b).await,
+        busy_pid,
+        "the open transaction keeps its server"
+    );
+    to("commit", b.batch_execute("COMMIT"))
+        .await
+        .expect("commit");
+    let pids = [backend_pid(&a).await, backend_pid(&b).await];
+    assert!(
+        !pids.contains(&idle_pid) && !pids.contains(&busy_pid),
+        "after RECONNECT new server connections are used: {pids:?} vs {idle_pid}, {busy_pid}"
+    );
+
+    // KILL db: its clients are disconnected with 57P01 and its servers closed.
+    admin(addr, &format!("KILL {db}")).await;
+    let e = to("after kill", a.simple_query("SELECT 1"))
+        .await
+        .expect_err("a killed client is disconnected");
+    assert!(
+        e.code().map(|c| c.code()) == Some("57P01") || e.is_closed(),
+        "killed client: {e}"
+    );
+    eventually("the killed database has no server connection", || async {
+        server_connections(&db).await == 0
+    })
+    .await;
+    let clients = admin(addr, "SHOW CLIENTS").await;
+    assert!(
+        cell(&clients, "database", &db, "user").is_none(),
+        "{clients}"
+    );
+    // The database still serves new clients.
+    let c = to("connect", harness::connect(&conn))
+        .await
+        .expect("login after KILL");
+    to("select", c.simple_query("SELECT 1"))
+        .await
+        .expect("select after KILL");
+
+    // SHUTDOWN: graceful shutdown, as SIGTERM.
+    admin(addr, "SHUTDOWN").await;
+    to("shutdown", pooler.wait()).await;
+}

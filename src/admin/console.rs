@@ -100,7 +100,15 @@ pub async fn run(
                 let sql =
                     String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(&body)).into_owned();
                 tracing::debug!(%user, command = %sql, "admin command");
-                match execute(&shared, &sql).await {
+                let result = tokio::select! {
+                    r = execute(&shared, &sql) => r,
+                    // A PAUSE that waits must not hold up shutdown.
+                    _ = signal.reached(Phase::Draining) => {
+                        fatal(&mut stream, sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await;
+                        return;
+                    }
+                };
+                match result {
                     Ok(reply) => write_reply(&mut out, reply),
                     Err((code, message)) => backend::error(&mut out, code, &message),
                 }

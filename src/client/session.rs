@@ -582,13 +582,19 @@ impl Session {
 
     /// Waits for the next thing to do.
     async fn wait(&mut self) -> Event {
-        let g = &self.shared.config().pgtide;
-        let timer = match &self.server {
-            None => g.client_idle_timeout.enabled(),
-            Some(_) if self.pending == 0 && self.tx_status != status::IDLE && self.c_ready == 0 => {
-                g.idle_transaction_timeout.enabled()
+        let timer = {
+            // Read once per wait, not held across it (a reload may swap the config).
+            let config = self.shared.config();
+            let g = &config.pgtide;
+            match &self.server {
+                None => g.client_idle_timeout.enabled(),
+                Some(_)
+                    if self.pending == 0 && self.tx_status != status::IDLE && self.c_ready == 0 =>
+                {
+                    g.idle_transaction_timeout.enabled()
+                }
+                Some(_) => None,
             }
-            Some(_) => None,
         };
         let phase = self.signal.phase();
         let server = self.server.as_ref().map(|s| &s.stream);
