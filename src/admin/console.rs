@@ -30,20 +30,32 @@ enum Reply {
 
 type CommandError = (&'static str, String);
 
-/// Runs an admin console session for `user`, already authenticated and allowed.
+/// Who logged in to the console.
+pub struct Login {
+    pub user: String,
+    /// `pgtide` or `pgbouncer`.
+    pub database: String,
+    pub application_name: String,
+}
+
+/// Runs an admin console session, its user already authenticated and allowed.
 pub async fn run(
     mut stream: TcpStream,
     shared: Arc<Shared>,
-    user: String,
-    application_name: String,
+    login: Login,
     mut signal: ShutdownSignal,
 ) {
+    let Login {
+        user,
+        database,
+        application_name,
+    } = login;
     let id = shared.admin.clients.next_id();
     let entry: Registration<ClientEntry> = shared.admin.clients.register(
         id,
         ClientEntry::new(
             &user,
-            "pgtide",
+            &database,
             stream.peer_addr().ok(),
             stream.local_addr().ok(),
             &application_name,

@@ -52,6 +52,8 @@ pub(super) enum NoSession {
     /// authentication exchange).
     Admin {
         user: String,
+        /// `pgtide` or `pgbouncer`, as the client asked.
+        database: String,
         application_name: String,
     },
 }
@@ -308,6 +310,7 @@ async fn login_inner(
             .unwrap_or_default();
         return Err(NoSession::Admin {
             user,
+            database,
             application_name,
         });
     }

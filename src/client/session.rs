@@ -58,10 +58,15 @@ pub(super) async fn run(
         Err(NoSession::Done) | Err(NoSession::Refused) => return,
         Err(NoSession::Admin {
             user,
+            database,
             application_name,
         }) => {
-            crate::admin::console::run(stream, shared.clone(), user, application_name, signal)
-                .await;
+            let who = crate::admin::console::Login {
+                user,
+                database,
+                application_name,
+            };
+            crate::admin::console::run(stream, shared.clone(), who, signal).await;
             return;
         }
     };
