@@ -108,7 +108,19 @@ where
 
 /// Writes `config` as TOML to a new temporary file.
 fn write_config(file: &std::path::Path, config: &Config) {
-    let text = toml::to_string(config).expect("config serializes");
+    let mut value = toml::Value::try_from(config).expect("config serializes");
+    // A database with `hosts` must not also give host and port (serialized as defaults).
+    if let Some(dbs) = value.get_mut("databases").and_then(|d| d.as_table_mut()) {
+        for (_, d) in dbs.iter_mut() {
+            if let Some(t) = d.as_table_mut() {
+                if t.contains_key("hosts") {
+                    t.remove("host");
+                    t.remove("port");
+                }
+            }
+        }
+    }
+    let text = toml::to_string(&value).expect("config serializes");
     std::fs::write(file, text).expect("write config file");
 }
 
@@ -707,4 +719,79 @@ async fn reconnect_kill_and_shutdown() {
     // SHUTDOWN: graceful shutdown, as SIGTERM.
     admin(addr, "SHUTDOWN").await;
     to("shutdown", pooler.wait()).await;
+}
+
+/// `pg_is_in_recovery()` where `client`'s read runs: "t" on a replica.
+async fn in_recovery(client: &tokio_postgres::Client) -> Option<String> {
+    let msgs = to("read", client.simple_query("SELECT pg_is_in_recovery()"))
+        .await
+        .expect("read");
+    msgs.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_a_replica() {
+    use pgtide::config::{HostConfig, HostRole};
+    let (db, pooler, addr, dir, mut config) = setup_from_file("admin_hosts", |c| {
+        c.pgtide.primary_reads = false;
+        c.pgtide.health_check_interval = ConfigDuration(Duration::from_millis(100));
+    })
+    .await;
+    let file = dir.path().join("pgtide.toml");
+    let conn = tcp_connect_string(addr, "app", harness::APP_PASSWORD, &db);
+    let kept = to("connect", harness::connect(&conn)).await.expect("login");
+    assert_eq!(in_recovery(&kept).await.as_deref(), Some("f"));
+
+    // Add the replica: the database gets a monitor, reads go to the replica.
+    let host = |port, role| HostConfig {
+        host: "127.0.0.1".into(),
+        port,
+        role,
+        weight: 1,
+    };
+    let single = config.databases[&db].clone();
+    let d = config.databases.get_mut(&db).expect("db");
+    // With `hosts`, host and port go in the entries.
+    d.host = pgtide::config::Database::default().host;
+    d.port = pgtide::config::Database::default().port;
+    d.hosts = Some(vec![
+        host(harness::primary_port(), HostRole::Primary),
+        host(harness::replica_port(), HostRole::Replica),
+    ]);
+    write_config(&file, &config);
+    let summary = pooler.reload().await.expect("reload");
+    assert!(
+        summary.contains(&format!("database {db} changed")),
+        "{summary}"
+    );
+    let replica_port = harness::replica_port().to_string();
+    eventually("SHOW HOSTS reports the replica up", || async {
+        let hosts = admin(addr, "SHOW HOSTS").await;
+        cell(&hosts, "port", &replica_port, "health").as_deref() == Some("up")
+            && cell(&hosts, "port", &replica_port, "role").as_deref() == Some("replica")
+    })
+    .await;
+    eventually("reads of the kept client go to the replica", || async {
+        in_recovery(&kept).await.as_deref() == Some("t")
+    })
+    .await;
+
+    // And remove it again.
+    config.databases.insert(db.clone(), single);
+    write_config(&file, &config);
+    pooler.reload().await.expect("reload");
+    let hosts = admin(addr, "SHOW HOSTS").await;
+    assert!(
+        cell(&hosts, "port", &replica_port, "role").is_none(),
+        "{hosts}"
+    );
+    assert_eq!(
+        cell(&hosts, "database", &db, "health").as_deref(),
+        Some("unmonitored")
+    );
+    assert_eq!(in_recovery(&kept).await.as_deref(), Some("f"));
+    pooler.shutdown();
 }
