@@ -286,3 +286,56 @@ fn describe_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml_str(text).expect("valid")
+    }
+
+    #[test]
+    fn changes_are_described_without_passwords() {
+        let old = config(
+            "[pgtide]\npool_size = 5\n[databases.app]\n[databases.gone]\n[users.alice]\npassword = \"s3cret\"\n[users.bob]\npassword = \"x\"\n",
+        );
+        let new = config(
+            "[pgtide]\npool_size = 7\n[databases.app]\nport = 5433\n[databases.new]\n[users.alice]\npassword = \"t0psecret\"\n[users.carol]\npassword = \"y\"\n",
+        );
+        let c = describe_changes(&old, &new);
+        let text = c.join("\n");
+        for expected in [
+            "pool_size: 5 -> 7",
+            "database app changed",
+            "database new added",
+            "database gone removed",
+            "user alice: password changed",
+            "user carol added",
+            "user bob removed",
+        ] {
+            assert!(
+                c.iter().any(|l| l == expected),
+                "{expected:?} missing from:\n{text}"
+            );
+        }
+        for secret in ["s3cret", "t0psecret", "\"x\"", "\"y\""] {
+            assert!(!text.contains(secret), "{secret} shown:\n{text}");
+        }
+        assert!(describe_changes(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn the_monitoring_login_follows_the_clusters_choice() {
+        let a =
+            config("[databases.app]\n[users.a]\npassword = \"p\"\n[users.b]\npassword = \"q\"\n");
+        let b = config(
+            "[databases.app]\n[users.a]\npassword = \"p\"\n[users.b]\npassword = \"changed\"\n",
+        );
+        // Only user a's login is used by the monitors: b's password does not rebuild them.
+        assert_eq!(monitor_login(&a, "app"), monitor_login(&b, "app"));
+        let c =
+            config("[databases.app]\n[users.a]\npassword = \"new\"\n[users.b]\npassword = \"q\"\n");
+        assert_ne!(monitor_login(&a, "app"), monitor_login(&c, "app"));
+    }
+}
