@@ -187,6 +187,18 @@ struct Choice {
     replica_tx: bool,
     /// The primary was chosen because the transaction may write.
     write: bool,
+    /// For the routing metrics (databases with several hosts only).
+    outcome: Option<Outcome>,
+}
+
+/// A routing decision, as the `pgtide_routing_decisions_total` counter names it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Primary,
+    Replica,
+    Fallback,
+    Hint,
+    RetriedPrimary,
 }
 
 /// A client's state, as the `pgtide_clients` gauge counts it.
@@ -976,13 +988,18 @@ impl Session {
                 replica: false,
                 replica_tx: false,
                 write: false,
+                outcome: Some(Outcome::Primary),
             })
         };
         let Some(cluster) = self.shared.clusters.get(&self.login.database) else {
-            return primary();
+            return primary().map(|c| Choice { outcome: None, ..c });
         };
         if self.force_primary {
-            return primary().map(|c| Choice { write: true, ..c });
+            return primary().map(|c| Choice {
+                write: true,
+                outcome: Some(Outcome::RetriedPrimary),
+                ..c
+            });
         }
         let deferred_read_only = self.deferred_begin.is_some() && {
             // The transaction pgtide began: read-only if its first statement says so.
@@ -1008,6 +1025,12 @@ impl Session {
         };
         let r = &settings.routing;
         let mut explicit = false;
+        // Routed by a hint: a pgtide: comment, the pgtide.route setting, a route override.
+        let mut hinted = r.route != Override::Auto
+            || matches!(
+                self.login.params.value("pgtide.route"),
+                Some("primary" | "replica")
+            );
         let route = match (r.route, self.login.params.value("pgtide.route")) {
             _ if self.deferred_begin.is_some() => {
                 explicit = true;
@@ -1054,7 +1077,15 @@ impl Session {
                             }
                         }
                     }
-                    if classify(sql, &opts).route == Route::Primary {
+                    let decision = classify(sql, &opts);
+                    if matches!(
+                        decision.reason,
+                        crate::router::classify::Reason::HintPrimary
+                            | crate::router::classify::Reason::HintReplica
+                    ) {
+                        hinted = true;
+                    }
+                    if decision.route == Route::Primary {
                         route = Route::Primary;
                         break;
                     }
@@ -1062,18 +1093,27 @@ impl Session {
                 route
             }
         };
+        let outcome = |o: Outcome| Some(if hinted { Outcome::Hint } else { o });
         if route == Route::Primary {
-            return primary().map(|c| Choice { write: true, ..c });
+            return primary().map(|c| Choice {
+                write: true,
+                outcome: outcome(Outcome::Primary),
+                ..c
+            });
         }
         let mut replicas = cluster.replicas_within(r.max_replica_lag_bytes, r.max_replica_lag);
         if let Some(lsn) = self.written_lsn {
             // Read your writes: only replicas seen to have replayed the client's last write.
+            let usable = replicas.len();
             replicas.retain(|id| {
                 cluster
                     .host(*id)
                     .and_then(|h| h.replay_lsn)
                     .is_some_and(|replayed| replayed.0 >= lsn)
             });
+            if replicas.len() < usable {
+                self.login.pool.metrics.routing.read_your_writes.inc();
+            }
         }
         if r.primary_reads {
             if let Some(p) = cluster.primary() {
@@ -1082,7 +1122,10 @@ impl Session {
         }
         if replicas.is_empty() {
             return match r.replica_fallback {
-                ReplicaFallback::Primary => primary(),
+                ReplicaFallback::Primary => primary().map(|c| Choice {
+                    outcome: outcome(Outcome::Fallback),
+                    ..c
+                }),
                 ReplicaFallback::Error => Err(format!(
                     "no replica of database \"{}\" is up and within max_replica_lag, and replica_fallback is \"error\"",
                     self.login.database
@@ -1147,8 +1190,16 @@ impl Session {
                 replica: is_replica,
                 replica_tx: is_replica && explicit,
                 write: false,
+                outcome: outcome(if is_replica {
+                    Outcome::Replica
+                } else {
+                    Outcome::Primary
+                }),
             }),
-            None => primary(),
+            None => primary().map(|c| Choice {
+                outcome: outcome(Outcome::Fallback),
+                ..c
+            }),
         }
     }
 
@@ -1281,6 +1332,7 @@ impl Session {
             replica: on_replica,
             replica_tx,
             write,
+            mut outcome,
         } = match self.choose_pool() {
             Ok(p) => p,
             Err(msg) => {
@@ -1317,12 +1369,26 @@ impl Session {
             self.pool = self.login.pool_for_primary(&self.shared);
             self.on_replica = false;
             self.replica_tx = false;
+            if outcome == Some(Outcome::Replica) {
+                outcome = Some(Outcome::Fallback);
+            }
             r = tokio::select! {
                 r = self.pool.checkout(wait) => r,
                 _ = signal.reached(Phase::Now) => {
                     return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
                 }
             };
+        }
+        if let Some(o) = outcome {
+            let m = &self.login.pool.metrics.routing;
+            match o {
+                Outcome::Primary => &m.primary,
+                Outcome::Replica => &m.replica,
+                Outcome::Fallback => &m.fallback,
+                Outcome::Hint => &m.hint,
+                Outcome::RetriedPrimary => &m.retried_primary,
+            }
+            .inc();
         }
         let mut server = match r {
             Ok(s) => {
@@ -1508,9 +1574,12 @@ impl Session {
             return;
         };
         self.login.cancel.detach().await;
+        let pool = self.pool.clone();
+        let resetting = pool.resetting();
         if let Some(server) = self.recover(server).await {
             self.pool.checkin(server);
         }
+        drop(resetting);
     }
 
     /// Brings a server whose client is gone back to idle: ends a COPY, syncs an open
