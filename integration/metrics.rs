@@ -445,3 +445,38 @@ async fn readyz_follows_the_primary() {
     .await;
     assert_eq!(host_up(&scrape(maddr).await, pport), Some(1.0));
 }
+
+/// `collect_metrics = false`: the endpoint still answers, the sessions count nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collect_metrics_off_counts_nothing() {
+    let (db, pooler, addr) =
+        harness::setup("metrics_off", |c| c.pgtide.collect_metrics = false).await;
+    let s = harness::tcp_connect_string(addr, harness::APP_USER, harness::APP_PASSWORD, &db);
+    let c = to("connect", harness::connect(&s)).await.expect("connect");
+    for _ in 0..5 {
+        to("select", c.simple_query("SELECT 1"))
+            .await
+            .expect("select");
+    }
+    let _ = to("error", c.simple_query("SELECT 1/0")).await;
+    drop(c);
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let after = scrape(maddr).await;
+    for name in [
+        "pgtide_transactions_total",
+        "pgtide_queries_total",
+        "pgtide_query_seconds_count",
+        "pgtide_wait_seconds_count",
+        "pgtide_bytes_received_total",
+    ] {
+        assert_eq!(sample(&after, name, &db), 0.0, "{name}");
+    }
+    assert!(
+        !after.keys().any(|k| k.starts_with("pgtide_errors_total{")),
+        "no error counted"
+    );
+    // Scrape-time gauges still work: the server connection is there.
+    assert!(after.iter().any(|(k, v)| k.starts_with("pgtide_servers{")
+        && k.contains("state=\"idle\"")
+        && *v >= 1.0));
+}

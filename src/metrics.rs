@@ -23,6 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// Every metric pgtide exports.
 pub struct Metrics {
     registry: Registry,
+    /// `collect_metrics`: whether sessions count at all.
+    collect: bool,
     clients: IntGaugeVec,
     servers: IntGaugeVec,
     longest_wait: prometheus::GaugeVec,
@@ -50,6 +52,9 @@ pub struct Metrics {
 
 /// Handles for one (database, user) pool, resolved once.
 pub struct PoolMetrics {
+    /// `collect_metrics`: when false, sessions skip the counting (and the clock reads
+    /// that feed the histograms) altogether.
+    pub collect: bool,
     pub clients_active: IntGauge,
     pub clients_waiting: IntGauge,
     pub clients_idle: IntGauge,
@@ -163,6 +168,12 @@ fn histogram(registry: &Registry, name: &str, help: &str) -> HistogramVec {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Metrics::with_collection(true)
+    }
+
+    /// The metrics; with `collect` false (`collect_metrics = false`) the sessions count
+    /// nothing and only the build info and the scrape-time gauges have values.
+    pub fn with_collection(collect: bool) -> Metrics {
         let registry =
             Registry::new_custom(Some("pgtide".to_string()), None).expect("a valid prefix");
         let du = &["database", "user"];
@@ -291,6 +302,7 @@ impl Metrics {
                 &["database", "user", "event"],
             ),
             registry,
+            collect,
             auth_failures,
         }
     }
@@ -302,6 +314,7 @@ impl Metrics {
         let prepared = |event: &str| self.prepared.with_label_values(&[database, user, event]);
         let routing = |outcome: &str| self.routing.with_label_values(&[database, user, outcome]);
         PoolMetrics {
+            collect: self.collect,
             clients_active: clients("active"),
             clients_waiting: clients("waiting"),
             clients_idle: clients("idle"),
@@ -383,6 +396,9 @@ impl Default for Metrics {
 impl PoolMetrics {
     /// Counts an ErrorResponse a client received, by SQLSTATE class.
     pub fn error(&self, sqlstate: &str) {
+        if !self.collect {
+            return;
+        }
         let class = sqlstate.get(..2).unwrap_or("??");
         self.errors
             .with_label_values(&[&self.database, &self.user, class])

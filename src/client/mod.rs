@@ -67,6 +67,7 @@ impl Shared {
             config.pgtide.prepared_statement_cache_size as usize,
             config.pgtide.prepared_statement_cache_bytes as usize,
         );
+        let metrics = Arc::new(Metrics::with_collection(config.pgtide.collect_metrics));
         Arc::new(Shared {
             config,
             pools: Mutex::new(HashMap::new()),
@@ -77,7 +78,7 @@ impl Shared {
             credentials,
             salted,
             statements,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             clients: AtomicU32::new(0),
         })
     }

@@ -351,6 +351,9 @@ impl Session {
 
     fn set_state(&mut self, state: ClientState) {
         let m = &self.login.pool.metrics;
+        if !m.collect {
+            return;
+        }
         let gauge = |s: ClientState| match s {
             ClientState::Idle => &m.clients_idle,
             ClientState::Waiting => &m.clients_waiting,
@@ -364,6 +367,9 @@ impl Session {
     /// Adds the bytes and prepared-statement events counted since the last flush.
     fn flush_metrics(&mut self) {
         let m = &self.login.pool.metrics;
+        if !m.collect {
+            return;
+        }
         m.bytes_received.inc_by(std::mem::take(&mut self.bytes_in));
         m.bytes_sent.inc_by(std::mem::take(&mut self.bytes_out));
         m.prepared_hits
@@ -465,7 +471,7 @@ impl Session {
                 self.hide_begin_reply = 2;
             }
         }
-        if self.c_ready > 0 && self.server.is_some() {
+        if self.c_ready > 0 && self.server.is_some() && self.login.pool.metrics.collect {
             let now = self.req_started.get_or_insert_with(Instant::now);
             let now = *now;
             self.tx_started.get_or_insert(now);
@@ -816,7 +822,9 @@ impl Session {
                     self.count_ready_for_query(previous);
                 }
                 (tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE, _) => {
-                    self.login.pool.metrics.queries.inc();
+                    if self.login.pool.metrics.collect {
+                        self.login.pool.metrics.queries.inc();
+                    }
                     self.did_work = true;
                 }
                 (tag::PARAMETER_STATUS, Some(body)) => {
@@ -834,7 +842,9 @@ impl Session {
                     if f.code == "25006" && self.retry.is_some() {
                         self.retry_to_primary = true;
                     }
-                    self.login.pool.metrics.queries.inc();
+                    if self.login.pool.metrics.collect {
+                        self.login.pool.metrics.queries.inc();
+                    }
                     self.did_work = true;
                     if f.is_fatal() {
                         let msg = format!("{} (SQLSTATE {})", f.message, f.code);
@@ -913,6 +923,9 @@ impl Session {
     /// transaction when the server is idle again after doing something.
     fn count_ready_for_query(&mut self, previous: u8) {
         let m = &self.login.pool.metrics;
+        if !m.collect {
+            return;
+        }
         if self.pending == 0 {
             if let Some(t) = self.req_started.take() {
                 m.query_seconds.observe(t.elapsed().as_secs_f64());
@@ -1111,7 +1124,7 @@ impl Session {
                     .and_then(|h| h.replay_lsn)
                     .is_some_and(|replayed| replayed.0 >= lsn)
             });
-            if replicas.len() < usable {
+            if replicas.len() < usable && self.login.pool.metrics.collect {
                 self.login.pool.metrics.routing.read_your_writes.inc();
             }
         }
@@ -1379,7 +1392,7 @@ impl Session {
                 }
             };
         }
-        if let Some(o) = outcome {
+        if let Some(o) = outcome.filter(|_| self.login.pool.metrics.collect) {
             let m = &self.login.pool.metrics.routing;
             match o {
                 Outcome::Primary => &m.primary,
@@ -1392,11 +1405,13 @@ impl Session {
         }
         let mut server = match r {
             Ok(s) => {
-                self.login
-                    .pool
-                    .metrics
-                    .wait_seconds
-                    .observe(waiting_since.elapsed().as_secs_f64());
+                if self.login.pool.metrics.collect {
+                    self.login
+                        .pool
+                        .metrics
+                        .wait_seconds
+                        .observe(waiting_since.elapsed().as_secs_f64());
+                }
                 self.set_state(ClientState::Active);
                 s
             }

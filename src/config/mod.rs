@@ -273,6 +273,10 @@ pub struct General {
     /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz; empty turns
     /// it off. Needs a restart to change.
     pub metrics_listen: String,
+    /// Whether sessions and pools count what they do (the `pgtide_` counters, gauges and
+    /// histograms, which SHOW STATS reads too). Off only to measure what metrics cost:
+    /// the counters then stay at zero. Needs a restart to change.
+    pub collect_metrics: bool,
 
     // Routing and health checks; each can be overridden per database.
     /// How reads pick a replica.
@@ -336,6 +340,7 @@ impl Default for General {
             prepared_statement_cache_size: 10_000,
             prepared_statement_cache_bytes: 64 * 1024 * 1024,
             metrics_listen: "127.0.0.1:9930".to_string(),
+            collect_metrics: true,
             load_balance: LoadBalance::LeastOutstanding,
             max_replica_lag_bytes: 16 * 1024 * 1024,
             max_replica_lag: ConfigDuration::secs(10),

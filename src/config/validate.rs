@@ -149,6 +149,7 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("prepared_statement_cache_size", Kind::U32),
     ("prepared_statement_cache_bytes", Kind::U32),
     ("metrics_listen", Kind::Str),
+    ("collect_metrics", Kind::Bool),
     ROUTING_KEYS[0],
     ROUTING_KEYS[1],
     ROUTING_KEYS[2],
