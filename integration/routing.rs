@@ -551,6 +551,17 @@ async fn no_usable_replica_falls_back_or_fails_as_configured() {
             "reads fall back to the primary"
         );
     }
+    // Counted as fallbacks (the monitor may not have marked the replica down before the
+    // first read: then that read tried the replica, could not connect, and fell back).
+    let m = crate::metrics::scrape(pooler.metrics_addr().expect("metrics")).await;
+    let outcome = |o: &str| {
+        m.get(&format!(
+            "pgtide_routing_decisions_total{{database=\"{db}\",outcome=\"{o}\",user=\"{APP_USER}\"}}"
+        ))
+        .copied()
+    };
+    assert_eq!(outcome("fallback"), Some(5.0));
+    assert_eq!(outcome("replica"), Some(0.0));
     let (db, pooler) = routed(
         "route_fallback_err",
         with_dead_replica(ReplicaFallback::Error),
