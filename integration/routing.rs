@@ -493,7 +493,7 @@ async fn read_your_writes_sees_its_own_write() {
     // The read kept off the replica is counted, by the pgtide that did it only.
     let held = |s: std::collections::HashMap<String, f64>| {
         s.get(&format!(
-            "pgtide_routing_decisions_total{{database=\"rt\",outcome=\"read_your_writes\",user=\"{APP_USER}\"}}"
+            "pgtide_routing_read_your_writes_total{{database=\"rt\",user=\"{APP_USER}\"}}"
         ))
         .copied()
     };
@@ -774,7 +774,9 @@ async fn routing_and_host_metrics_match_what_was_sent() {
     assert_eq!(delta("primary"), 3.0, "the INSERTs");
     assert_eq!(delta("hint"), 2.0, "the hinted SELECTs");
     assert_eq!(delta("fallback"), 0.0);
-    assert_eq!(delta("read_your_writes"), 0.0, "read_your_writes is off");
+    let ryw =
+        format!("pgtide_routing_read_your_writes_total{{database=\"{db}\",user=\"{APP_USER}\"}}");
+    assert_eq!(after.get(&ryw), Some(&0.0), "read_your_writes is off");
 
     let (p, r) = (
         format!("127.0.0.1:{}", harness::primary_port()),

@@ -41,6 +41,7 @@ pub struct Metrics {
     server_connect_failures: IntCounterVec,
     prepared: IntCounterVec,
     routing: IntCounterVec,
+    read_your_writes: IntCounterVec,
     host_up: IntGaugeVec,
     host_role: IntGaugeVec,
     host_health: IntGaugeVec,
@@ -245,9 +246,16 @@ impl Metrics {
                 "routing_decisions_total",
                 "Where transactions of a database with several hosts were sent, by outcome: primary (may write), \
                  replica (a read), fallback (a read on the primary: no usable replica), hint (routed by a \
-                 pgtide: comment), retried_primary (refused by a replica with 25006, run again on the primary), \
-                 read_your_writes (a read kept off replicas that had not replayed the client's last write)",
+                 pgtide: comment, the pgtide.route setting or a route override), retried_primary (refused by a \
+                 replica with 25006, run again on the primary)",
                 &["database", "user", "outcome"],
+            ),
+            read_your_writes: counter(
+                &registry,
+                "routing_read_your_writes_total",
+                "Reads kept off one or more usable replicas because they had not replayed the client's last write \
+                 (read_your_writes = \"lsn\")",
+                du,
             ),
             host_up: gauge(
                 &registry,
@@ -337,7 +345,7 @@ impl Metrics {
                 fallback: routing("fallback"),
                 hint: routing("hint"),
                 retried_primary: routing("retried_primary"),
-                read_your_writes: routing("read_your_writes"),
+                read_your_writes: self.read_your_writes.with_label_values(&du),
             },
             errors: self.errors.clone(),
             servers: self.servers.clone(),
