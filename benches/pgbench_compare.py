@@ -554,11 +554,19 @@ dbname = "bench"
         """pgtide with metrics on (collected, served, scraped) against pgtide with
         collect_metrics = false, row by row (medians over rounds)."""
         head = ["workload", "protocol", "clients", "metrics on tps", "metrics off tps", "tps on/off",
-                "metrics on cpu-us/txn", "metrics off cpu-us/txn", "cpu on/off"]
+                "metrics on cpu-us/txn", "metrics off cpu-us/txn", "cpu on/off",
+                "cpu on/off, median of per-round ratios"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
 
         def ratio(a, b):
             return f"{a / b:.3f}" if a is not None and b else "-"
+
+        def paired(on, off):
+            # Round i of both targets ran back to back: the ratio within a round cancels
+            # slow drift of the machine's load.
+            rs = [a["cpu_us"] / b["cpu_us"] for a, b in zip(self.results.get(on, []), self.results.get(off, []))
+                  if not a.get("failed") and not b.get("failed") and a.get("cpu_us") and b.get("cpu_us")]
+            return f"{statistics.median(rs):.3f} (n={len(rs)})" if rs else "-"
 
         for w in self.workloads:
             for proto in self.protocols:
@@ -570,7 +578,7 @@ dbname = "bench"
                         self.cell(on, "tps", lambda v: f"{v:.0f}"), self.cell(off, "tps", lambda v: f"{v:.0f}"),
                         ratio(med[on][0], med[off][0]),
                         self.cell(on, "cpu_us", lambda v: f"{v:.1f}"), self.cell(off, "cpu_us", lambda v: f"{v:.1f}"),
-                        ratio(med[on][1], med[off][1])]) + " |")
+                        ratio(med[on][1], med[off][1]), paired(on, off)]) + " |")
         return "\n".join(lines)
 
     def report(self, started):
