@@ -768,3 +768,121 @@ fn sighup_reloads_the_config_file_without_dropping_clients() {
     child.signal(libc::SIGTERM);
     assert!(child.wait_timeout(TIMEOUT).is_some());
 }
+
+/// `--log-format json` at the most verbose level: every line is a JSON object; logins (with
+/// `log_connections`), a failed login and the hosts' state changes are logged; no line
+/// holds a password, an md5 hash of one or a SCRAM secret.
+#[test]
+fn json_logs_show_events_and_never_a_secret() {
+    use md5::{Digest, Md5};
+    let db = harness::fresh_database("cli_json_logs");
+    let listen = free_addr();
+    let (p, r) = (harness::primary_port(), harness::replica_port());
+    let toml = format!(
+        r#"[pgtide]
+listen = "{listen}"
+metrics_listen = ""
+log_connections = true
+
+[databases.{db}]
+hosts = [{{ host = "127.0.0.1", port = {p}, role = "primary" }}, {{ host = "127.0.0.1", port = {r}, role = "replica" }}]
+
+[users.{user}]
+password = "{password}"
+auth_type = "scram-sha-256"
+
+[users.pgtide_md5]
+password = "md5pass"
+auth_type = "md5"
+"#,
+        user = harness::APP_USER,
+        password = harness::APP_PASSWORD,
+    );
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), toml).expect("write the config");
+    let mut cmd = Command::new(PGTIDE);
+    cmd.arg("--config")
+        .arg(file.path())
+        .args(["--log-format", "json"])
+        .env("PGTIDE_LOG", "trace");
+    let mut child = ChildGuard::spawn(cmd, "pgtide --log-format json", false);
+    child.wait_accepting(listen);
+
+    let url = |user: &str| format!("postgres://{user}@{listen}/{db}");
+    let (ok, out, err) = psql_url(
+        &url(harness::APP_USER),
+        Some(harness::APP_PASSWORD),
+        "SELECT 1",
+    );
+    assert!(ok && out == "1", "{out}\n{err}");
+    let (ok, out, err) = psql_url(&url("pgtide_md5"), Some("md5pass"), "SELECT 1");
+    assert!(ok && out == "1", "{out}\n{err}");
+    let wrong = "wrong-Secret-4711";
+    let (ok, _, err) = psql_url(&url(harness::APP_USER), Some(wrong), "SELECT 1");
+    assert!(!ok, "a wrong password is refused");
+    assert!(err.contains("password authentication failed"), "{err}");
+    // The monitor has seen both hosts once the replica's role is logged.
+    let deadline = Instant::now() + TIMEOUT;
+    while !child.stderr_text().contains("\"role\":\"replica\"") {
+        assert!(
+            Instant::now() < deadline,
+            "no host state logged:\n{}",
+            child.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.signal(libc::SIGTERM);
+    assert!(
+        child.wait_timeout(TIMEOUT).is_some_and(|s| s.success()),
+        "pgtide exits cleanly on SIGTERM"
+    );
+
+    let logs = child.stderr_text();
+    let mut messages = Vec::new();
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        messages.push(v["fields"]["message"].as_str().unwrap_or("").to_string());
+    }
+    let md5_of = |password: &str, user: &str| {
+        let digest = Md5::digest(format!("{password}{user}").as_bytes());
+        format!(
+            "md5{}",
+            digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    };
+    for secret in [
+        harness::APP_PASSWORD.to_string(),
+        "md5pass".to_string(),
+        wrong.to_string(),
+        md5_of("md5pass", "pgtide_md5"),
+        md5_of(harness::APP_PASSWORD, harness::APP_USER),
+        "SCRAM-SHA-256$".to_string(),
+    ] {
+        assert!(
+            !logs.contains(&secret),
+            "the logs hold a secret ({secret}):\n{logs}"
+        );
+    }
+    let has = |what: &str| messages.iter().any(|m| m.contains(what));
+    assert!(
+        has("host is up"),
+        "host state changes are logged: {messages:?}"
+    );
+    assert!(
+        has("new primary"),
+        "the choice of the primary is logged: {messages:?}"
+    );
+    assert!(has("client logged in"), "log_connections: {messages:?}");
+    assert!(
+        has("client authentication failed"),
+        "the failed login is logged (at debug): {messages:?}"
+    );
+}

@@ -1,6 +1,8 @@
-//! The metrics endpoint: `/metrics` during a pgbench run agrees with pgbench's count,
-//! the histograms have samples and the exposition parses; `/healthz`; `/readyz` turns
-//! unready when a configured server cannot be reached.
+//! The metrics endpoint: `/metrics` during and after a pgbench run agrees with pgbench's
+//! count, the histograms have samples and the exposition parses (our parser, and
+//! `promtool check metrics`); `/healthz`; `/readyz` turns unready when a primary cannot be
+//! reached and ready again when it is back; the Grafana dashboard uses only metrics that
+//! a real scrape has.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use crate::harness::{self, to};
 use crate::pgbench::{init, pgbench};
 
 /// GET `path` from the metrics endpoint: (status code, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = to("connect to metrics", TcpStream::connect(addr))
         .await
         .expect("the metrics endpoint accepts connections");
@@ -37,7 +39,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// Parses the Prometheus text format strictly enough to catch a broken exposition:
 /// every sample line is `name{labels} value` with a valid number, every metric has a
 /// `# TYPE` of a known kind. Returns samples keyed by `name{labels}` as written.
-fn parse_exposition(text: &str) -> HashMap<String, f64> {
+pub(crate) fn parse_exposition(text: &str) -> HashMap<String, f64> {
     let mut types = HashMap::new();
     let mut samples = HashMap::new();
     for line in text.lines() {
@@ -84,6 +86,39 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
     samples
 }
 
+/// GET /metrics and parse it.
+pub(crate) async fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    parse_exposition(&body)
+}
+
+/// `promtool check metrics` (Debian's prometheus package, installed by scripts/deps.sh)
+/// on an exposition: it must report neither a parse error nor a lint problem.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus; scripts/deps.sh does)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn sample(samples: &HashMap<String, f64>, name: &str, db: &str) -> f64 {
     let key = format!("{name}{{database=\"{db}\",user=\"app\"}}");
     *samples.get(&key).unwrap_or_else(|| {
@@ -102,12 +137,30 @@ async fn metrics_agree_with_pgbench_and_parse() {
     let before = parse_exposition(&get(maddr, "/metrics").await.1);
     let tx_before = sample(&before, "pgtide_transactions_total", &db);
 
-    let (ok, out, err) = pgbench(
-        addr.port(),
-        &db,
-        &["-c", "10", "-j", "2", "-t", "200", "-S", "-n"],
-    )
-    .await;
+    let port = addr.port();
+    let db2 = db.clone();
+    let run = tokio::spawn(async move {
+        pgbench(
+            port,
+            &db2,
+            &["-c", "10", "-j", "2", "-t", "200", "-S", "-n"],
+        )
+        .await
+    });
+    // Scrapes while pgbench runs: each parses, and the transaction counter only grows.
+    let mut during = Vec::new();
+    while !run.is_finished() {
+        let (status, body) = get(maddr, "/metrics").await;
+        assert_eq!(status, 200);
+        let s = parse_exposition(&body);
+        during.push(sample(&s, "pgtide_transactions_total", &db));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        during.windows(2).all(|w| w[0] <= w[1]),
+        "the transaction counter went down: {during:?}"
+    );
+    let (ok, out, err) = run.await.expect("the pgbench task");
     assert!(ok, "pgbench failed:\n{out}\n{err}");
     let processed: f64 = out
         .lines()
@@ -119,6 +172,7 @@ async fn metrics_agree_with_pgbench_and_parse() {
 
     let (status, body) = get(maddr, "/metrics").await;
     assert_eq!(status, 200);
+    promtool_check(&body);
     let after = parse_exposition(&body);
     let counted = sample(&after, "pgtide_transactions_total", &db) - tx_before;
     // pgbench runs one query of its own (it reads the scale) besides its transactions.
@@ -142,6 +196,155 @@ async fn metrics_agree_with_pgbench_and_parse() {
     assert!(sample(&after, "pgtide_server_connects_total", &db) >= 1.0);
     assert!(after.keys().any(|k| k.starts_with("pgtide_build_info{")));
     assert!(after.contains_key("pgtide_auth_failures_total"));
+    // pgbench has left: every client and server of the pool is idle again.
+    let state = |name: &str, labels: &str| {
+        after
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with(&format!("{name}{{"))
+                    && k.contains(&format!("database=\"{db}\""))
+                    && k.contains(labels)
+            })
+            .map(|(_, v)| *v)
+            .sum::<f64>()
+    };
+    assert_eq!(state("pgtide_clients", "state=\"active\""), 0.0);
+    assert_eq!(state("pgtide_clients", "state=\"waiting\""), 0.0);
+    assert_eq!(state("pgtide_servers", "state=\"active\""), 0.0);
+    let idle = state("pgtide_servers", "state=\"idle\"");
+    assert!(
+        (1.0..=4.0).contains(&idle),
+        "pool_size 4: {idle} idle servers"
+    );
+    assert!(
+        state("pgtide_longest_wait_seconds", "") == 0.0,
+        "nobody waits"
+    );
+}
+
+/// Checks that `text` is a Grafana dashboard whose panels query a Prometheus datasource
+/// chosen by a variable, and returns every `pgtide_` metric name its queries use.
+fn dashboard_metric_names(text: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let vars = v["templating"]["list"]
+        .as_array()
+        .ok_or("no templating.list")?;
+    let ds = vars
+        .iter()
+        .find(|t| t["type"] == "datasource" && t["query"] == "prometheus")
+        .ok_or("no datasource variable of type prometheus")?;
+    let ds_ref = format!("${{{}}}", ds["name"].as_str().ok_or("a nameless variable")?);
+    if v["title"].as_str().is_none_or(str::is_empty) {
+        return Err("no title".into());
+    }
+    let mut panels: Vec<&Value> = Vec::new();
+    let mut stack: Vec<&Value> = v["panels"].as_array().ok_or("no panels")?.iter().collect();
+    while let Some(p) = stack.pop() {
+        if let Some(inner) = p["panels"].as_array() {
+            stack.extend(inner);
+        }
+        if p["type"] != "row" {
+            panels.push(p);
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap_or("?");
+        if p["datasource"]["uid"].as_str() != Some(ds_ref.as_str()) {
+            return Err(format!(
+                "panel {title:?} does not use the datasource variable"
+            ));
+        }
+        let targets = p["targets"]
+            .as_array()
+            .filter(|t| !t.is_empty())
+            .ok_or(format!("panel {title:?} has no queries"))?;
+        for t in targets {
+            let expr = t["expr"]
+                .as_str()
+                .ok_or(format!("panel {title:?}: a query without expr"))?;
+            let mut rest = expr;
+            while let Some(i) = rest.find("pgtide_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                names.insert(name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// Every `pgtide_` metric the Grafana dashboard queries exists in a real scrape, and the
+/// dashboard is Grafana JSON with a Prometheus datasource variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_uses_only_metrics_pgtide_exports() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/pgtide.json");
+    let text = std::fs::read_to_string(path).expect("dashboards/pgtide.json");
+    let names =
+        dashboard_metric_names(&text).unwrap_or_else(|e| panic!("dashboards/pgtide.json: {e}"));
+    assert!(names.len() >= 10, "the dashboard queries {names:?}");
+
+    // A routed database, so that the host and routing metrics have samples too.
+    let (db, pooler, addr) = harness::setup("metrics_dashboard", |c| {
+        let d = c.databases.values_mut().next().expect("a database");
+        d.hosts = Some(vec![
+            pgtide::config::HostConfig {
+                host: "127.0.0.1".into(),
+                port: harness::primary_port(),
+                role: pgtide::config::HostRole::Primary,
+                weight: 1,
+            },
+            pgtide::config::HostConfig {
+                host: "127.0.0.1".into(),
+                port: harness::replica_port(),
+                role: pgtide::config::HostRole::Replica,
+                weight: 1,
+            },
+        ]);
+    })
+    .await;
+    let s = harness::tcp_connect_string(addr, harness::APP_USER, harness::APP_PASSWORD, &db);
+    let c = to("connect", harness::connect(&s)).await.expect("connect");
+    // Waits for the monitor to see both hosts, with a query now and then so that the
+    // latency and routing series exist.
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let mut have = HashMap::new();
+    let err = to("error", c.simple_query("SELECT 1/0"))
+        .await
+        .expect_err("division by zero");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
+    for _ in 0..100 {
+        to("select", c.simple_query("SELECT 1"))
+            .await
+            .expect("select");
+        have = scrape(maddr).await;
+        if have
+            .iter()
+            .any(|(k, v)| k.starts_with("pgtide_host_replay_lag_bytes{") && *v >= 0.0)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let exported: std::collections::HashSet<&str> = have
+        .keys()
+        .map(|k| k.split('{').next().unwrap_or(k))
+        .collect();
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !exported.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics a scrape does not have: {missing:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,4 +375,108 @@ async fn healthz_and_readyz() {
         "{body}"
     );
     assert_eq!(get(maddr, "/healthz").await.0, 200, "alive all the same");
+}
+
+/// `/readyz` is about the primary: a stopped replica leaves pgtide ready, a stopped
+/// primary makes it unready (503) until the primary is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_primary() {
+    use crate::routing::{blocking, own_cluster, routed_own};
+    let lc = own_cluster().await;
+    let (pport, rport) = (lc.primary_port, lc.replica_port.expect("a replica"));
+    let pooler = routed_own(&lc, |c| {
+        c.pgtide.health_check_failures = 2;
+        c.pgtide.health_check_backoff_max =
+            pgtide::config::ConfigDuration(std::time::Duration::from_millis(500));
+    })
+    .await;
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let host_up = |s: &HashMap<String, f64>, port: u16| {
+        s.get(&format!(
+            "pgtide_host_up{{database=\"rt\",host=\"127.0.0.1:{port}\"}}"
+        ))
+        .copied()
+    };
+    // Polls every 100 ms for up to 60 s until `done` holds.
+    async fn until<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+        for _ in 0..600 {
+            if done().await {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+    until("ready at start", || async {
+        get(maddr, "/readyz").await.0 == 200
+    })
+    .await;
+
+    // The replica stops: still ready (the primary is what counts).
+    let l = lc.clone();
+    blocking(move || crate::cluster::pg_ctl(&l, "replica", &["-m", "fast", "-w", "stop"])).await;
+    until("the replica is marked down", || async {
+        host_up(&scrape(maddr).await, rport) == Some(0.0)
+    })
+    .await;
+    let (status, body) = get(maddr, "/readyz").await;
+    assert_eq!(status, 200, "a replica outage leaves pgtide ready: {body}");
+
+    // The primary stops: unready, and it says why.
+    let l = lc.clone();
+    blocking(move || crate::cluster::pg_ctl(&l, "primary", &["-m", "fast", "-w", "stop"])).await;
+    until("unready", || async { get(maddr, "/readyz").await.0 == 503 }).await;
+    let (_, body) = get(maddr, "/readyz").await;
+    assert!(body.contains("\"rt\""), "names the database: {body}");
+    assert_eq!(host_up(&scrape(maddr).await, pport), Some(0.0));
+    assert_eq!(get(maddr, "/healthz").await.0, 200, "alive all the same");
+
+    // The primary is back: ready again.
+    let l = lc.clone();
+    blocking(move || {
+        let log = l.log_path(false);
+        let log = log.to_str().expect("utf-8 path").to_string();
+        crate::cluster::pg_ctl(&l, "primary", &["-l", &log, "-w", "-t", "60", "start"]);
+    })
+    .await;
+    until("ready again", || async {
+        get(maddr, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(host_up(&scrape(maddr).await, pport), Some(1.0));
+}
+
+/// `collect_metrics = false`: the endpoint still answers, the sessions count nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collect_metrics_off_counts_nothing() {
+    let (db, pooler, addr) =
+        harness::setup("metrics_off", |c| c.pgtide.collect_metrics = false).await;
+    let s = harness::tcp_connect_string(addr, harness::APP_USER, harness::APP_PASSWORD, &db);
+    let c = to("connect", harness::connect(&s)).await.expect("connect");
+    for _ in 0..5 {
+        to("select", c.simple_query("SELECT 1"))
+            .await
+            .expect("select");
+    }
+    let _ = to("error", c.simple_query("SELECT 1/0")).await;
+    drop(c);
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let after = scrape(maddr).await;
+    for name in [
+        "pgtide_transactions_total",
+        "pgtide_queries_total",
+        "pgtide_query_seconds_count",
+        "pgtide_wait_seconds_count",
+        "pgtide_bytes_received_total",
+    ] {
+        assert_eq!(sample(&after, name, &db), 0.0, "{name}");
+    }
+    assert!(
+        !after.keys().any(|k| k.starts_with("pgtide_errors_total{")),
+        "no error counted"
+    );
+    // Scrape-time gauges still work: the server connection is there.
+    assert!(after.iter().any(|(k, v)| k.starts_with("pgtide_servers{")
+        && k.contains("state=\"idle\"")
+        && *v >= 1.0));
 }

@@ -44,7 +44,7 @@ async fn routed(
     (db, pooler)
 }
 
-async fn app(pooler: &pgtide::Pooler, db: &str) -> Client {
+pub(crate) async fn app(pooler: &pgtide::Pooler, db: &str) -> Client {
     let s = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, db);
     to("connect", harness::connect(&s))
         .await
@@ -244,7 +244,7 @@ async fn a_user_can_be_sent_to_the_primary_or_the_replica() {
 }
 
 /// Runs blocking work (psql, pg_ctl) off the runtime's threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking work")
 }
 
@@ -385,7 +385,7 @@ async fn lag_outage_and_failover_keep_clients_working() {
 
 /// A primary and streaming replica of the test's own, with user app and database `rt`
 /// (pausing replay or stopping servers of the shared cluster would stall other tests).
-async fn own_cluster() -> std::sync::Arc<pgtide::demo::LocalCluster> {
+pub(crate) async fn own_cluster() -> std::sync::Arc<pgtide::demo::LocalCluster> {
     use pgtide::demo::{ClusterOptions, LocalCluster};
     let lc = blocking(|| {
         LocalCluster::start(&ClusterOptions {
@@ -400,7 +400,7 @@ async fn own_cluster() -> std::sync::Arc<pgtide::demo::LocalCluster> {
 }
 
 /// A pgtide in front of `lc` (both hosts `auto`), with `tweak` applied.
-async fn routed_own(
+pub(crate) async fn routed_own(
     lc: &pgtide::demo::LocalCluster,
     tweak: impl FnOnce(&mut pgtide::config::Config),
 ) -> pgtide::Pooler {
@@ -490,6 +490,19 @@ async fn read_your_writes_sees_its_own_write() {
         "read_your_writes = off: the paused replica answers, without the writes (this is what the \
          other client is protected from)"
     );
+    // The read kept off the replica is counted, by the pgtide that did it only.
+    let held = |s: std::collections::HashMap<String, f64>| {
+        s.get(&format!(
+            "pgtide_routing_read_your_writes_total{{database=\"rt\",user=\"{APP_USER}\"}}"
+        ))
+        .copied()
+    };
+    let maddr = |p: &pgtide::Pooler| p.metrics_addr().expect("the metrics endpoint is on");
+    assert!(held(crate::metrics::scrape(maddr(&with_ryw)).await) >= Some(1.0));
+    assert_eq!(
+        held(crate::metrics::scrape(maddr(&without)).await),
+        Some(0.0)
+    );
     let l = lc.clone();
     blocking(move || {
         l.psql(rport, "rt", "SELECT pg_wal_replay_resume()")
@@ -538,6 +551,17 @@ async fn no_usable_replica_falls_back_or_fails_as_configured() {
             "reads fall back to the primary"
         );
     }
+    // Counted as fallbacks (the monitor may not have marked the replica down before the
+    // first read: then that read tried the replica, could not connect, and fell back).
+    let m = crate::metrics::scrape(pooler.metrics_addr().expect("metrics")).await;
+    let outcome = |o: &str| {
+        m.get(&format!(
+            "pgtide_routing_decisions_total{{database=\"{db}\",outcome=\"{o}\",user=\"{APP_USER}\"}}"
+        ))
+        .copied()
+    };
+    assert_eq!(outcome("fallback"), Some(5.0));
+    assert_eq!(outcome("replica"), Some(0.0));
     let (db, pooler) = routed(
         "route_fallback_err",
         with_dead_replica(ReplicaFallback::Error),
@@ -695,4 +719,100 @@ async fn set_transaction_read_only_after_begin_goes_to_the_replica() {
     to("commit", c.batch_execute("COMMIT"))
         .await
         .expect("commit");
+}
+
+/// The routing counters by outcome match what the client sent, and the host gauges show
+/// the primary and the replica up in their roles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_and_host_metrics_match_what_was_sent() {
+    use crate::metrics::scrape;
+    let (db, pooler) = routed("route_metrics", |_| {}).await;
+    harness::psql(
+        harness::primary_port(),
+        &db,
+        "CREATE TABLE t (id int); \
+         CREATE FUNCTION f() RETURNS int LANGUAGE sql VOLATILE AS 'INSERT INTO t VALUES (1) RETURNING 1'",
+    );
+    harness::wait_replica_caught_up();
+    let c = app(&pooler, &db).await;
+    until_replica_serves(&c).await;
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let outcome = |s: &std::collections::HashMap<String, f64>, o: &str| {
+        let key = format!(
+            "pgtide_routing_decisions_total{{database=\"{db}\",outcome=\"{o}\",user=\"{APP_USER}\"}}"
+        );
+        *s.get(&key).unwrap_or_else(|| panic!("no sample {key}"))
+    };
+    let before = scrape(maddr).await;
+
+    for _ in 0..5 {
+        assert_eq!(last_value(&c, "SELECT pg_is_in_recovery()").await, "t");
+    }
+    // Looks like a read: the replica refuses it (25006), it runs again on the primary.
+    assert_eq!(last_value(&c, "SELECT f()").await, "1");
+    for _ in 0..3 {
+        assert_eq!(
+            last_value(&c, "INSERT INTO t VALUES (2) RETURNING pg_is_in_recovery()").await,
+            "f"
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            last_value(&c, "/* pgtide: primary */ SELECT pg_is_in_recovery()").await,
+            "f"
+        );
+    }
+
+    let after = scrape(maddr).await;
+    let delta = |o: &str| outcome(&after, o) - outcome(&before, o);
+    assert_eq!(delta("replica"), 6.0, "5 reads and SELECT f()'s first try");
+    assert_eq!(
+        delta("retried_primary"),
+        1.0,
+        "SELECT f() again, on the primary"
+    );
+    assert_eq!(delta("primary"), 3.0, "the INSERTs");
+    assert_eq!(delta("hint"), 2.0, "the hinted SELECTs");
+    assert_eq!(delta("fallback"), 0.0);
+    let ryw =
+        format!("pgtide_routing_read_your_writes_total{{database=\"{db}\",user=\"{APP_USER}\"}}");
+    assert_eq!(after.get(&ryw), Some(&0.0), "read_your_writes is off");
+
+    let (p, r) = (
+        format!("127.0.0.1:{}", harness::primary_port()),
+        format!("127.0.0.1:{}", harness::replica_port()),
+    );
+    let host = |name: &str, host: &str, extra: &str| {
+        let key = format!("{name}{{database=\"{db}\",host=\"{host}\"{extra}}}");
+        *after.get(&key).unwrap_or_else(|| panic!("no sample {key}"))
+    };
+    assert_eq!(host("pgtide_host_up", &p, ""), 1.0);
+    assert_eq!(host("pgtide_host_up", &r, ""), 1.0);
+    assert_eq!(host("pgtide_host_role", &p, ",role=\"primary\""), 1.0);
+    assert_eq!(host("pgtide_host_role", &p, ",role=\"replica\""), 0.0);
+    assert_eq!(host("pgtide_host_role", &r, ",role=\"replica\""), 1.0);
+    assert_eq!(host("pgtide_host_role", &r, ",role=\"primary\""), 0.0);
+    assert_eq!(host("pgtide_host_health", &r, ",state=\"up\""), 1.0);
+    assert!(host("pgtide_host_replay_lag_bytes", &r, "") >= 0.0);
+    assert!(host("pgtide_host_replay_lag_seconds", &r, "") >= 0.0);
+    assert!(
+        !after.contains_key(&format!(
+            "pgtide_host_replay_lag_bytes{{database=\"{db}\",host=\"{p}\"}}"
+        )),
+        "the primary has no replay lag"
+    );
+    // Server connections are counted on the host they are open to.
+    let servers = |h: &str| {
+        ["active", "idle"]
+            .iter()
+            .map(|st| {
+                let key = format!(
+                    "pgtide_servers{{database=\"{db}\",host=\"{h}\",state=\"{st}\",user=\"{APP_USER}\"}}"
+                );
+                *after.get(&key).unwrap_or_else(|| panic!("no sample {key}"))
+            })
+            .sum::<f64>()
+    };
+    assert!(servers(&p) >= 1.0, "a server connection to the primary");
+    assert!(servers(&r) >= 1.0, "a server connection to the replica");
 }

@@ -20,6 +20,8 @@ have_server_bins || missing+=(postgresql postgresql-contrib)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || missing+=(postgresql-contrib)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+# promtool (from the prometheus package) checks the /metrics exposition in the tests.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # Driver matrix: pgjdbc and a JDK to compile its test program.
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
 command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)

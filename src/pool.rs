@@ -18,7 +18,7 @@ use crate::admin::pause::PauseGate;
 use crate::admin::registry::{Registry, ServerEntry};
 use crate::auth::SaltedPasswordCache;
 use crate::config::PoolSettings;
-use crate::metrics::PoolMetrics;
+use crate::metrics::{PoolMetrics, ServerCounts};
 use crate::server::{LoginParams, ServerConn, ServerError, ServerTarget};
 
 /// Timeouts and retry policy a pool needs from the config.
@@ -184,7 +184,27 @@ pub struct Pool {
     db_limit: Arc<DbLimit>,
     inner: Mutex<Inner>,
     login_params: OnceLock<LoginParams>,
+    /// Connections being opened, and connections being brought back to idle after their
+    /// client left (for the `login` and `used` server states of the metrics).
+    opening: AtomicU32,
+    resetting: AtomicU32,
     pub metrics: PoolMetrics,
+}
+
+/// Counts one connection in a state for as long as it lives.
+pub struct InState<'a>(&'a AtomicU32);
+
+impl<'a> InState<'a> {
+    fn new(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InState(counter)
+    }
+}
+
+impl Drop for InState<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
@@ -215,6 +235,8 @@ impl Pool {
                 retired: false,
             }),
             login_params: OnceLock::new(),
+            opening: AtomicU32::new(0),
+            resetting: AtomicU32::new(0),
             metrics,
         });
         pool.db_limit
@@ -310,6 +332,7 @@ impl Pool {
     /// Opens a connection for a slot already counted in `total`, with retries and
     /// exponential back-off.
     async fn open(&self) -> Result<ServerConn, (u32, Arc<ServerError>)> {
+        let _login = InState::new(&self.opening);
         let timeouts = self.lock().timeouts.clone();
         let attempts = timeouts.connect_retries + 1;
         let mut backoff = timeouts.connect_backoff;
@@ -554,6 +577,28 @@ impl Pool {
     pub fn counts(&self) -> (u32, usize, usize) {
         let inner = self.lock();
         (inner.total, inner.idle.len(), inner.waiters.len())
+    }
+
+    /// Marks a checked-out connection as being brought back to idle after its client
+    /// left (the `used` state), until the returned guard drops.
+    pub fn resetting(&self) -> InState<'_> {
+        InState::new(&self.resetting)
+    }
+
+    /// The pool's server connections by state, for the metrics.
+    pub fn server_counts(&self) -> ServerCounts {
+        let (total, idle) = {
+            let inner = self.lock();
+            (i64::from(inner.total), inner.idle.len() as i64)
+        };
+        let login = i64::from(self.opening.load(Ordering::Relaxed));
+        let used = i64::from(self.resetting.load(Ordering::Relaxed));
+        ServerCounts {
+            active: (total - idle - login - used).max(0),
+            idle,
+            used,
+            login,
+        }
     }
 
     /// How long the first client in line has waited (zero when nobody waits).

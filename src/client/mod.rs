@@ -16,9 +16,9 @@ use arc_swap::{ArcSwap, Guard};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::auth::{CredentialCache, SaltedPasswordCache, StoredCredential};
-use crate::cluster::{Cluster, MonitorHandle};
+use crate::cluster::{Cluster, CurrentRole, Health, MonitorHandle};
 use crate::config::Config;
-use crate::metrics::{Metrics, Probe};
+use crate::metrics::{HostSample, Metrics, PrimaryCheck, Probe};
 use crate::pool::{DbLimit, Pool, PoolTimeouts};
 use crate::prepared::StatementCache;
 use crate::server::ServerTarget;
@@ -74,6 +74,7 @@ impl Shared {
             config.pgtide.prepared_statement_cache_size as usize,
             config.pgtide.prepared_statement_cache_bytes as usize,
         );
+        let metrics = Arc::new(Metrics::with_collection(config.pgtide.collect_metrics));
         Arc::new(Shared {
             config: ArcSwap::new(config),
             pools: Mutex::new(HashMap::new()),
@@ -85,7 +86,7 @@ impl Shared {
             credentials,
             salted,
             statements,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             clients: AtomicU32::new(0),
             admin: crate::admin::AdminState::default(),
         })
@@ -299,26 +300,74 @@ impl Shared {
 
 impl Probe for Shared {
     fn refresh(&self) {
+        let mut longest: HashMap<(String, String), (Duration, Arc<Pool>)> = HashMap::new();
         for pool in self.pools() {
-            let (total, idle, _) = pool.counts();
-            pool.metrics.set_pool_state(
-                i64::from(total) - idle as i64,
-                idle as i64,
-                pool.longest_wait(),
-            );
+            pool.metrics
+                .set_servers(&pool.target().address(), pool.server_counts());
+            let wait = pool.longest_wait();
+            let e = longest
+                .entry((pool.database.clone(), pool.user.clone()))
+                .or_insert((Duration::ZERO, pool.clone()));
+            e.0 = e.0.max(wait);
+        }
+        for (wait, pool) in longest.into_values() {
+            pool.metrics.set_longest_wait(wait);
+        }
+        for (database, cluster) in self.clusters().iter() {
+            for h in cluster.snapshot() {
+                self.metrics.set_host(
+                    database,
+                    &HostSample {
+                        addr: &h.addr,
+                        up: h.up,
+                        role: match h.current_role {
+                            CurrentRole::Primary => "primary",
+                            CurrentRole::Replica => "replica",
+                            CurrentRole::Unknown => "unknown",
+                        },
+                        health: match h.health {
+                            Health::Up => "up",
+                            Health::Down => "down",
+                            Health::Unknown => "unknown",
+                        },
+                        lag_bytes: h.lag_bytes,
+                        lag_seconds: h.lag_seconds,
+                    },
+                );
+            }
         }
     }
 
-    fn servers(&self) -> Vec<(String, u16)> {
-        let mut out: Vec<(String, u16)> = self
-            .config()
-            .databases
-            .values()
-            .flat_map(|d| d.host_list())
-            .map(|h| (h.host, h.port))
-            .collect();
-        out.sort();
-        out.dedup();
+    fn primaries(&self) -> Vec<PrimaryCheck> {
+        let mut out = Vec::new();
+        let config = self.config();
+        let clusters = self.clusters();
+        for (name, db) in &config.databases {
+            if let Some(cluster) = clusters.get(name) {
+                let state = match cluster.primary().and_then(|id| cluster.host(id)) {
+                    Some(h) if h.up => Ok(()),
+                    Some(h) => Err(format!("the primary {} is down", h.addr)),
+                    None => Err("no host is up and out of recovery (no primary)".to_string()),
+                };
+                out.push(PrimaryCheck::Known {
+                    database: name.clone(),
+                    state,
+                });
+            } else {
+                let hosts = db.host_list();
+                let primary = hosts
+                    .iter()
+                    .find(|h| h.role == crate::config::HostRole::Primary)
+                    .or(hosts.first());
+                if let Some(h) = primary {
+                    out.push(PrimaryCheck::Connect {
+                        database: name.clone(),
+                        host: h.host.clone(),
+                        port: h.port,
+                    });
+                }
+            }
+        }
         out
     }
 }

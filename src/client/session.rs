@@ -200,6 +200,18 @@ struct Choice {
     replica_tx: bool,
     /// The primary was chosen because the transaction may write.
     write: bool,
+    /// For the routing metrics (databases with several hosts only).
+    outcome: Option<Outcome>,
+}
+
+/// A routing decision, as the `pgtide_routing_decisions_total` counter names it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Primary,
+    Replica,
+    Fallback,
+    Hint,
+    RetriedPrimary,
 }
 
 /// A client's state, as the `pgtide_clients` gauge counts it.
@@ -354,6 +366,9 @@ impl Session {
 
     fn set_state(&mut self, state: ClientState) {
         let m = &self.login.pool.metrics;
+        if !m.collect {
+            return;
+        }
         let gauge = |s: ClientState| match s {
             ClientState::Idle => &m.clients_idle,
             ClientState::Waiting => &m.clients_waiting,
@@ -372,6 +387,9 @@ impl Session {
     /// Adds the bytes and prepared-statement events counted since the last flush.
     fn flush_metrics(&mut self) {
         let m = &self.login.pool.metrics;
+        if !m.collect {
+            return;
+        }
         m.bytes_received.inc_by(std::mem::take(&mut self.bytes_in));
         m.bytes_sent.inc_by(std::mem::take(&mut self.bytes_out));
         m.prepared_hits
@@ -473,7 +491,7 @@ impl Session {
                 self.hide_begin_reply = 2;
             }
         }
-        if self.c_ready > 0 && self.server.is_some() {
+        if self.c_ready > 0 && self.server.is_some() && self.login.pool.metrics.collect {
             let now = self.req_started.get_or_insert_with(Instant::now);
             let now = *now;
             self.tx_started.get_or_insert(now);
@@ -842,7 +860,9 @@ impl Session {
                     self.count_ready_for_query(previous);
                 }
                 (tag::COMMAND_COMPLETE | tag::EMPTY_QUERY_RESPONSE, _) => {
-                    self.login.pool.metrics.queries.inc();
+                    if self.login.pool.metrics.collect {
+                        self.login.pool.metrics.queries.inc();
+                    }
                     self.did_work = true;
                 }
                 (tag::PARAMETER_STATUS, Some(body)) => {
@@ -860,7 +880,9 @@ impl Session {
                     if f.code == "25006" && self.retry.is_some() {
                         self.retry_to_primary = true;
                     }
-                    self.login.pool.metrics.queries.inc();
+                    if self.login.pool.metrics.collect {
+                        self.login.pool.metrics.queries.inc();
+                    }
                     self.did_work = true;
                     if f.is_fatal() {
                         let msg = format!("{} (SQLSTATE {})", f.message, f.code);
@@ -939,6 +961,9 @@ impl Session {
     /// transaction when the server is idle again after doing something.
     fn count_ready_for_query(&mut self, previous: u8) {
         let m = &self.login.pool.metrics;
+        if !m.collect {
+            return;
+        }
         if self.pending == 0 {
             if let Some(t) = self.req_started.take() {
                 m.query_seconds.observe(t.elapsed().as_secs_f64());
@@ -1014,13 +1039,18 @@ impl Session {
                 replica: false,
                 replica_tx: false,
                 write: false,
+                outcome: Some(Outcome::Primary),
             })
         };
         let Some(cluster) = self.shared.cluster(&self.login.database) else {
-            return primary();
+            return primary().map(|c| Choice { outcome: None, ..c });
         };
         if self.force_primary {
-            return primary().map(|c| Choice { write: true, ..c });
+            return primary().map(|c| Choice {
+                write: true,
+                outcome: Some(Outcome::RetriedPrimary),
+                ..c
+            });
         }
         let deferred_read_only = self.deferred_begin.is_some() && {
             // The transaction pgtide began: read-only if its first statement says so.
@@ -1046,6 +1076,12 @@ impl Session {
         };
         let r = &settings.routing;
         let mut explicit = false;
+        // Routed by a hint: a pgtide: comment, the pgtide.route setting, a route override.
+        let mut hinted = r.route != Override::Auto
+            || matches!(
+                self.login.params.value("pgtide.route"),
+                Some("primary" | "replica")
+            );
         let route = match (r.route, self.login.params.value("pgtide.route")) {
             _ if self.deferred_begin.is_some() => {
                 explicit = true;
@@ -1092,7 +1128,15 @@ impl Session {
                             }
                         }
                     }
-                    if classify(sql, &opts).route == Route::Primary {
+                    let decision = classify(sql, &opts);
+                    if matches!(
+                        decision.reason,
+                        crate::router::classify::Reason::HintPrimary
+                            | crate::router::classify::Reason::HintReplica
+                    ) {
+                        hinted = true;
+                    }
+                    if decision.route == Route::Primary {
                         route = Route::Primary;
                         break;
                     }
@@ -1100,18 +1144,27 @@ impl Session {
                 route
             }
         };
+        let outcome = |o: Outcome| Some(if hinted { Outcome::Hint } else { o });
         if route == Route::Primary {
-            return primary().map(|c| Choice { write: true, ..c });
+            return primary().map(|c| Choice {
+                write: true,
+                outcome: outcome(Outcome::Primary),
+                ..c
+            });
         }
         let mut replicas = cluster.replicas_within(r.max_replica_lag_bytes, r.max_replica_lag);
         if let Some(lsn) = self.written_lsn {
             // Read your writes: only replicas seen to have replayed the client's last write.
+            let usable = replicas.len();
             replicas.retain(|id| {
                 cluster
                     .host(*id)
                     .and_then(|h| h.replay_lsn)
                     .is_some_and(|replayed| replayed.0 >= lsn)
             });
+            if replicas.len() < usable && self.login.pool.metrics.collect {
+                self.login.pool.metrics.routing.read_your_writes.inc();
+            }
         }
         if r.primary_reads {
             if let Some(p) = cluster.primary() {
@@ -1120,7 +1173,10 @@ impl Session {
         }
         if replicas.is_empty() {
             return match r.replica_fallback {
-                ReplicaFallback::Primary => primary(),
+                ReplicaFallback::Primary => primary().map(|c| Choice {
+                    outcome: outcome(Outcome::Fallback),
+                    ..c
+                }),
                 ReplicaFallback::Error => Err(format!(
                     "no replica of database \"{}\" is up and within max_replica_lag, and replica_fallback is \"error\"",
                     self.login.database
@@ -1185,8 +1241,16 @@ impl Session {
                 replica: is_replica,
                 replica_tx: is_replica && explicit,
                 write: false,
+                outcome: outcome(if is_replica {
+                    Outcome::Replica
+                } else {
+                    Outcome::Primary
+                }),
             }),
-            None => primary(),
+            None => primary().map(|c| Choice {
+                outcome: outcome(Outcome::Fallback),
+                ..c
+            }),
         }
     }
 
@@ -1319,6 +1383,7 @@ impl Session {
             replica: on_replica,
             replica_tx,
             write,
+            mut outcome,
         } = match self.choose_pool() {
             Ok(p) => p,
             Err(msg) => {
@@ -1357,6 +1422,9 @@ impl Session {
             self.pool = self.login.pool_for_primary(&self.shared);
             self.on_replica = false;
             self.replica_tx = false;
+            if outcome == Some(Outcome::Replica) {
+                outcome = Some(Outcome::Fallback);
+            }
             r = tokio::select! {
                 r = self.pool.checkout(wait) => r,
                 _ = signal.reached(Phase::Now) => {
@@ -1364,13 +1432,26 @@ impl Session {
                 }
             };
         }
+        if let Some(o) = outcome.filter(|_| self.login.pool.metrics.collect) {
+            let m = &self.login.pool.metrics.routing;
+            match o {
+                Outcome::Primary => &m.primary,
+                Outcome::Replica => &m.replica,
+                Outcome::Fallback => &m.fallback,
+                Outcome::Hint => &m.hint,
+                Outcome::RetriedPrimary => &m.retried_primary,
+            }
+            .inc();
+        }
         let mut server = match r {
             Ok(s) => {
-                self.login
-                    .pool
-                    .metrics
-                    .wait_seconds
-                    .observe(waiting_since.elapsed().as_secs_f64());
+                if self.login.pool.metrics.collect {
+                    self.login
+                        .pool
+                        .metrics
+                        .wait_seconds
+                        .observe(waiting_since.elapsed().as_secs_f64());
+                }
                 self.set_state(ClientState::Active);
                 if let Some(e) = &s.entry {
                     // For SHOW SERVERS / SHOW CLIENTS; the pool clears it at checkin.
@@ -1557,9 +1638,12 @@ impl Session {
             return;
         };
         self.login.cancel.detach().await;
+        let pool = self.pool.clone();
+        let resetting = pool.resetting();
         if let Some(server) = self.recover(server).await {
             self.pool.checkin(server);
         }
+        drop(resetting);
     }
 
     /// Brings a server whose client is gone back to idle: ends a COPY, syncs an open

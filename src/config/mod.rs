@@ -277,6 +277,10 @@ pub struct General {
     /// as `pgbouncer`). Each must be a configured user; it logs in with its own
     /// credential and auth method. Empty (the default) turns the console off.
     pub admin_users: Vec<String>,
+    /// Whether sessions and pools count what they do (the `pgtide_` counters, gauges and
+    /// histograms, which SHOW STATS reads too). Off only to measure what metrics cost:
+    /// the counters then stay at zero. Needs a restart to change.
+    pub collect_metrics: bool,
 
     // Routing and health checks; each can be overridden per database.
     /// How reads pick a replica.
@@ -341,6 +345,7 @@ impl Default for General {
             prepared_statement_cache_bytes: 64 * 1024 * 1024,
             metrics_listen: "127.0.0.1:9930".to_string(),
             admin_users: Vec::new(),
+            collect_metrics: true,
             load_balance: LoadBalance::LeastOutstanding,
             max_replica_lag_bytes: 16 * 1024 * 1024,
             max_replica_lag: ConfigDuration::secs(10),

@@ -150,6 +150,7 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("prepared_statement_cache_bytes", Kind::U32),
     ("metrics_listen", Kind::Str),
     ("admin_users", Kind::StrList),
+    ("collect_metrics", Kind::Bool),
     ROUTING_KEYS[0],
     ROUTING_KEYS[1],
     ROUTING_KEYS[2],
