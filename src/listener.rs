@@ -20,8 +20,8 @@ pub struct Pooler {
     task: JoinHandle<()>,
 }
 
-/// Binds the listen address (and the metrics address) of `config` and starts accepting
-/// clients.
+/// Loads the `auth_file` and `auth_hba_file` of `config`, binds the listen address (and
+/// the metrics address) and starts accepting clients.
 pub async fn start(config: Config) -> io::Result<Pooler> {
     let listener = TcpListener::bind(config.pgtide.listen).await?;
     let addr = listener.local_addr()?;
@@ -43,7 +43,9 @@ pub async fn start(config: Config) -> io::Result<Pooler> {
     };
     let controller = ShutdownController::new();
     let phase = controller.sender();
-    let state = crate::client::Shared::new(Arc::new(config));
+    let auth_files = crate::auth::sources::AuthFiles::load(&config)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let state = crate::client::Shared::new(Arc::new(config), auth_files);
     if let Some(l) = metrics_listener {
         let mut phase_rx = phase.subscribe();
         let metrics = state.metrics.clone();

@@ -2,6 +2,7 @@
 //! the cancel-key registry), and one task per client that logs it in ([`login`]) and runs
 //! its transactions ([`session`]).
 
+mod authn;
 mod cancel;
 mod login;
 pub mod params;
@@ -14,7 +15,9 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::auth::{CredentialCache, SaltedPasswordCache, StoredCredential};
+use crate::auth::sources::{AuthFiles, AuthQueryCache};
+use crate::auth::throttle::FailedLogins;
+use crate::auth::{CredentialCache, SaltedPasswordCache, ServerSecret, StoredCredential};
 use crate::config::Config;
 use crate::metrics::{Metrics, Probe};
 use crate::pool::{DbLimit, Pool, PoolTimeouts};
@@ -23,6 +26,7 @@ use crate::server::ServerTarget;
 use crate::shutdown::{Phase, ShutdownController, ShutdownSignal};
 
 pub use cancel::CancelRegistry;
+pub use login::Peer;
 
 /// State shared by every client session.
 pub struct Shared {
@@ -37,6 +41,14 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     pub credentials: CredentialCache,
     pub salted: Arc<SaltedPasswordCache>,
+    /// `auth_file` users and `auth_hba_file` rules.
+    pub auth_files: AuthFiles,
+    /// Secrets fetched with `auth_query`.
+    pub auth_cache: AuthQueryCache,
+    /// Consecutive failed logins per client address (the slowdown).
+    pub failed_logins: FailedLogins,
+    /// What the pools of (database, user) log in to servers with.
+    server_secrets: Mutex<HashMap<(String, String), ServerSecret>>,
     /// Named prepared statements shared by every client (transaction mode).
     pub statements: StatementCache,
     pub metrics: Arc<Metrics>,
@@ -44,7 +56,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>) -> Arc<Shared> {
+    /// `auth_files` are the contents of the files `config` names ([`AuthFiles::load`]).
+    pub fn new(config: Arc<Config>, auth_files: AuthFiles) -> Arc<Shared> {
         let credentials = CredentialCache::default();
         // Derive every SCRAM verifier now, once, rather than during a login.
         for (user, u) in &config.users {
@@ -52,6 +65,18 @@ impl Shared {
                 credentials.get(user, password);
             }
         }
+        if let Some(list) = &auth_files.users {
+            for (user, password) in list.entries() {
+                credentials.get(user, password);
+            }
+        }
+        let g = &config.pgtide;
+        let auth_cache = AuthQueryCache::new(g.auth_query_cache_ttl.0);
+        let failed_logins = FailedLogins::new(
+            g.auth_failure_threshold,
+            g.auth_failure_delay.0,
+            g.auth_failure_delay_max.0,
+        );
         let salted = Arc::new(SaltedPasswordCache::default());
         let clusters = config
             .databases
@@ -75,17 +100,47 @@ impl Shared {
             cancels: CancelRegistry::default(),
             credentials,
             salted,
+            auth_files,
+            auth_cache,
+            failed_logins,
+            server_secrets: Mutex::new(HashMap::new()),
             statements,
             metrics: Arc::new(Metrics::new()),
             clients: AtomicU32::new(0),
         })
     }
 
-    /// The configured credential of `user`, parsed (and for a plain password, its SCRAM
-    /// verifier derived) once.
+    /// The configured credential of `user` (its `[users]` password, else its `auth_file`
+    /// password), parsed (and for a plain password, its SCRAM verifier derived) once.
     pub fn credential(&self, user: &str) -> Option<Arc<StoredCredential>> {
-        let password = self.config.users.get(user)?.password.as_deref()?;
+        let password = self
+            .config
+            .users
+            .get(user)
+            .and_then(|u| u.password.as_deref())
+            .or_else(|| self.auth_files.users.as_ref()?.get(user).flatten())?;
         Some(self.credentials.get(user, password))
+    }
+
+    /// Whether `user` is in `[users]` or the `auth_file` (with or without a password).
+    pub fn is_static_user(&self, user: &str) -> bool {
+        self.config.users.contains_key(user)
+            || self
+                .auth_files
+                .users
+                .as_ref()
+                .is_some_and(|l| l.get(user).is_some())
+    }
+
+    /// What the pools of (database, user) log in to servers with: the configured
+    /// credential, or what a client's login taught pgtide (SCRAM pass-through).
+    pub fn server_secret(&self, database: &str, user: &str) -> ServerSecret {
+        self.server_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((database.to_string(), user.to_string()))
+            .or_insert_with(|| ServerSecret::new(self.credential(user)))
+            .clone()
     }
 
     /// The index of the host that takes writes for `database`: the monitor's current
@@ -138,7 +193,7 @@ impl Shared {
             port,
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
             user: user.to_string(),
-            secret: self.credential(user),
+            secret: self.server_secret(database, user),
         };
         let timeouts = PoolTimeouts {
             connect_timeout: g.server_connect_timeout.0,
