@@ -4,6 +4,7 @@
 mod auth;
 mod cli;
 mod cluster;
+mod credentials;
 mod drivers;
 mod harness;
 mod metrics;
