@@ -48,7 +48,8 @@ pub(super) async fn authenticate(
     let host = peer.addr.ip().to_canonical();
 
     // 1. Which method: the first matching hba line, else auth_type.
-    let method: Method = match &shared.auth_files.hba {
+    let files = shared.auth_files();
+    let method: Method = match &files.hba {
         None => config.auth_type(user).into(),
         Some(hba) => {
             let Some(rule) = hba.find(peer, database, user) else {

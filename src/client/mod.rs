@@ -41,8 +41,8 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     pub credentials: CredentialCache,
     pub salted: Arc<SaltedPasswordCache>,
-    /// `auth_file` users and `auth_hba_file` rules.
-    pub auth_files: AuthFiles,
+    /// `auth_file` users and `auth_hba_file` rules; replaced by [`Self::set_auth_files`].
+    auth_files: std::sync::RwLock<Arc<AuthFiles>>,
     /// Secrets fetched with `auth_query`.
     pub auth_cache: AuthQueryCache,
     /// Consecutive failed logins per client address (the slowdown).
@@ -65,11 +65,7 @@ impl Shared {
                 credentials.get(user, password);
             }
         }
-        if let Some(list) = &auth_files.users {
-            for (user, password) in list.entries() {
-                credentials.get(user, password);
-            }
-        }
+        warm(&credentials, &auth_files);
         let g = &config.pgtide;
         let auth_cache = AuthQueryCache::new(g.auth_query_cache_ttl.0);
         let failed_logins = FailedLogins::new(
@@ -100,7 +96,7 @@ impl Shared {
             cancels: CancelRegistry::default(),
             credentials,
             salted,
-            auth_files,
+            auth_files: std::sync::RwLock::new(Arc::new(auth_files)),
             auth_cache,
             failed_logins,
             server_secrets: Mutex::new(HashMap::new()),
@@ -118,15 +114,54 @@ impl Shared {
             .users
             .get(user)
             .and_then(|u| u.password.as_deref())
-            .or_else(|| self.auth_files.users.as_ref()?.get(user).flatten())?;
-        Some(self.credentials.get(user, password))
+            .map(str::to_owned)
+            .or_else(|| {
+                let files = self.auth_files();
+                Some(files.users.as_ref()?.get(user).flatten()?.to_owned())
+            })?;
+        Some(self.credentials.get(user, &password))
+    }
+
+    /// The current `auth_file` and `auth_hba_file` contents.
+    pub fn auth_files(&self) -> Arc<AuthFiles> {
+        self.auth_files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the `auth_file` and `auth_hba_file` contents (a reload): later logins
+    /// use them, and pools of users whose configured credential changed log in to their
+    /// servers with the new one. Runs PBKDF2 for new plain passwords: call it off the
+    /// async workers (e.g. `spawn_blocking`).
+    pub fn set_auth_files(&self, files: AuthFiles) {
+        warm(&self.credentials, &files);
+        *self.auth_files.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(files);
+        let secrets: Vec<((String, String), ServerSecret)> = self
+            .server_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((_, user), secret) in secrets {
+            if let Some(cred) = self.credential(&user) {
+                let stale = secret.current().is_none_or(|old| {
+                    old.plain() != cred.plain() || old.md5_hash() != cred.md5_hash()
+                });
+                // A SCRAM secret alone cannot log in: the next client login teaches it.
+                if stale && (cred.has_plain() || cred.md5_hash().is_some()) {
+                    secret.set(cred);
+                }
+            }
+        }
     }
 
     /// Whether `user` is in `[users]` or the `auth_file` (with or without a password).
     pub fn is_static_user(&self, user: &str) -> bool {
         self.config.users.contains_key(user)
             || self
-                .auth_files
+                .auth_files()
                 .users
                 .as_ref()
                 .is_some_and(|l| l.get(user).is_some())
@@ -257,6 +292,15 @@ impl Probe for Shared {
     }
 }
 
+/// Derives the SCRAM verifier of every plain `auth_file` password once, now.
+fn warm(credentials: &CredentialCache, files: &AuthFiles) {
+    if let Some(list) = &files.users {
+        for (user, password) in list.entries() {
+            credentials.get(user, password);
+        }
+    }
+}
+
 /// Accepts clients until shutdown, then waits for the sessions to end.
 pub async fn accept_loop(
     listener: TcpListener,
@@ -324,5 +368,53 @@ async fn maintain(shared: Arc<Shared>, mut signal: ShutdownSignal) {
             }
             _ = signal.reached(Phase::Draining) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::userlist::UserList;
+
+    fn files(list: &str) -> AuthFiles {
+        AuthFiles {
+            users: Some(UserList::parse(list).unwrap()),
+            hba: None,
+        }
+    }
+
+    #[test]
+    fn auth_file_users_and_a_reload_reach_the_pools_credentials() {
+        let mut config = Config::default();
+        config
+            .databases
+            .insert("app".into(), crate::config::Database::default());
+        config.users.insert(
+            "bob".into(),
+            crate::config::User {
+                password: Some("config wins".into()),
+                ..Default::default()
+            },
+        );
+        let shared = Shared::new(
+            Arc::new(config),
+            files("\"alice\" \"pw1\"\n\"bob\" \"file\"\n\"carol\" \"\"\n"),
+        );
+        assert!(shared.is_static_user("alice") && shared.is_static_user("carol"));
+        assert!(!shared.is_static_user("dave"));
+        assert_eq!(shared.credential("alice").unwrap().plain(), Some("pw1"));
+        assert_eq!(
+            shared.credential("bob").unwrap().plain(),
+            Some("config wins")
+        );
+        assert!(shared.credential("carol").is_none());
+        let secret = shared.server_secret("app", "alice");
+        assert_eq!(secret.current().unwrap().plain(), Some("pw1"));
+
+        shared.set_auth_files(files("\"alice\" \"pw2\"\n"));
+        assert_eq!(shared.credential("alice").unwrap().plain(), Some("pw2"));
+        // The pool's handle sees the new password.
+        assert_eq!(secret.current().unwrap().plain(), Some("pw2"));
+        assert!(!shared.is_static_user("carol"));
     }
 }
