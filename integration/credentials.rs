@@ -609,3 +609,62 @@ fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_monitors_log_in_as_an_auth_file_user() {
+    use pgtide::config::{Database, HostConfig, HostRole};
+    let db = harness::fresh_database("cred_monitor");
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = harness::config_for(&db);
+    // No [users] at all: every password is in the auth_file.
+    c.users.clear();
+    c.pgtide.auth_file = write_file(
+        &dir,
+        "userlist.txt",
+        &format!("\"{}\" \"{}\"\n", harness::APP_USER, harness::APP_PASSWORD),
+    );
+    let host = |port, role| HostConfig {
+        host: "127.0.0.1".into(),
+        port,
+        role,
+        weight: 1,
+    };
+    let d = c.databases.get_mut(&db).unwrap();
+    *d = Database {
+        hosts: Some(vec![
+            host(primary_port(), HostRole::Primary),
+            host(harness::replica_port(), HostRole::Replica),
+        ]),
+        dbname: d.dbname.clone(),
+        ..Database::default()
+    };
+    c.pgtide.primary_reads = false;
+    c.pgtide.health_check_interval = ConfigDuration(Duration::from_millis(100));
+    let pooler = harness::start_pgtide(c).await;
+    let client = login(
+        pooler.local_addr(),
+        harness::APP_USER,
+        harness::APP_PASSWORD,
+        &db,
+    )
+    .await
+    .expect("auth_file user");
+    // Reads reach the replica only once its monitor has logged in and seen it up.
+    for _ in 0..100 {
+        let rows = to(
+            "read",
+            client.simple_query("SELECT pg_is_in_recovery()::text"),
+        )
+        .await
+        .expect("read");
+        let v = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        if v.as_deref() == Some("true") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("reads never reached the replica: the monitors could not log in");
+}

@@ -74,12 +74,20 @@ impl Shared {
             g.auth_failure_delay_max.0,
         );
         let salted = Arc::new(SaltedPasswordCache::default());
+        // The health monitors may log in as an auth_file user (name order).
+        let mut file_users: Vec<(String, String)> = auth_files
+            .users
+            .iter()
+            .flat_map(|l| l.entries())
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .collect();
+        file_users.sort();
         let clusters = config
             .databases
             .iter()
             .filter(|(_, d)| d.host_list().len() > 1)
             .filter_map(|(name, _)| {
-                crate::cluster::Cluster::from_config(&config, name, salted.clone())
+                crate::cluster::Cluster::from_config(&config, name, salted.clone(), &file_users)
                     .map(|c| (name.clone(), c))
             })
             .collect();
