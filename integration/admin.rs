@@ -795,3 +795,70 @@ async fn reload_adds_and_removes_a_replica() {
     assert_eq!(in_recovery(&kept).await.as_deref(), Some("f"));
     pooler.shutdown();
 }
+
+/// RELOAD reads the `auth_file` again: a user added there logs in, a file that does not
+/// load is refused with the old one kept, and a user removed from it is refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rereads_the_auth_file() {
+    let files = tempfile::tempdir().expect("temp dir");
+    let userlist = files.path().join("userlist.txt");
+    std::fs::write(&userlist, "; nobody yet\n").unwrap();
+    let list_path = userlist.to_string_lossy().into_owned();
+    let (db, pooler, addr, _dir, _config) = setup_from_file("admin_authfile", |c| {
+        c.pgtide.auth_file = list_path;
+    })
+    .await;
+    let role = format!("listed_{}", std::process::id());
+    tokio::task::spawn_blocking({
+        let (db, role) = (db.clone(), role.clone());
+        move || {
+            harness::psql(
+                harness::primary_port(),
+                &db,
+                &format!("CREATE ROLE {role} LOGIN PASSWORD 'from the list'; GRANT CONNECT ON DATABASE {db} TO {role}"),
+            )
+        }
+    })
+    .await
+    .unwrap();
+    let conn = tcp_connect_string(addr, &role, "from the list", &db);
+    let login = || harness::connect(&conn);
+
+    let e = to("connect", login()).await.expect_err("not listed yet");
+    assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
+
+    std::fs::write(&userlist, format!("\"{role}\" \"from the list\"\n")).unwrap();
+    pooler.reload().await.expect("reload with the user listed");
+    let c = to("connect", login())
+        .await
+        .expect("the listed user logs in");
+    let who = to("whoami", c.query_one("SELECT current_user::text", &[]))
+        .await
+        .expect("query");
+    assert_eq!(who.get::<_, String>(0), role);
+
+    std::fs::write(&userlist, format!("\"{role}\" \"no closing quote\n")).unwrap();
+    let e = pooler
+        .reload()
+        .await
+        .expect_err("a broken auth_file is refused");
+    assert!(e.contains("auth_file"), "{e}");
+    assert!(
+        !e.contains("no closing quote"),
+        "the password is not echoed: {e}"
+    );
+    to("select", c.simple_query("SELECT 1"))
+        .await
+        .expect("the old auth_file stays in force");
+    to("connect", login())
+        .await
+        .expect("the old auth_file still logs the user in");
+
+    std::fs::write(&userlist, "; emptied\n").unwrap();
+    pooler.reload().await.expect("reload without the user");
+    let e = to("connect", login())
+        .await
+        .expect_err("removed from the list");
+    assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e}");
+    pooler.shutdown();
+}

@@ -257,7 +257,7 @@ async fn md5_hash_in_config_checks_clients_and_logs_in_to_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scram_verifier_in_config_checks_clients_but_cannot_log_in_to_the_server() {
+async fn scram_verifier_in_config_checks_clients_and_logs_in_through_pass_through() {
     let db = harness::fresh_database("auth_verifier");
     let verifier = harness::psql(
         harness::primary_port(),
@@ -269,6 +269,11 @@ async fn scram_verifier_in_config_checks_clients_but_cannot_log_in_to_the_server
     let user = cfg.users.get_mut("pgtide_scram").unwrap();
     user.password = Some(verifier);
     user.auth_type = Some(AuthType::ScramSha256);
+    // The same password, but a verifier with another salt than the server's.
+    let other = pgtide::auth::ScramVerifier::generate("md5pass").to_string();
+    let user = cfg.users.get_mut("pgtide_md5").unwrap();
+    user.password = Some(other);
+    user.auth_type = Some(AuthType::ScramSha256);
     let pooler = harness::start_pgtide(cfg).await;
     let addr = pooler.local_addr();
 
@@ -278,30 +283,44 @@ async fn scram_verifier_in_config_checks_clients_but_cannot_log_in_to_the_server
         .expect_err("a wrong password against a SCRAM verifier logged in");
     assert_eq!(db_error(&err).0, "28P01");
 
-    // The right password passes pgtide's check, but pgtide has no password to log in to the
-    // server with: the client gets a clear error naming the user (at login, when pgtide
-    // needs a server for the first client of the pool, or at the first query).
-    let err = match try_connect(addr, "pgtide_scram", "scrampass", &db).await {
+    // The right password: the ClientKey recovered from the client's proof logs pgtide in
+    // to the server, which stores the same verifier (SCRAM pass-through).
+    assert_eq!(
+        login_and_whoami(addr, "pgtide_scram", "scrampass", &db).await,
+        "pgtide_scram"
+    );
+    let run = psql_via(
+        addr,
+        "pgtide_scram",
+        "scrampass",
+        &db,
+        "select current_user",
+    )
+    .await;
+    assert!(run.success, "psql as pgtide_scram: {}", run.stderr);
+    assert_eq!(run.stdout, "pgtide_scram");
+
+    // A verifier that is not the server's passes pgtide's check but cannot log in to the
+    // server (and the md5 server would want a password anyway): the client gets a clear
+    // error naming the user, not 28P01 (at login, when pgtide needs a server for the
+    // first client of the pool, or at the first query).
+    let err = match try_connect(addr, "pgtide_md5", "md5pass", &db).await {
         Err(e) => e,
         Ok(client) => current_user(&client)
             .await
             .expect_err("a query succeeded although pgtide cannot log in to the server"),
     };
     let (code, message) = db_error(&err);
-    eprintln!("pgtide_scram with a verifier only: {code} {message}");
+    eprintln!("pgtide_md5 with a foreign verifier only: {code} {message}");
     assert_ne!(
         code, "28P01",
         "the client's password was right; the error must say why the server login failed: {message}"
     );
     assert!(
-        message.contains("\"pgtide_scram\"") && message.contains("password"),
+        message.contains("\"pgtide_md5\"") && message.contains("password"),
         "the error must name the user and the missing password: {code} {message}"
     );
-
-    // psql sees the same error, and pgtide keeps serving other users.
-    let run = psql_via(addr, "pgtide_scram", "scrampass", &db, "select 1").await;
-    assert!(!run.success, "psql as pgtide_scram succeeded");
-    assert!(run.stderr.contains("pgtide_scram"), "psql: {}", run.stderr);
+    // pgtide keeps serving other users.
     assert_eq!(login_and_whoami(addr, "app", "apppass", &db).await, "app");
 }
 

@@ -21,8 +21,8 @@ pub struct Pooler {
     shared: Arc<crate::client::Shared>,
 }
 
-/// Binds the listen address (and the metrics address) of `config` and starts accepting
-/// clients.
+/// Loads the `auth_file` and `auth_hba_file` of `config`, binds the listen address (and
+/// the metrics address) and starts accepting clients.
 pub async fn start(config: Config) -> io::Result<Pooler> {
     start_from(config, None).await
 }
@@ -53,7 +53,9 @@ pub async fn start_from(
     };
     let controller = ShutdownController::new();
     let phase = controller.sender();
-    let state = crate::client::Shared::new(Arc::new(config));
+    let auth_files = crate::auth::sources::AuthFiles::load(&config)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let state = crate::client::Shared::new(Arc::new(config), auth_files);
     state.admin.set_source(source);
     state.admin.set_phase(phase.clone());
     if let Some(l) = metrics_listener {

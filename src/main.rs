@@ -79,7 +79,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Some(Command::CheckConfig { file }) => match Config::from_file(file) {
+        Some(Command::CheckConfig { file }) => match Config::from_file(file).and_then(|c| {
+            // The auth_file and auth_hba_file it names must load too.
+            pgtide::auth::sources::AuthFiles::load(&c).map(|_| c)
+        }) {
             Ok(_) => {
                 println!("{}: OK", file.display());
                 ExitCode::SUCCESS
@@ -211,7 +214,7 @@ async fn serve(config: Config, source: Option<pgtide::reload::ConfigSource>) -> 
     let pooler = match pgtide::start_from(config, source).await {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("pgtide: cannot listen on {listen}: {e}");
+            eprintln!("pgtide: cannot start (listening on {listen}): {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -9,8 +9,12 @@
 //! close as they are released and new ones use the new settings. Clients of a removed
 //! database or user are disconnected.
 //!
-//! What needs a restart: `listen`, `metrics_listen`, and the prepared-statement cache
-//! sizes; a change to them is reported and the running value stays.
+//! The `auth_file` and `auth_hba_file` are read again too; a file that does not load
+//! refuses the reload like an invalid config.
+//!
+//! What needs a restart: `listen`, `metrics_listen`, the prepared-statement cache
+//! sizes, `auth_query_cache_ttl` and the failed-login slowdown settings; a change to them
+//! is reported and the running value stays.
 //!
 //! An invalid file changes nothing: the reason is logged and returned.
 
@@ -19,6 +23,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::auth::sources::AuthFiles;
 use crate::client::Shared;
 use crate::cluster::Cluster;
 use crate::config::{Config, ConfigError};
@@ -64,7 +69,10 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
         return Err(msg);
     };
     let _one_at_a_time = shared.admin.reload_lock.lock().await;
-    let mut new = match source.load() {
+    let loaded = source
+        .load()
+        .and_then(|c| crate::auth::sources::AuthFiles::load(&c).map(|files| (c, files)));
+    let (mut new, files) = match loaded {
         Ok(c) => c,
         Err(e) => {
             let msg = format!(
@@ -107,9 +115,39 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
             restart.push("prepared_statement_cache_bytes".into());
             n.prepared_statement_cache_bytes = o.prepared_statement_cache_bytes;
         }
+        if o.collect_metrics != n.collect_metrics {
+            restart.push("collect_metrics".into());
+            n.collect_metrics = o.collect_metrics;
+        }
+        if o.auth_query_cache_ttl != n.auth_query_cache_ttl {
+            restart.push("auth_query_cache_ttl".into());
+            n.auth_query_cache_ttl = o.auth_query_cache_ttl;
+        }
+        if (
+            o.auth_failure_threshold,
+            o.auth_failure_delay,
+            o.auth_failure_delay_max,
+        ) != (
+            n.auth_failure_threshold,
+            n.auth_failure_delay,
+            n.auth_failure_delay_max,
+        ) {
+            restart.push(
+                "auth_failure_threshold / auth_failure_delay / auth_failure_delay_max".into(),
+            );
+            n.auth_failure_threshold = o.auth_failure_threshold;
+            n.auth_failure_delay = o.auth_failure_delay;
+            n.auth_failure_delay_max = o.auth_failure_delay_max;
+        }
     }
     let changes = describe_changes(&old, &new);
-    apply(shared, &old, new);
+    // Deriving SCRAM verifiers of new passwords is CPU work: off the async workers.
+    let on = shared.clone();
+    let applied = tokio::task::spawn_blocking(move || apply(&on, &old, new, files)).await;
+    if let Err(e) = applied {
+        tracing::error!(error = %e, "reload: applying the configuration failed");
+        return Err(format!("applying the configuration failed: {e}"));
+    }
 
     let mut summary = if changes.is_empty() {
         "configuration reloaded: nothing changed".to_string()
@@ -128,7 +166,7 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
 }
 
 /// Applies a validated configuration: credentials, the config itself, clusters, pools.
-fn apply(shared: &Arc<Shared>, old: &Config, new: Config) {
+fn apply(shared: &Arc<Shared>, old: &Config, new: Config, files: AuthFiles) {
     // Verifiers of new or changed passwords are derived now, not during a login.
     for (user, u) in &new.users {
         if let Some(p) = &u.password {
@@ -142,7 +180,17 @@ fn apply(shared: &Arc<Shared>, old: &Config, new: Config) {
             .get(user)
             .and_then(|u| u.password.as_deref())
             .is_some_and(|p| p == configured)
+            || files
+                .users
+                .as_ref()
+                .and_then(|l| l.get(user).flatten())
+                .is_some_and(|p| p == configured)
     });
+    // auth_file and auth_hba_file: later logins use the new contents, and pools whose
+    // user's password changed log in to servers with the new one.
+    let old_file_users = crate::client::file_users(&shared.auth_files());
+    shared.set_auth_files(files);
+    let file_users = crate::client::file_users(&shared.auth_files());
 
     // Clusters: kept when nothing about their hosts or monitoring changed.
     let current = shared.clusters();
@@ -155,10 +203,11 @@ fn apply(shared: &Arc<Shared>, old: &Config, new: Config) {
             old.cluster_settings(name, "").map(|s| (s.hosts, s.health))
                 == new.cluster_settings(name, "").map(|s| (s.hosts, s.health))
                 && monitor_login(old, name) == monitor_login(&new, name)
+                && old_file_users == file_users
         });
         let cluster = match current.get(name) {
             Some(c) if unchanged => Some(c.clone()),
-            _ => Cluster::from_config(&new, name, shared.salted.clone()),
+            _ => Cluster::from_config(&new, name, shared.salted.clone(), &file_users),
         };
         if let Some(c) = cluster {
             clusters.insert(name.clone(), c);
@@ -169,7 +218,7 @@ fn apply(shared: &Arc<Shared>, old: &Config, new: Config) {
 
     // Pools: resized in place when their server side is the same, else replaced.
     shared.retire_pools(|(db, user, host), pool| {
-        let same = new.users.contains_key(user)
+        let same = (shared.is_static_user(user) || new.auth_query(db).is_some())
             && shared
                 .pool_target(&new, db, user, *host)
                 .is_some_and(|(t, _)| {
@@ -200,7 +249,8 @@ fn apply(shared: &Arc<Shared>, old: &Config, new: Config) {
             }
             continue;
         }
-        if !new.databases.contains_key(&c.database) || !new.users.contains_key(&c.user) {
+        let user_known = shared.is_static_user(&c.user) || new.auth_query(&c.database).is_some();
+        if !new.databases.contains_key(&c.database) || !user_known {
             c.kill();
         }
     }

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::auth::{self, SaltedPasswordCache, StoredCredential};
+use crate::auth::{self, SaltedPasswordCache, ServerSecret};
 use crate::protocol::{backend, frontend, status, tag, Scanner};
 
 /// Where and as whom to connect.
@@ -23,7 +23,8 @@ pub struct ServerTarget {
     pub port: u16,
     pub dbname: String,
     pub user: String,
-    pub secret: Option<Arc<StoredCredential>>,
+    /// What to log in with; a client's login may update it (SCRAM pass-through).
+    pub secret: ServerSecret,
 }
 
 impl ServerTarget {
@@ -127,7 +128,8 @@ impl ServerConn {
             ],
         );
         stream.write_all(&out).await?;
-        auth::authenticate_server(&mut stream, &target.user, target.secret.as_deref(), salted)
+        let secret = target.secret.current();
+        auth::authenticate_server(&mut stream, &target.user, secret.as_deref(), salted)
             .await
             .map_err(|e| match e {
                 auth::AuthError::Server { code, message } => {
@@ -223,10 +225,36 @@ impl ServerConn {
         }
     }
 
+    /// Like [`Self::run_internal`], with `params` bound to `$1`, `$2`, ... through the
+    /// extended protocol (unnamed statement and portal), as text.
+    pub async fn run_internal_params(
+        &mut self,
+        sql: &str,
+        params: &[Option<&str>],
+        timeout: Duration,
+    ) -> Result<InternalResult, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 64);
+        frontend::query_with_params(&mut out, sql, params);
+        match tokio::time::timeout(timeout, self.run_internal_message(&out, sql)).await {
+            Ok(r) => r,
+            Err(_) => Err(ServerError::Timeout),
+        }
+    }
+
     async fn run_internal_inner(&mut self, sql: &str) -> Result<InternalResult, ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         frontend::query(&mut out, sql);
-        self.stream.write_all(&out).await?;
+        self.run_internal_message(&out, sql).await
+    }
+
+    /// Sends `out` (a query ending in Sync or a simple Query) and reads up to
+    /// ReadyForQuery.
+    async fn run_internal_message(
+        &mut self,
+        out: &[u8],
+        sql: &str,
+    ) -> Result<InternalResult, ServerError> {
+        self.stream.write_all(out).await?;
         let mut buf = BytesMut::with_capacity(1024);
         let mut result = InternalResult::default();
         loop {

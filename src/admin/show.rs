@@ -450,6 +450,11 @@ pub const RESTART_ONLY: &[&str] = &[
     "metrics_listen",
     "prepared_statement_cache_size",
     "prepared_statement_cache_bytes",
+    "collect_metrics",
+    "auth_query_cache_ttl",
+    "auth_failure_threshold",
+    "auth_failure_delay",
+    "auth_failure_delay_max",
 ];
 
 fn config_value(v: &toml::Value) -> String {

@@ -1,11 +1,12 @@
 //! Credentials: what a configured password string is ([`Secret`]), what pgtide keeps of it
 //! for one user ([`StoredCredential`]), the caches that make sure PBKDF2 does not run per
-//! login ([`CredentialCache`] for clients, [`SaltedPasswordCache`] for servers), and the
-//! mock verifier used for users that do not exist.
+//! login ([`CredentialCache`] for clients, [`SaltedPasswordCache`] for servers), what a
+//! pool logs in to its servers with ([`ServerSecret`], which logins of clients can teach a
+//! ClientKey or password), and the mock verifier used for users that do not exist.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use rand::RngCore;
 
@@ -69,12 +70,15 @@ impl fmt::Debug for Secret {
 /// From a plain password: the password itself (to log in to servers), its md5 hash for
 /// this user, and a SCRAM verifier derived once with a random salt. From an md5 hash: the
 /// hash only. From a SCRAM verifier: the verifier only (enough to check clients, not to
-/// log in to servers).
+/// log in to servers, until a client's SCRAM login adds its ClientKey: see
+/// [`Self::with_client_key`]).
 #[derive(Clone)]
 pub struct StoredCredential {
     plain: Option<String>,
     md5: Option<String>,
     scram: Option<ScramVerifier>,
+    /// ClientKey of `scram`, recovered from a client's proof (SCRAM pass-through).
+    client_key: Option<[u8; 32]>,
 }
 
 impl StoredCredential {
@@ -90,18 +94,54 @@ impl StoredCredential {
                 md5: Some(md5::password_hash(&p, user)),
                 scram: Some(ScramVerifier::generate(&p)),
                 plain: Some(p),
+                client_key: None,
             },
             Secret::Md5(h) => StoredCredential {
                 plain: None,
                 md5: Some(h),
                 scram: None,
+                client_key: None,
             },
             Secret::Scram(v) => StoredCredential {
                 plain: None,
                 md5: None,
                 scram: Some(v),
+                client_key: None,
             },
         }
+    }
+
+    /// A plain password a client sent in clear text, kept to log in to servers: the
+    /// password and its md5 hash, without deriving a SCRAM verifier (no PBKDF2).
+    pub fn plain_for_server(user: &str, password: &str) -> Self {
+        StoredCredential {
+            plain: Some(password.to_owned()),
+            md5: Some(md5::password_hash(password, user)),
+            scram: None,
+            client_key: None,
+        }
+    }
+
+    /// The SCRAM verifier together with the ClientKey a client proved it knows: enough
+    /// to log in with SCRAM to a server that stores this very verifier.
+    pub fn with_client_key(verifier: ScramVerifier, client_key: [u8; 32]) -> Self {
+        StoredCredential {
+            plain: None,
+            md5: None,
+            scram: Some(verifier),
+            client_key: Some(client_key),
+        }
+    }
+
+    /// ClientKey for SCRAM pass-through, when a client's login provided it.
+    pub fn client_key(&self) -> Option<&[u8; 32]> {
+        self.client_key.as_ref()
+    }
+
+    /// Whether this credential can answer a server's SCRAM or md5 request by itself
+    /// (a plain password), rather than only check clients.
+    pub fn has_plain(&self) -> bool {
+        self.plain.is_some()
     }
 
     /// The plain-text password, when the config holds one.
@@ -125,6 +165,7 @@ impl fmt::Debug for StoredCredential {
             .field("plain", &self.plain.is_some())
             .field("md5", &self.md5.is_some())
             .field("scram", &self.scram.is_some())
+            .field("client_key", &self.client_key.is_some())
             .finish()
     }
 }
@@ -229,6 +270,43 @@ impl SaltedPasswordCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// What a pool logs in to its servers with: the configured credential, replaced by what
+/// a client's login taught pgtide when the configuration has no plain password (a
+/// ClientKey from a SCRAM login, a hash, or a password sent in clear text). Cheap to
+/// clone; every clone sees the latest value. The ClientKey is never logged.
+#[derive(Clone, Default)]
+pub struct ServerSecret(Arc<RwLock<Option<Arc<StoredCredential>>>>);
+
+impl ServerSecret {
+    pub fn new(initial: Option<Arc<StoredCredential>>) -> Self {
+        ServerSecret(Arc::new(RwLock::new(initial)))
+    }
+
+    /// The credential to log in with now.
+    pub fn current(&self) -> Option<Arc<StoredCredential>> {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces the credential (the next server login uses it).
+    pub fn set(&self, cred: Arc<StoredCredential>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(cred);
+    }
+}
+
+impl fmt::Debug for ServerSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ServerSecret")
+            .field(&self.current())
+            .finish()
     }
 }
 

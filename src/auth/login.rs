@@ -145,9 +145,12 @@ async fn scram_login<S: AsyncRead + AsyncWrite + Unpin>(
             offered.join(", ")
         )));
     }
-    let password = secret
-        .and_then(|s| s.plain())
-        .ok_or_else(|| no_password(user, "SCRAM-SHA-256", "a plain-text"))?;
+    let password = secret.and_then(|s| s.plain());
+    // SCRAM pass-through: a verifier plus the ClientKey a client's login recovered.
+    let keys = secret.and_then(|s| Some((s.scram()?, s.client_key()?)));
+    if password.is_none() && keys.is_none() {
+        return Err(no_password(user, "SCRAM-SHA-256", "a plain-text"));
+    }
 
     // PostgreSQL ignores the SCRAM user name (the StartupMessage names the user).
     let mut client = ScramClient::new("", scram::random_nonce());
@@ -162,10 +165,26 @@ async fn scram_login<S: AsyncRead + AsyncWrite + Unpin>(
     )
     .await?;
     let first = client.server_first(&data)?;
-    let salted = cache
-        .salted_password(password, &first.salt, first.iterations)
-        .await?;
-    let client_final = client.client_final(&salted)?;
+    let client_final = match (password, keys) {
+        (Some(password), _) => {
+            let salted = cache
+                .salted_password(password, &first.salt, first.iterations)
+                .await?;
+            client.client_final(&salted)?
+        }
+        (None, Some((verifier, client_key))) => {
+            if first.salt != verifier.salt || first.iterations != verifier.iterations {
+                return Err(AuthError::NoServerPassword(format!(
+                    "the server's SCRAM secret for user \"{user}\" is not the one pgtide checked the \
+                     client against (different salt or iteration count): the password was changed on \
+                     the server, or the auth_file/auth_query secret is not this server's; log in again \
+                     so that pgtide fetches the current secret, or update the auth_file"
+                )));
+            }
+            client.client_final_with_keys(client_key, &verifier.server_key)?
+        }
+        (None, None) => return Err(no_password(user, "SCRAM-SHA-256", "a plain-text")),
+    };
     buf.clear();
     frontend::sasl_response(&mut buf, client_final.as_bytes());
     send(stream, &buf).await?;

@@ -7,19 +7,31 @@
 //!   skip PBKDF2.
 //! - Configured passwords: [`Secret`] (plain, `md5…` hash, or `SCRAM-SHA-256$…` verifier)
 //!   and [`CredentialCache`], which derives a SCRAM verifier once per plain password.
+//! - Other credential sources: [`userlist`] (PgBouncer's `auth_file`), [`sources`] (the
+//!   files at start, the `auth_query` cache), and [`ServerSecret`], which carries what a
+//!   client's login taught pgtide (a SCRAM ClientKey: pass-through) to the pool's servers.
+//! - Who may try at all: [`hba`] (`auth_hba_file` rules) and [`throttle`] (the slowdown
+//!   of addresses that keep failing).
 
 mod credential;
 mod exchange;
+pub mod hba;
 mod login;
 pub mod md5;
 pub mod scram;
+pub mod sources;
+pub mod throttle;
+pub mod userlist;
 
 use std::fmt;
 
 pub use credential::{
-    mock_verifier, CredentialCache, SaltedPasswordCache, Secret, StoredCredential,
+    mock_verifier, CredentialCache, SaltedPasswordCache, Secret, ServerSecret, StoredCredential,
 };
-pub use exchange::authenticate_client;
+pub use exchange::{
+    authenticate_client, read_client_response, send_failure, send_success, ClientResponse, Method,
+    Verified,
+};
 pub use login::authenticate_server;
 pub use scram::{ScramClient, ScramError, ScramServer, ScramVerifier};
 

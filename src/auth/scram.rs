@@ -191,6 +191,8 @@ pub struct ScramServer {
     doomed: bool,
     server_nonce: String,
     state: ServerState,
+    /// The ClientKey recovered from a valid proof (for SCRAM pass-through to servers).
+    client_key: Option<[u8; 32]>,
 }
 
 impl ScramServer {
@@ -201,7 +203,20 @@ impl ScramServer {
             doomed: false,
             server_nonce,
             state: ServerState::Initial,
+            client_key: None,
         }
+    }
+
+    /// The verifier this exchange checks against.
+    pub fn verifier(&self) -> &ScramVerifier {
+        &self.verifier
+    }
+
+    /// After a successful [`Self::client_final`]: the client's ClientKey, recovered as
+    /// ClientProof XOR HMAC(StoredKey, AuthMessage). With the verifier's ServerKey it is
+    /// enough to log in to a server that stores the same verifier.
+    pub fn client_key(&self) -> Option<[u8; 32]> {
+        self.client_key
     }
 
     /// An exchange that runs like a real one and then fails with [`ScramError::Failed`].
@@ -326,6 +341,7 @@ impl ScramServer {
         if !ok || self.doomed {
             return Err(ScramError::Failed);
         }
+        self.client_key = Some(client_key);
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_signature)))
     }
@@ -415,6 +431,19 @@ impl ScramClient {
 
     /// The client-final-message, given SaltedPassword for the salt from the server.
     pub fn client_final(&mut self, salted: &[u8; 32]) -> Result<String, ScramError> {
+        let client_key = hmac(salted, b"Client Key");
+        let server_key = hmac(salted, b"Server Key");
+        self.client_final_with_keys(&client_key, &server_key)
+    }
+
+    /// The client-final-message from ClientKey and ServerKey directly: SCRAM pass-through,
+    /// where pgtide has a client's ClientKey and the verifier, but not the password. Only
+    /// valid when the server's salt and iterations are those of that verifier.
+    pub fn client_final_with_keys(
+        &mut self,
+        client_key: &[u8; 32],
+        server_key: &[u8; 32],
+    ) -> Result<String, ScramError> {
         let ClientState::GotFirst {
             server_first,
             nonce,
@@ -426,15 +455,13 @@ impl ScramClient {
         };
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
-        let client_key = hmac(salted, b"Client Key");
-        let signature = hmac(&sha256(&client_key), auth_message.as_bytes());
+        let signature = hmac(&sha256(client_key), auth_message.as_bytes());
         let mut proof = [0u8; 32];
         for (p, (k, s)) in proof.iter_mut().zip(client_key.iter().zip(&signature)) {
             *p = k ^ s;
         }
-        let server_key = hmac(salted, b"Server Key");
         self.state = ClientState::SentFinal {
-            server_signature: hmac(&server_key, auth_message.as_bytes()),
+            server_signature: hmac(server_key, auth_message.as_bytes()),
         };
         Ok(format!("{without_proof},p={}", B64.encode(proof)))
     }

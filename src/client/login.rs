@@ -19,6 +19,14 @@ use crate::protocol::backend::{self, Severity};
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{sqlstate, status, tag};
 
+/// What pgtide knows about how a client connected, for hba rules and cert auth.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    pub tls: bool,
+    pub cert_common_name: Option<String>,
+}
+
 /// A logged-in client, ready for its first query.
 pub(super) struct LoggedIn {
     pub database: String,
@@ -257,40 +265,15 @@ async fn login_inner(
 
     // Authenticate before saying anything about the database, as PostgreSQL does.
     let config = shared.config().clone();
-    let known = config.users.contains_key(&user);
-    let cred = if known {
-        shared.credential(&user)
-    } else {
-        None
+    let peer = match stream.peer_addr() {
+        Ok(addr) => Peer {
+            addr,
+            tls: false,
+            cert_common_name: None,
+        },
+        Err(_) => return Err(NoSession::Done),
     };
-    let method = config.auth_type(&user);
-    let max = config.pgtide.max_message_size as usize;
-    let method = if known {
-        method
-    } else {
-        // Unknown users go through a full exchange that fails, revealing nothing.
-        crate::config::AuthType::ScramSha256
-    };
-    if let Err(e) =
-        crate::auth::authenticate_client(stream, method, &user, cred.as_deref(), max).await
-    {
-        tracing::debug!(%user, error = %e, "client authentication failed");
-        if matches!(e, crate::auth::AuthError::Failed) {
-            shared.metrics.auth_failures.inc();
-        }
-        return Err(NoSession::Refused);
-    }
-    if !known {
-        // authenticate_client fails for unknown users; this is a second line of defence.
-        send_fatal(
-            stream,
-            sqlstate::INVALID_PASSWORD,
-            &format!("password authentication failed for user \"{user}\""),
-            None,
-        )
-        .await;
-        return Err(NoSession::Refused);
-    }
+    super::authn::authenticate(stream, shared, &peer, &database, &user).await?;
 
     if crate::admin::is_admin_database(&database) {
         if !config.pgtide.admin_users.contains(&user) {
@@ -394,7 +377,8 @@ async fn login_inner(
     })
 }
 
-/// Used by the session for its own timeouts on internal queries.
+/// Used by the session (and the auth_query lookup) for its own timeouts on internal
+/// queries.
 pub(super) fn internal_timeout(shared: &Shared) -> Duration {
     shared
         .config()

@@ -2,6 +2,7 @@
 //! the cancel-key registry), and one task per client that logs it in ([`login`]) and runs
 //! its transactions ([`session`]).
 
+mod authn;
 mod cancel;
 mod login;
 pub mod params;
@@ -15,7 +16,9 @@ use std::time::Duration;
 use arc_swap::{ArcSwap, Guard};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::auth::{CredentialCache, SaltedPasswordCache, StoredCredential};
+use crate::auth::sources::{AuthFiles, AuthQueryCache};
+use crate::auth::throttle::FailedLogins;
+use crate::auth::{CredentialCache, SaltedPasswordCache, ServerSecret, StoredCredential};
 use crate::cluster::{Cluster, CurrentRole, Health, MonitorHandle};
 use crate::config::Config;
 use crate::metrics::{HostSample, Metrics, PrimaryCheck, Probe};
@@ -25,6 +28,7 @@ use crate::server::ServerTarget;
 use crate::shutdown::{Phase, ShutdownController, ShutdownSignal};
 
 pub use cancel::CancelRegistry;
+pub use login::Peer;
 
 /// State shared by every client session.
 pub struct Shared {
@@ -44,6 +48,14 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     pub credentials: CredentialCache,
     pub salted: Arc<SaltedPasswordCache>,
+    /// `auth_file` users and `auth_hba_file` rules; replaced by [`Self::set_auth_files`].
+    auth_files: std::sync::RwLock<Arc<AuthFiles>>,
+    /// Secrets fetched with `auth_query`.
+    pub auth_cache: AuthQueryCache,
+    /// Consecutive failed logins per client address (the slowdown).
+    pub failed_logins: FailedLogins,
+    /// What the pools of (database, user) log in to servers with.
+    server_secrets: Mutex<HashMap<(String, String), ServerSecret>>,
     /// Named prepared statements shared by every client (transaction mode).
     pub statements: StatementCache,
     pub metrics: Arc<Metrics>,
@@ -53,7 +65,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>) -> Arc<Shared> {
+    /// `auth_files` are the contents of the files `config` names ([`AuthFiles::load`]).
+    pub fn new(config: Arc<Config>, auth_files: AuthFiles) -> Arc<Shared> {
         let credentials = CredentialCache::default();
         // Derive every SCRAM verifier now, once, rather than during a login.
         for (user, u) in &config.users {
@@ -61,13 +74,24 @@ impl Shared {
                 credentials.get(user, password);
             }
         }
+        warm(&credentials, &auth_files);
+        let g = &config.pgtide;
+        let auth_cache = AuthQueryCache::new(g.auth_query_cache_ttl.0);
+        let failed_logins = FailedLogins::new(
+            g.auth_failure_threshold,
+            g.auth_failure_delay.0,
+            g.auth_failure_delay_max.0,
+        );
         let salted = Arc::new(SaltedPasswordCache::default());
+        // The health monitors may log in as an auth_file user (name order).
+        let file_users = file_users(&auth_files);
         let clusters = config
             .databases
             .iter()
             .filter(|(_, d)| d.host_list().len() > 1)
             .filter_map(|(name, _)| {
-                Cluster::from_config(&config, name, salted.clone()).map(|c| (name.clone(), c))
+                Cluster::from_config(&config, name, salted.clone(), &file_users)
+                    .map(|c| (name.clone(), c))
             })
             .collect();
         let statements = StatementCache::new(
@@ -85,6 +109,10 @@ impl Shared {
             cancels: CancelRegistry::default(),
             credentials,
             salted,
+            auth_files: std::sync::RwLock::new(Arc::new(auth_files)),
+            auth_cache,
+            failed_logins,
+            server_secrets: Mutex::new(HashMap::new()),
             statements,
             metrics,
             clients: AtomicU32::new(0),
@@ -200,13 +228,12 @@ impl Shared {
             None if host == 0 => (db.host.clone(), db.port),
             None => return None,
         };
-        let password = config.users.get(user).and_then(|u| u.password.as_deref());
         let target = ServerTarget {
             host: h,
             port,
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
             user: user.to_string(),
-            secret: password.map(|p| self.credentials.get(user, p)),
+            secret: self.server_secret(database, user),
         };
         let g = &config.pgtide;
         let timeouts = PoolTimeouts {
@@ -220,12 +247,76 @@ impl Shared {
         Some((target, timeouts))
     }
 
-    /// The configured credential of `user`, parsed (and for a plain password, its SCRAM
-    /// verifier derived) once.
+    /// The configured credential of `user` (its `[users]` password, else its `auth_file`
+    /// password), parsed (and for a plain password, its SCRAM verifier derived) once.
     pub fn credential(&self, user: &str) -> Option<Arc<StoredCredential>> {
-        let config = self.config();
-        let password = config.users.get(user)?.password.as_deref()?;
-        Some(self.credentials.get(user, password))
+        let password = self
+            .config()
+            .users
+            .get(user)
+            .and_then(|u| u.password.as_deref())
+            .map(str::to_owned)
+            .or_else(|| {
+                let files = self.auth_files();
+                Some(files.users.as_ref()?.get(user).flatten()?.to_owned())
+            })?;
+        Some(self.credentials.get(user, &password))
+    }
+
+    /// The current `auth_file` and `auth_hba_file` contents.
+    pub fn auth_files(&self) -> Arc<AuthFiles> {
+        self.auth_files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the `auth_file` and `auth_hba_file` contents (a reload): later logins
+    /// use them, and pools of users whose configured credential changed log in to their
+    /// servers with the new one. Runs PBKDF2 for new plain passwords: call it off the
+    /// async workers (e.g. `spawn_blocking`).
+    pub fn set_auth_files(&self, files: AuthFiles) {
+        warm(&self.credentials, &files);
+        *self.auth_files.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(files);
+        let secrets: Vec<((String, String), ServerSecret)> = self
+            .server_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for ((_, user), secret) in secrets {
+            if let Some(cred) = self.credential(&user) {
+                let stale = secret.current().is_none_or(|old| {
+                    old.plain() != cred.plain() || old.md5_hash() != cred.md5_hash()
+                });
+                // A SCRAM secret alone cannot log in: the next client login teaches it.
+                if stale && (cred.has_plain() || cred.md5_hash().is_some()) {
+                    secret.set(cred);
+                }
+            }
+        }
+    }
+
+    /// Whether `user` is in `[users]` or the `auth_file` (with or without a password).
+    pub fn is_static_user(&self, user: &str) -> bool {
+        self.config().users.contains_key(user)
+            || self
+                .auth_files()
+                .users
+                .as_ref()
+                .is_some_and(|l| l.get(user).is_some())
+    }
+
+    /// What the pools of (database, user) log in to servers with: the configured
+    /// credential, or what a client's login taught pgtide (SCRAM pass-through).
+    pub fn server_secret(&self, database: &str, user: &str) -> ServerSecret {
+        self.server_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((database.to_string(), user.to_string()))
+            .or_insert_with(|| ServerSecret::new(self.credential(user)))
+            .clone()
     }
 
     /// The index of the host that takes writes for `database`: the monitor's current
@@ -372,6 +463,28 @@ impl Probe for Shared {
     }
 }
 
+/// Derives the SCRAM verifier of every plain `auth_file` password once, now.
+fn warm(credentials: &CredentialCache, files: &AuthFiles) {
+    if let Some(list) = &files.users {
+        for (user, password) in list.entries() {
+            credentials.get(user, password);
+        }
+    }
+}
+
+/// The `auth_file` users and passwords in name order: the health monitors may log in as
+/// one of them.
+pub(crate) fn file_users(files: &AuthFiles) -> Vec<(String, String)> {
+    let mut users: Vec<(String, String)> = files
+        .users
+        .iter()
+        .flat_map(|l| l.entries())
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .collect();
+    users.sort();
+    users
+}
+
 /// Accepts clients until shutdown, then waits for the sessions to end.
 pub async fn accept_loop(
     listener: TcpListener,
@@ -441,5 +554,53 @@ async fn maintain(shared: Arc<Shared>, mut signal: ShutdownSignal) {
             }
             _ = signal.reached(Phase::Draining) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::userlist::UserList;
+
+    fn files(list: &str) -> AuthFiles {
+        AuthFiles {
+            users: Some(UserList::parse(list).unwrap()),
+            hba: None,
+        }
+    }
+
+    #[test]
+    fn auth_file_users_and_a_reload_reach_the_pools_credentials() {
+        let mut config = Config::default();
+        config
+            .databases
+            .insert("app".into(), crate::config::Database::default());
+        config.users.insert(
+            "bob".into(),
+            crate::config::User {
+                password: Some("config wins".into()),
+                ..Default::default()
+            },
+        );
+        let shared = Shared::new(
+            Arc::new(config),
+            files("\"alice\" \"pw1\"\n\"bob\" \"file\"\n\"carol\" \"\"\n"),
+        );
+        assert!(shared.is_static_user("alice") && shared.is_static_user("carol"));
+        assert!(!shared.is_static_user("dave"));
+        assert_eq!(shared.credential("alice").unwrap().plain(), Some("pw1"));
+        assert_eq!(
+            shared.credential("bob").unwrap().plain(),
+            Some("config wins")
+        );
+        assert!(shared.credential("carol").is_none());
+        let secret = shared.server_secret("app", "alice");
+        assert_eq!(secret.current().unwrap().plain(), Some("pw1"));
+
+        shared.set_auth_files(files("\"alice\" \"pw2\"\n"));
+        assert_eq!(shared.credential("alice").unwrap().plain(), Some("pw2"));
+        // The pool's handle sees the new password.
+        assert_eq!(secret.current().unwrap().plain(), Some("pw2"));
+        assert!(!shared.is_static_user("carol"));
     }
 }

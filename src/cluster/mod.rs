@@ -32,7 +32,8 @@
 //! # Monitoring login
 //! [`Cluster::from_config`] logs in as the first configured user (in name order) whose
 //! password is plain text or an md5 hash (what can answer a server's password request),
-//! else the first user; to the database's `dbname` on the server. That user needs no
+//! then the first such `auth_file` user, else the first user; to the database's `dbname`
+//! on the server. That user needs no
 //! privilege beyond `LOGIN`: the functions of the query are open to everyone.
 //!
 //! # Locking
@@ -200,25 +201,31 @@ impl Cluster {
         config: &Config,
         database: &str,
         salted: Arc<SaltedPasswordCache>,
+        file_users: &[(String, String)],
     ) -> Option<Arc<Cluster>> {
         let settings = config.cluster_settings(database, "")?;
-        let can_log_in = |p: &Option<String>| {
-            p.as_deref()
-                .is_some_and(|p| !matches!(Secret::parse(p), Secret::Scram(_)))
-        };
-        let (user, u) = config
+        let can_log_in =
+            |p: Option<&str>| p.is_some_and(|p| !matches!(Secret::parse(p), Secret::Scram(_)));
+        let candidates: Vec<(&str, Option<&str>)> = config
             .users
             .iter()
-            .find(|(_, u)| can_log_in(&u.password))
-            .or_else(|| config.users.iter().next())?;
+            .map(|(u, c)| (u.as_str(), c.password.as_deref()))
+            .chain(
+                file_users
+                    .iter()
+                    .map(|(u, p)| (u.as_str(), Some(p.as_str()))),
+            )
+            .collect();
+        let (user, password) = candidates
+            .iter()
+            .find(|(_, p)| can_log_in(*p))
+            .or_else(|| candidates.first())
+            .copied()?;
         let db = config.databases.get(database)?;
         let login = MonitorLogin {
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
-            user: user.clone(),
-            secret: u
-                .password
-                .as_deref()
-                .map(|p| Arc::new(StoredCredential::new(user, p))),
+            user: user.to_string(),
+            secret: password.map(|p| Arc::new(StoredCredential::new(user, p))),
             salted,
             max_message: config.pgtide.max_message_size,
         };

@@ -134,7 +134,7 @@ impl PgProbe {
                 port,
                 dbname: login.dbname.clone(),
                 user: login.user.clone(),
-                secret: login.secret.clone(),
+                secret: crate::auth::ServerSecret::new(login.secret.clone()),
             },
             salted: login.salted.clone(),
             max_message: login.max_message,

@@ -213,6 +213,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+/// PgBouncer's default `auth_query`: the secret from `pg_authid`, NULL once the role's
+/// `VALID UNTIL` has passed, only for roles that can log in.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END FROM pg_authid WHERE rolname = $1 AND rolcanlogin";
+
 /// Settings that apply to the whole process, with per-database and per-user overrides
 /// for the pool settings.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -254,6 +258,27 @@ pub struct General {
     pub server_reset_query: String,
     /// Default client authentication method for users without their own `auth_type`.
     pub auth_type: AuthType,
+    /// A PgBouncer `userlist.txt` (`"user" "password-or-md5-or-SCRAM-secret"` lines) with
+    /// more users; "" = none. A relative path is relative to the config file.
+    pub auth_file: String,
+    /// A `pg_hba.conf`-style file whose first matching line decides, per connection,
+    /// whether and how a client authenticates (overriding `auth_type`); "" = none.
+    pub auth_hba_file: String,
+    /// The role that runs `auth_query` for users not in the config or `auth_file`;
+    /// "" = no lookup. Its own password comes from the config or `auth_file`.
+    pub auth_user: String,
+    /// The query that returns (user name, password secret) for `$1`; a NULL secret or no
+    /// row means the user cannot log in.
+    pub auth_query: String,
+    /// How long a secret fetched with `auth_query` is reused; 0 = fetch at every login.
+    pub auth_query_cache_ttl: ConfigDuration,
+    /// Consecutive failed logins from one client address after which its logins are
+    /// slowed down; 0 = never slow down.
+    pub auth_failure_threshold: u32,
+    /// The delay of the first slowed-down login; it doubles with each further failure.
+    pub auth_failure_delay: ConfigDuration,
+    /// The longest delay.
+    pub auth_failure_delay_max: ConfigDuration,
     /// Extra run-time parameters (besides the built-in tracked set) whose per-client
     /// values pgtide keeps and re-applies on every server connection the client gets.
     pub track_extra_params: Vec<String>,
@@ -337,6 +362,14 @@ impl Default for General {
             shutdown_timeout: ConfigDuration::secs(30),
             server_reset_query: "DISCARD ALL".to_string(),
             auth_type: AuthType::ScramSha256,
+            auth_file: String::new(),
+            auth_hba_file: String::new(),
+            auth_user: String::new(),
+            auth_query: DEFAULT_AUTH_QUERY.to_string(),
+            auth_query_cache_ttl: ConfigDuration::secs(30),
+            auth_failure_threshold: 5,
+            auth_failure_delay: ConfigDuration::secs(1),
+            auth_failure_delay_max: ConfigDuration::secs(30),
             track_extra_params: Vec::new(),
             max_message_size: 64 * 1024 * 1024,
             log_connections: false,
@@ -414,6 +447,10 @@ pub struct Database {
     pub min_pool_size: Option<u32>,
     /// Overrides `[pgtide].max_db_connections` for this database.
     pub max_db_connections: Option<u32>,
+    /// Overrides `[pgtide].auth_user` for this database ("" turns the lookup off).
+    pub auth_user: Option<String>,
+    /// Overrides `[pgtide].auth_query` for this database.
+    pub auth_query: Option<String>,
     /// Overrides `[pgtide].load_balance`.
     pub load_balance: Option<LoadBalance>,
     /// Overrides `[pgtide].max_replica_lag_bytes`.
@@ -454,6 +491,8 @@ impl Default for Database {
             pool_size: None,
             min_pool_size: None,
             max_db_connections: None,
+            auth_user: None,
+            auth_query: None,
             hosts: None,
             route: None,
             load_balance: None,
@@ -583,11 +622,22 @@ impl Config {
         validate::parse_and_validate(text)
     }
 
-    /// Reads, parses and validates a file.
+    /// Reads, parses and validates a file. Relative `auth_file` and `auth_hba_file`
+    /// paths are made relative to the file's directory.
     pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::single("", format!("cannot read {}: {e}", path.display())))?;
-        Self::from_toml_str(&text)
+        let mut config = Self::from_toml_str(&text)?;
+        let dir = path.parent().unwrap_or(std::path::Path::new(""));
+        for file in [
+            &mut config.pgtide.auth_file,
+            &mut config.pgtide.auth_hba_file,
+        ] {
+            if !file.is_empty() && std::path::Path::new(file.as_str()).is_relative() {
+                *file = dir.join(file.as_str()).to_string_lossy().into_owned();
+            }
+        }
+        Ok(config)
     }
 
     /// Runs the checks that span several keys (pool sizes, passwords and auth types, ...)
@@ -702,6 +752,30 @@ impl Config {
             },
             health: health_settings(g, d),
         })
+    }
+
+    /// The `auth_user` and `auth_query` of `database` (its overrides applied), or `None`
+    /// when no lookup is configured for it.
+    pub fn auth_query(&self, database: &str) -> Option<(&str, &str)> {
+        let d = self.databases.get(database);
+        let user = d
+            .and_then(|d| d.auth_user.as_deref())
+            .unwrap_or(&self.pgtide.auth_user);
+        let query = d
+            .and_then(|d| d.auth_query.as_deref())
+            .unwrap_or(&self.pgtide.auth_query);
+        (!user.is_empty()).then_some((user, query))
+    }
+
+    /// Whether passwords may come from somewhere else than `[users]`: an `auth_file` or
+    /// an `auth_user` (global or for some database).
+    pub fn has_other_credential_sources(&self) -> bool {
+        !self.pgtide.auth_file.is_empty()
+            || !self.pgtide.auth_user.is_empty()
+            || self
+                .databases
+                .values()
+                .any(|d| d.auth_user.as_deref().is_some_and(|u| !u.is_empty()))
     }
 
     /// The authentication method for `user`.

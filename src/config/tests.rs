@@ -2,7 +2,7 @@
 
 use super::super::{
     AuthType, Config, ConfigDuration, Database, General, HostConfig, HostRole, LoadBalance,
-    PoolMode, ReadYourWrites, ReplicaFallback, Route, User,
+    PoolMode, ReadYourWrites, ReplicaFallback, Route, User, DEFAULT_AUTH_QUERY,
 };
 use super::*;
 use std::time::Duration;
@@ -162,6 +162,8 @@ fn key_tables_match_the_types() {
         pool_size: Some(1),
         min_pool_size: Some(1),
         max_db_connections: Some(1),
+        auth_user: Some("a".into()),
+        auth_query: Some("q $1".into()),
         hosts: Some(vec![]),
         route: Some(Route::Auto),
         load_balance: Some(LoadBalance::Random),
@@ -1177,6 +1179,88 @@ fn upstream_url_mistakes() {
     assert!(!e.to_string().contains("hunter2"), "{e}");
     let e = Config::from_upstream_url("not a url hunter2").unwrap_err();
     assert!(!e.to_string().contains("hunter2"), "{e}");
+}
+
+// --- credential sources and the failed-login slowdown ------------------------------------
+
+#[test]
+fn auth_sources_and_slowdown() {
+    let c = ok(&with_pgtide(
+        "auth_user = \"lookup\"\nauth_file = \"users.txt\"",
+    ));
+    assert_eq!(c.auth_query("app"), Some(("lookup", DEFAULT_AUTH_QUERY)));
+    assert_eq!(c.auth_query("nope"), Some(("lookup", DEFAULT_AUTH_QUERY)));
+    let c = ok(&format!(
+        "{}[databases.other]\nauth_user = \"\"\n[databases.third]\nauth_user = \"l3\"\nauth_query = \"SELECT u, p FROM f($1)\"\n",
+        with_pgtide("auth_user = \"lookup\"")
+    ));
+    assert_eq!(c.auth_query("other"), None);
+    assert_eq!(
+        c.auth_query("third"),
+        Some(("l3", "SELECT u, p FROM f($1)"))
+    );
+    assert_eq!(ok("[databases.app]\n").auth_query("app"), None);
+
+    // With an auth_file or auth_user, a [users] entry needs no password.
+    ok("[pgtide]\nauth_file = \"u.txt\"\n[databases.app]\n[users.u]\npool_size = 3\n");
+    ok("[pgtide]\n[databases.app]\nauth_user = \"l\"\n[users.u]\npool_size = 3\n");
+    only(
+        "[databases.app]\n[users.u]\npool_size = 3\n",
+        "users.u.password",
+        "an auth_file or auth_user",
+    );
+
+    only(
+        &with_pgtide("auth_query = \"SELECT 1\""),
+        "pgtide.auth_query",
+        "does not use $1",
+    );
+    only(
+        &with_pgtide("auth_query = \"SELECT $1, $2\""),
+        "pgtide.auth_query",
+        "only one parameter",
+    );
+    only(
+        "[databases.app]\nauth_query = \" \"\n",
+        "databases.app.auth_query",
+        "must not be empty",
+    );
+    only(
+        &with_pgtide("auth_failure_delay = \"5s\"\nauth_failure_delay_max = \"1s\""),
+        "pgtide.auth_failure_delay_max",
+        "at least auth_failure_delay",
+    );
+    only(
+        &with_pgtide("auth_failure_delay_max = \"2m\""),
+        "pgtide.auth_failure_delay_max",
+        "client_login_timeout",
+    );
+    // The slowdown switched off: no constraint.
+    ok(&with_pgtide(
+        "auth_failure_threshold = 0\nauth_failure_delay_max = \"2m\"",
+    ));
+    only(
+        &with_pgtide("auth_file = \"  \""),
+        "pgtide.auth_file",
+        "white space",
+    );
+}
+
+#[test]
+fn auth_file_paths_are_relative_to_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgtide.toml");
+    std::fs::write(
+        &path,
+        "[pgtide]\nauth_file = \"userlist.txt\"\nauth_hba_file = \"/etc/hba.conf\"\n[databases.app]\n",
+    )
+    .unwrap();
+    let c = Config::from_file(&path).unwrap();
+    assert_eq!(
+        c.pgtide.auth_file,
+        dir.path().join("userlist.txt").to_string_lossy()
+    );
+    assert_eq!(c.pgtide.auth_hba_file, "/etc/hba.conf");
 }
 
 // --- admin console -------------------------------------------------------------------

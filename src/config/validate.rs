@@ -142,6 +142,14 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("shutdown_timeout", Kind::Duration),
     ("server_reset_query", Kind::Str),
     ("auth_type", Kind::Enum(AUTH_TYPES)),
+    ("auth_file", Kind::Str),
+    ("auth_hba_file", Kind::Str),
+    ("auth_user", Kind::Str),
+    ("auth_query", Kind::Str),
+    ("auth_query_cache_ttl", Kind::Duration),
+    ("auth_failure_threshold", Kind::U32),
+    ("auth_failure_delay", Kind::Duration),
+    ("auth_failure_delay_max", Kind::Duration),
     ("track_extra_params", Kind::StrList),
     ("max_message_size", Kind::U32),
     ("log_connections", Kind::Bool),
@@ -178,6 +186,8 @@ pub(super) const DATABASE_KEYS: &[(&str, Kind)] = &[
     ("pool_size", Kind::U32),
     ("min_pool_size", Kind::U32),
     ("max_db_connections", Kind::U32),
+    ("auth_user", Kind::Str),
+    ("auth_query", Kind::Str),
     ROUTING_KEYS[0],
     ROUTING_KEYS[1],
     ROUTING_KEYS[2],
@@ -637,6 +647,7 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
     }
 
     check_general_routing(g, &mut push);
+    check_auth_sources(config, &mut push);
 
     for (i, name) in g.admin_users.iter().enumerate() {
         if !config.users.contains_key(name) {
@@ -691,7 +702,15 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
             Some(a) => (a, ""),
             None => (g.auth_type, " (inherited from pgtide.auth_type)"),
         };
-        check_password(&format!("{key}.password"), u, auth, origin, &mut push);
+        let elsewhere = config.has_other_credential_sources();
+        check_password(
+            &format!("{key}.password"),
+            u,
+            auth,
+            origin,
+            elsewhere,
+            &mut push,
+        );
     }
     out
 }
@@ -736,6 +755,71 @@ fn check_database(
             format!("{key}.{at}"),
             format!("min_pool_size {min}{which} is larger than pool_size {size}; min_pool_size must be at most pool_size"),
         );
+    }
+}
+
+/// `auth_file`, `auth_hba_file`, `auth_user`, `auth_query` and the failed-login slowdown.
+/// The files' contents are checked when they are loaded (at start and by check-config).
+fn check_auth_sources(config: &Config, push: &mut impl FnMut(String, String)) {
+    let g = &config.pgtide;
+    for (name, value) in [
+        ("auth_file", &g.auth_file),
+        ("auth_hba_file", &g.auth_hba_file),
+    ] {
+        if !value.is_empty() && value.trim().is_empty() {
+            push(
+                format!("pgtide.{name}"),
+                "is only white space; give a file path, or \"\" for none".into(),
+            );
+        }
+    }
+    let mut check_query = |key: String, q: &str| {
+        if q.trim().is_empty() {
+            push(
+                key,
+                "must not be empty; it returns (user name, password secret) for the user name $1"
+                    .into(),
+            );
+        } else if !q.contains("$1") {
+            push(
+                key,
+                "does not use $1; the query receives the user name as parameter $1, e.g. \"SELECT usename, passwd FROM pgtide.user_lookup($1)\"".into(),
+            );
+        } else if q.contains("$2") {
+            push(
+                key,
+                "uses $2, but the query gets only one parameter: the user name as $1".into(),
+            );
+        }
+    };
+    check_query("pgtide.auth_query".into(), &g.auth_query);
+    for (name, d) in &config.databases {
+        if let Some(q) = &d.auth_query {
+            check_query(format!("{}.auth_query", join("databases", name)), q);
+        }
+    }
+    if g.auth_failure_threshold > 0 && !g.auth_failure_delay.0.is_zero() {
+        if g.auth_failure_delay_max.0 < g.auth_failure_delay.0 {
+            push(
+                "pgtide.auth_failure_delay_max".into(),
+                format!(
+                    "{} is shorter than auth_failure_delay {}; the delay starts at auth_failure_delay and doubles up to this, so it must be at least auth_failure_delay",
+                    humantime::format_duration(g.auth_failure_delay_max.0),
+                    humantime::format_duration(g.auth_failure_delay.0)
+                ),
+            );
+        } else if !g.client_login_timeout.0.is_zero()
+            && g.auth_failure_delay_max.0 >= g.client_login_timeout.0
+        {
+            push(
+                "pgtide.auth_failure_delay_max".into(),
+                format!(
+                    "{} is not shorter than client_login_timeout {}; a slowed-down login would hit the login timeout instead of getting its answer, so make it shorter",
+                    humantime::format_duration(g.auth_failure_delay_max.0),
+                    humantime::format_duration(g.client_login_timeout.0)
+                ),
+            );
+        }
     }
 }
 
@@ -953,15 +1037,17 @@ fn check_password(
     u: &User,
     auth: AuthType,
     origin: &str,
+    elsewhere: bool,
     push: &mut impl FnMut(String, String),
 ) {
     let password = match u.password.as_deref() {
         None => {
-            if auth != AuthType::Trust {
+            // The password may come from auth_file or auth_query.
+            if auth != AuthType::Trust && !elsewhere {
                 push(
                     key.to_string(),
                     format!(
-                        "required for auth_type {auth}{origin}; set a password or auth_type = \"trust\""
+                        "required for auth_type {auth}{origin}; set a password, an auth_file or auth_user with the password, or auth_type = \"trust\""
                     ),
                 );
             }

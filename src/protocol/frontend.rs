@@ -40,6 +40,38 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
     });
 }
 
+/// Parse, Bind, Execute and Sync of the unnamed statement and portal: `sql` run once
+/// with text parameters (`None` = NULL), text results.
+pub fn query_with_params(buf: &mut BytesMut, sql: &str, params: &[Option<&str>]) {
+    with_len(buf, Some(tag::PARSE), |b| {
+        b.put_u8(0);
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+    });
+    with_len(buf, Some(tag::BIND), |b| {
+        b.put_u8(0);
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(params.len() as i16);
+        for p in params {
+            match p {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v.as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(0);
+    });
+    with_len(buf, Some(tag::EXECUTE), |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+    with_len(buf, Some(tag::SYNC), |_| {});
+}
+
 pub fn terminate(buf: &mut BytesMut) {
     with_len(buf, Some(tag::TERMINATE), |_| {});
 }

@@ -16,7 +16,9 @@ fn start_server(
     let (mut a, b) = duplex(64 * 1024);
     let handle = tokio::spawn(async move {
         let c = StoredCredential::new("u", "pw");
-        authenticate_client(&mut a, method, "u", Some(&c), MAX).await
+        authenticate_client(&mut a, method, "u", Some(&c), MAX)
+            .await
+            .map(|_| ())
     });
     (handle, b)
 }

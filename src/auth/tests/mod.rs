@@ -10,6 +10,7 @@ use crate::config::AuthType;
 use crate::protocol::backend;
 
 mod client_facing;
+mod passthrough;
 mod server_facing;
 
 const MAX: usize = 8192;
@@ -26,7 +27,9 @@ async fn login(
     let (mut a, mut b) = duplex(64 * 1024);
     let u = user.to_owned();
     let server = tokio::spawn(async move {
-        let r = authenticate_client(&mut a, method, &u, pooler_cred.as_ref(), MAX).await;
+        let r = authenticate_client(&mut a, method, &u, pooler_cred.as_ref(), MAX)
+            .await
+            .map(|_| ());
         if r.is_ok() {
             let mut buf = BytesMut::new();
             backend::authentication_ok(&mut buf);
