@@ -17,5 +17,7 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 mod shutdown;
+pub mod stream;
+pub mod tls;
 
 pub use listener::{start, Pooler};

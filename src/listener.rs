@@ -18,11 +18,16 @@ pub struct Pooler {
     metrics_addr: Option<SocketAddr>,
     phase: watch::Sender<Phase>,
     task: JoinHandle<()>,
+    tls: Arc<crate::tls::Tls>,
 }
 
-/// Binds the listen address (and the metrics address) of `config` and starts accepting
-/// clients.
+/// Reads the TLS files, binds the listen address (and the metrics address) of `config`
+/// and starts accepting clients.
 pub async fn start(config: Config) -> io::Result<Pooler> {
+    let config = Arc::new(config);
+    let tls = crate::tls::Tls::new(config.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tls = Arc::new(tls);
     let listener = TcpListener::bind(config.pgtide.listen).await?;
     let addr = listener.local_addr()?;
     let metrics_listener = match config.pgtide.metrics_listen.as_str() {
@@ -43,7 +48,7 @@ pub async fn start(config: Config) -> io::Result<Pooler> {
     };
     let controller = ShutdownController::new();
     let phase = controller.sender();
-    let state = crate::client::Shared::new(Arc::new(config));
+    let state = crate::client::Shared::new(config, tls.clone());
     if let Some(l) = metrics_listener {
         let mut phase_rx = phase.subscribe();
         let metrics = state.metrics.clone();
@@ -67,6 +72,7 @@ pub async fn start(config: Config) -> io::Result<Pooler> {
         metrics_addr,
         phase,
         task,
+        tls,
     })
 }
 
@@ -79,6 +85,17 @@ impl Pooler {
     /// The address of the metrics endpoint, if it is on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Reads the TLS certificate, key and CA files again (SIGHUP): new connections use
+    /// them, connected clients keep their sessions. On error the previous ones stay.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        self.tls.reload()
+    }
+
+    /// The TLS holder, for a task that reloads it (the binary's SIGHUP handler).
+    pub fn tls(&self) -> Arc<crate::tls::Tls> {
+        self.tls.clone()
     }
 
     /// Graceful shutdown: stop accepting, let in-flight transactions finish (up to

@@ -202,7 +202,7 @@ async fn serve(config: Config) -> ExitCode {
     let pooler = match pgtide::start(config).await {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("pgtide: cannot listen on {listen}: {e}");
+            eprintln!("pgtide: cannot start (listen = {listen}): {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -214,6 +214,14 @@ async fn serve(config: Config) -> ExitCode {
         eprintln!("pgtide: cannot install signal handlers");
         return ExitCode::FAILURE;
     };
+    if let Ok(mut hup) = signal(SignalKind::hangup()) {
+        let tls = pooler.tls();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let _ = tls.reload();
+            }
+        });
+    }
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -229,8 +229,8 @@ impl Pool {
     pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<ServerConn, CheckoutError> {
         let rx = {
             let mut inner = self.lock();
-            while let Some(conn) = inner.idle.pop() {
-                if self.usable(&conn) {
+            while let Some(mut conn) = inner.idle.pop() {
+                if self.usable(&mut conn) {
                     return Ok(conn);
                 }
                 inner.total -= 1;
@@ -281,7 +281,7 @@ impl Pool {
         }
     }
 
-    fn usable(&self, conn: &ServerConn) -> bool {
+    fn usable(&self, conn: &mut ServerConn) -> bool {
         let now = Instant::now();
         if let Some(l) = self.timeouts.lifetime {
             if now.duration_since(conn.created) >= l {
@@ -471,12 +471,12 @@ impl Pool {
             let now = Instant::now();
             let mut i = 0;
             while i < inner.idle.len() {
-                let conn = &inner.idle[i];
+                let open_after = inner.total - closed.len() as u32;
+                let conn = &mut inner.idle[i];
                 let idle_too_long = self
                     .timeouts
                     .idle_timeout
                     .is_some_and(|t| now.duration_since(conn.last_used) >= t);
-                let open_after = inner.total - closed.len() as u32;
                 if !self.usable(conn) || (idle_too_long && open_after > keep) {
                     closed.push(inner.idle.swap_remove(i));
                 } else {

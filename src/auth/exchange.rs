@@ -89,6 +89,8 @@ pub async fn authenticate_client<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), AuthError> {
     let result = match method {
         AuthType::Trust => return Ok(()),
+        // Decided by the caller from the verified client certificate; never here.
+        AuthType::Cert => Err(AuthError::Failed),
         AuthType::Md5 => match (
             cred.and_then(|c| c.md5_hash()),
             cred.and_then(|c| c.scram()),

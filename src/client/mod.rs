@@ -40,11 +40,13 @@ pub struct Shared {
     /// Named prepared statements shared by every client (transaction mode).
     pub statements: StatementCache,
     pub metrics: Arc<Metrics>,
+    /// TLS configurations for clients and servers (swapped on reload).
+    pub tls: Arc<crate::tls::Tls>,
     clients: AtomicU32,
 }
 
 impl Shared {
-    pub fn new(config: Arc<Config>) -> Arc<Shared> {
+    pub fn new(config: Arc<Config>, tls: Arc<crate::tls::Tls>) -> Arc<Shared> {
         let credentials = CredentialCache::default();
         // Derive every SCRAM verifier now, once, rather than during a login.
         for (user, u) in &config.users {
@@ -58,8 +60,13 @@ impl Shared {
             .iter()
             .filter(|(_, d)| d.host_list().len() > 1)
             .filter_map(|(name, _)| {
-                crate::cluster::Cluster::from_config(&config, name, salted.clone())
-                    .map(|c| (name.clone(), c))
+                crate::cluster::Cluster::from_config(
+                    &config,
+                    name,
+                    salted.clone(),
+                    tls.server(name),
+                )
+                .map(|c| (name.clone(), c))
             })
             .collect();
         let statements = StatementCache::new(
@@ -77,6 +84,7 @@ impl Shared {
             salted,
             statements,
             metrics: Arc::new(Metrics::new()),
+            tls,
             clients: AtomicU32::new(0),
         })
     }
@@ -139,6 +147,7 @@ impl Shared {
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
             user: user.to_string(),
             secret: self.credential(user),
+            tls: self.tls.server(database),
         };
         let timeouts = PoolTimeouts {
             connect_timeout: g.server_connect_timeout.0,

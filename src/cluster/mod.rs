@@ -200,6 +200,7 @@ impl Cluster {
         config: &Config,
         database: &str,
         salted: Arc<SaltedPasswordCache>,
+        tls: Arc<crate::tls::ServerTls>,
     ) -> Option<Arc<Cluster>> {
         let settings = config.cluster_settings(database, "")?;
         let can_log_in = |p: &Option<String>| {
@@ -221,6 +222,7 @@ impl Cluster {
                 .map(|p| Arc::new(StoredCredential::new(user, p))),
             salted,
             max_message: config.pgtide.max_message_size,
+            tls,
         };
         Some(Cluster::with_login(
             database,

@@ -89,7 +89,17 @@ pub(super) enum Kind {
 }
 
 pub(super) const POOL_MODES: &[&str] = &["transaction", "session"];
-pub(super) const AUTH_TYPES: &[&str] = &["trust", "md5", "scram-sha-256"];
+pub(super) const AUTH_TYPES: &[&str] = &["trust", "md5", "scram-sha-256", "cert"];
+pub(super) const CLIENT_SSLMODES: &[&str] = &[
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+pub(super) const SERVER_SSLMODES: &[&str] =
+    &["disable", "prefer", "require", "verify-ca", "verify-full"];
 pub(super) const HOST_ROLES: &[&str] = &["primary", "replica", "auto"];
 pub(super) const LOAD_BALANCES: &[&str] = &["least_outstanding", "round_robin", "random"];
 pub(super) const REPLICA_FALLBACKS: &[&str] = &["primary", "error"];
@@ -122,6 +132,14 @@ const ROUTING_KEYS: [(&str, Kind); 14] = [
     ("health_check_backoff_max", Kind::Duration),
 ];
 
+/// The server-side TLS keys, allowed in `[pgtide]` and in `[databases.NAME]`.
+const SERVER_TLS_KEYS: [(&str, Kind); 4] = [
+    ("server_tls_sslmode", Kind::Enum(SERVER_SSLMODES)),
+    ("server_tls_ca_file", Kind::Str),
+    ("server_tls_cert_file", Kind::Str),
+    ("server_tls_key_file", Kind::Str),
+];
+
 /// The keys of `[pgtide]`, in the order of [`super::General`].
 pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("listen", Kind::Listen),
@@ -149,6 +167,14 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("prepared_statement_cache_size", Kind::U32),
     ("prepared_statement_cache_bytes", Kind::U32),
     ("metrics_listen", Kind::Str),
+    ("client_tls_sslmode", Kind::Enum(CLIENT_SSLMODES)),
+    ("client_tls_cert_file", Kind::Str),
+    ("client_tls_key_file", Kind::Str),
+    ("client_tls_ca_file", Kind::Str),
+    SERVER_TLS_KEYS[0],
+    SERVER_TLS_KEYS[1],
+    SERVER_TLS_KEYS[2],
+    SERVER_TLS_KEYS[3],
     ROUTING_KEYS[0],
     ROUTING_KEYS[1],
     ROUTING_KEYS[2],
@@ -190,6 +216,10 @@ pub(super) const DATABASE_KEYS: &[(&str, Kind)] = &[
     ROUTING_KEYS[11],
     ROUTING_KEYS[12],
     ROUTING_KEYS[13],
+    SERVER_TLS_KEYS[0],
+    SERVER_TLS_KEYS[1],
+    SERVER_TLS_KEYS[2],
+    SERVER_TLS_KEYS[3],
 ];
 
 /// The keys of `[users.NAME]`.
@@ -632,6 +662,8 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
     }
 
     check_general_routing(g, &mut push);
+    check_client_tls(config, &mut push);
+    check_server_tls("pgtide", &config.server_tls(""), &mut push);
 
     for (name, d) in &config.databases {
         let key = join("databases", name);
@@ -641,6 +673,13 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
         check_database(&key, d, g, &mut push);
         check_hosts(&key, d, &mut push);
         check_database_routing(&key, d, g, &mut push);
+        let own_tls = d.server_tls_sslmode.is_some()
+            || d.server_tls_ca_file.is_some()
+            || d.server_tls_cert_file.is_some()
+            || d.server_tls_key_file.is_some();
+        if own_tls {
+            check_server_tls(&key, &config.server_tls(name), &mut push);
+        }
     }
 
     for (name, u) in &config.users {
@@ -672,6 +711,82 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
         check_password(&format!("{key}.password"), u, auth, origin, &mut push);
     }
     out
+}
+
+/// `client_tls_*`: what each sslmode needs, and `cert` auth needs client certificates.
+fn check_client_tls(config: &Config, push: &mut impl FnMut(String, String)) {
+    use super::ClientSslMode as M;
+    let g = &config.pgtide;
+    let mode = g.client_tls_sslmode;
+    if mode != M::Disable {
+        for (key, value) in [
+            ("client_tls_cert_file", &g.client_tls_cert_file),
+            ("client_tls_key_file", &g.client_tls_key_file),
+        ] {
+            if value.is_empty() {
+                push(
+                    format!("pgtide.{key}"),
+                    format!("required when client_tls_sslmode is \"{mode}\"; give a PEM file, or set client_tls_sslmode = \"disable\""),
+                );
+            }
+        }
+    }
+    if matches!(mode, M::VerifyCa | M::VerifyFull) && g.client_tls_ca_file.is_empty() {
+        push(
+            "pgtide.client_tls_ca_file".into(),
+            format!("required when client_tls_sslmode is \"{mode}\": client certificates are checked against it"),
+        );
+    }
+    if mode == M::Disable
+        && (!g.client_tls_cert_file.is_empty()
+            || !g.client_tls_key_file.is_empty()
+            || !g.client_tls_ca_file.is_empty())
+    {
+        push(
+            "pgtide.client_tls_sslmode".into(),
+            "is \"disable\" but client_tls files are given; set client_tls_sslmode (e.g. \"prefer\" or \"require\") or remove the files".into(),
+        );
+    }
+    let cert_users = (g.auth_type == AuthType::Cert)
+        || config
+            .users
+            .values()
+            .any(|u| u.auth_type == Some(AuthType::Cert));
+    if cert_users && (mode == M::Disable || g.client_tls_ca_file.is_empty()) {
+        push(
+            "pgtide.client_tls_ca_file".into(),
+            "auth_type \"cert\" needs client certificates: set client_tls_sslmode (not \"disable\") and client_tls_ca_file".into(),
+        );
+    }
+}
+
+/// `server_tls_*` of `[pgtide]` or of one database (`settings` has the overrides applied).
+fn check_server_tls(
+    section: &str,
+    t: &super::ServerTlsSettings,
+    push: &mut impl FnMut(String, String),
+) {
+    use super::ServerSslMode as M;
+    if matches!(t.sslmode, M::VerifyCa | M::VerifyFull) && t.ca_file.is_empty() {
+        push(
+            format!("{section}.server_tls_ca_file"),
+            format!(
+                "required when server_tls_sslmode is \"{}\": server certificates are checked against it",
+                t.sslmode
+            ),
+        );
+    }
+    if t.cert_file.is_empty() != t.key_file.is_empty() {
+        let missing = if t.cert_file.is_empty() {
+            "server_tls_cert_file"
+        } else {
+            "server_tls_key_file"
+        };
+        push(
+            format!("{section}.{missing}"),
+            "server_tls_cert_file and server_tls_key_file go together; give both or neither".into(),
+        );
+    }
 }
 
 fn check_database(
@@ -935,7 +1050,7 @@ fn check_password(
 ) {
     let password = match u.password.as_deref() {
         None => {
-            if auth != AuthType::Trust {
+            if auth != AuthType::Trust && auth != AuthType::Cert {
                 push(
                     key.to_string(),
                     format!(
