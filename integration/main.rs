@@ -13,3 +13,4 @@ mod prepared;
 mod protocol;
 mod routing;
 mod smoke;
+mod tls;
