@@ -26,13 +26,13 @@ mod rawpg;
 // --- certificates ------------------------------------------------------------------------
 
 /// A CA made for one test.
-struct Ca {
+pub(crate) struct Ca {
     cert: rcgen::Certificate,
     key: rcgen::KeyPair,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         p.distinguished_name = rcgen::DistinguishedName::new();
@@ -48,7 +48,7 @@ impl Ca {
     }
 
     /// A certificate signed by this CA: (certificate PEM, key PEM).
-    fn issue(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
+    pub(crate) fn issue(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut p = rcgen::CertificateParams::new(names).expect("params");
         p.distinguished_name = rcgen::DistinguishedName::new();
@@ -66,17 +66,17 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.cert.pem()
     }
 
-    fn der(&self) -> CertificateDer<'static> {
+    pub(crate) fn der(&self) -> CertificateDer<'static> {
         self.cert.der().clone()
     }
 }
 
 /// Writes `text` to `dir/name` with mode 0600 (libpq refuses readable key files).
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");
@@ -262,7 +262,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
 }
 
 /// Connects with tokio-postgres over rustls (`sslmode=require` in `conn_str`).
-async fn connect_tls(
+pub(crate) async fn connect_tls(
     conn_str: &str,
     roots: &[CertificateDer<'static>],
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
@@ -274,7 +274,7 @@ async fn connect_tls(
     Ok(client)
 }
 
-async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
+pub(crate) async fn one(c: &tokio_postgres::Client, sql: &str) -> String {
     let row = to(sql, c.query_one(sql, &[]))
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
