@@ -754,6 +754,32 @@ async fn pgtide_to_a_tls_only_server_with_verify_full() {
     );
     drop(pooler);
 
+    // TLS on both sides under load: pgbench (its COPY and 20 clients on a pool of 4).
+    let mut config = config_for_server(port, ServerSslMode::VerifyFull, &certs.ca_file);
+    certs.client_tls(&mut config, ClientSslMode::Require);
+    config.pgtide.pool_size = 4;
+    let pooler = harness::start_pgtide(config).await;
+    let addr = pooler.local_addr();
+    let env = [("PGSSLMODE", "require")];
+    let (ok, out, err) =
+        crate::pgbench::pgbench_env(addr.port(), "tlsdb", &["-i", "-s", "1", "-q"], &env).await;
+    assert!(
+        ok,
+        "pgbench -i with TLS on both sides failed:\n{out}\n{err}"
+    );
+    let args = ["-c", "20", "-j", "2", "-T", "3", "-M", "extended", "-n"];
+    let (ok, out, err) = crate::pgbench::pgbench_env(addr.port(), "tlsdb", &args, &env).await;
+    assert!(ok, "pgbench with TLS on both sides failed:\n{out}\n{err}");
+    assert!(
+        out.contains("number of failed transactions: 0 "),
+        "pgbench with TLS on both sides:\n{out}\n{err}"
+    );
+    let history = lc
+        .psql(port, "tlsdb", "SELECT count(*) > 0 FROM pgbench_history")
+        .expect("history");
+    assert_eq!(history, "t", "no pgbench transaction reached the server");
+    drop(pooler);
+
     // verify-full against another CA: the client hears why.
     let other = Ca::new("someone else");
     let other_file = write(certs.dir.path(), "other-ca.pem", &other.pem());

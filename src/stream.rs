@@ -215,3 +215,140 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rustls::pki_types::{PrivateKeyDer, ServerName};
+    use tokio::net::TcpListener;
+
+    /// A TLS connection over loopback: (pgtide's side as a `Stream`, the peer).
+    async fn pair() -> (Stream, tokio_rustls::client::TlsStream<TcpStream>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accept = async {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            tokio_rustls::TlsAcceptor::from(Arc::new(server))
+                .accept(tcp)
+                .await
+                .expect("server handshake")
+        };
+        let connect = async {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                .await
+                .expect("client handshake")
+        };
+        let (s, c) = tokio::join!(accept, connect);
+        (Stream::tls(s), c)
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// Records already decrypted inside rustls are read although the socket has nothing
+    /// more to say: `readable` must not wait for the socket then.
+    #[tokio::test]
+    async fn bytes_buffered_in_rustls_are_readable() {
+        let (mut ours, mut peer) = pair().await;
+        let data = pattern(48 * 1024);
+        peer.write_all(&data).await.expect("write");
+        peer.flush().await.expect("flush");
+        let mut got = Vec::new();
+        let read_all = async {
+            while got.len() < data.len() {
+                ours.readable().await.expect("readable");
+                // Small reads leave most of each 16 KiB record inside rustls.
+                let mut chunk = BytesMut::with_capacity(1000);
+                match ours.try_read_buf(&mut chunk) {
+                    Ok(0) => panic!("unexpected end of stream"),
+                    Ok(_) => got.extend_from_slice(&chunk),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+        };
+        let done = tokio::time::timeout(Duration::from_secs(10), read_all).await;
+        assert!(
+            done.is_ok(),
+            "stalled after {} of {} bytes",
+            got.len(),
+            data.len()
+        );
+        assert_eq!(got, data);
+    }
+
+    /// Bytes rustls took but could not write yet go out through `try_flush` once the
+    /// socket is writable, without another `try_write`.
+    #[tokio::test]
+    async fn bytes_held_by_rustls_are_flushed() {
+        let (mut ours, mut peer) = pair().await;
+        let data = pattern(8 * 1024 * 1024);
+        let reader = tokio::spawn(async move {
+            // Reads only after the writer has filled the socket buffers.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while got.len() < 8 * 1024 * 1024 {
+                let n = peer.read(&mut buf).await.expect("peer read");
+                assert!(n > 0, "end of stream after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let mut at = 0;
+        let mut saw_pending_output = false;
+        let write_all = async {
+            while at < data.len() || ours.wants_flush() {
+                if at < data.len() {
+                    match ours.try_write(&data[at..]) {
+                        Ok(n) => at += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => panic!("write: {e}"),
+                    }
+                }
+                ours.try_flush().expect("flush");
+                if ours.wants_flush() {
+                    saw_pending_output = true;
+                    ours.writable().await.expect("writable");
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), write_all)
+            .await
+            .expect("writing stalled");
+        let got = tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .expect("the peer did not get everything")
+            .expect("reader task");
+        assert!(got == data, "the peer got different bytes");
+        assert!(saw_pending_output, "the socket never pushed back");
+    }
+}
