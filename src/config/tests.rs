@@ -1146,10 +1146,17 @@ fn upstream_url_parameters() {
         url_ok(&format!("postgres://u:p@h/d?sslmode={mode}"));
     }
     url_ok("postgres://u:p@h/d?application_name=web&sslmode=disable");
-    for mode in ["require", "verify-ca", "verify-full"] {
+    let (_, d, ..) = url_ok("postgres://u:p@h/d?sslmode=require");
+    assert_eq!(d.server_tls_sslmode, Some(ServerSslMode::Require));
+    let (_, d, ..) = url_ok("postgres://u:p@h/d?sslmode=verify-full&sslrootcert=/etc/ca.pem");
+    assert_eq!(d.server_tls_sslmode, Some(ServerSslMode::VerifyFull));
+    assert_eq!(d.server_tls_ca_file.as_deref(), Some("/etc/ca.pem"));
+    let (_, d, ..) = url_ok("postgres://u:p@h/d");
+    assert_eq!(d.server_tls_sslmode, Some(ServerSslMode::Prefer));
+    for mode in ["verify-ca", "verify-full"] {
         url_err(
             &format!("postgres://u:p@h/d?sslmode={mode}"),
-            "TLS to the server is not supported yet",
+            "needs sslrootcert=",
         );
     }
     url_err(
@@ -1161,7 +1168,7 @@ fn upstream_url_parameters() {
         "unknown URL parameter \"connect_timeout\"",
     );
     // All problems at once.
-    let e = Config::from_upstream_url("postgres://h/d/e?sslmode=require&x=1").unwrap_err();
+    let e = Config::from_upstream_url("postgres://h/d/e?sslmode=verify-ca&x=1").unwrap_err();
     assert_eq!(e.problems.len(), 4, "{e}");
 }
 

@@ -1208,22 +1208,36 @@ pub(super) fn from_upstream_url(text: &str) -> Result<Config, ConfigError> {
             String::new()
         })
     };
+    let mut sslmode = super::ServerSslMode::Prefer;
+    let mut sslrootcert = None;
     for (name, value) in url.query_pairs() {
         match name.as_ref() {
             "sslmode" => match value.as_ref() {
-                "disable" | "allow" | "prefer" => {}
-                "require" | "verify-ca" | "verify-full" => fail(format!(
-                    "sslmode={value}: TLS to the server is not supported yet; use sslmode=disable, allow or prefer"
-                )),
+                "disable" => sslmode = super::ServerSslMode::Disable,
+                // libpq's allow tries plain text first; pgtide asks for TLS first.
+                "allow" | "prefer" => sslmode = super::ServerSslMode::Prefer,
+                "require" => sslmode = super::ServerSslMode::Require,
+                "verify-ca" => sslmode = super::ServerSslMode::VerifyCa,
+                "verify-full" => sslmode = super::ServerSslMode::VerifyFull,
                 _ => fail(format!(
-                    "sslmode={value:?} is not a valid sslmode; use disable, allow or prefer"
+                    "sslmode={value:?} is not a valid sslmode; use disable, allow, prefer, require, verify-ca or verify-full"
                 )),
             },
+            "sslrootcert" => sslrootcert = Some(value.into_owned()),
             "application_name" => {}
             _ => fail(format!(
-                "unknown URL parameter {name:?}; pgtide accepts sslmode and application_name"
+                "unknown URL parameter {name:?}; pgtide accepts sslmode, sslrootcert and application_name"
             )),
         }
+    }
+    if matches!(
+        sslmode,
+        super::ServerSslMode::VerifyCa | super::ServerSslMode::VerifyFull
+    ) && sslrootcert.is_none()
+    {
+        fail(format!(
+            "sslmode={sslmode} needs sslrootcert=<path of the CA certificates (PEM)> in the URL"
+        ));
     }
     if url.fragment().is_some() {
         fail("the URL has a '#' fragment; if the password contains '#', write it as %23".into());
@@ -1238,6 +1252,8 @@ pub(super) fn from_upstream_url(text: &str) -> Result<Config, ConfigError> {
         Database {
             host,
             port,
+            server_tls_sslmode: Some(sslmode),
+            server_tls_ca_file: sslrootcert,
             ..Database::default()
         },
     );
