@@ -258,6 +258,33 @@ password = "secret"
     assert_eq!(status.code(), Some(1), "a missing file must exit 1:\n{out}");
 }
 
+#[test]
+fn check_config_reads_the_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-cert.pem");
+    let file = dir.path().join("tls.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[pgtide]\nclient_tls_sslmode = \"require\"\nclient_tls_cert_file = \"{}\"\n\
+             client_tls_key_file = \"{}\"\n[databases.app]\n[users.app]\npassword = \"x\"\n",
+            missing.display(),
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let (status, out) = check_config(&file);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a missing certificate must exit 1:\n{out}"
+    );
+    assert!(
+        out.contains("client_tls_cert_file") && out.contains("no-such-cert.pem"),
+        "{out}"
+    );
+}
+
 /// `pgtide` with the upstream URL of database `db` (as `--upstream`, or in `DATABASE_URL`)
 /// listening on a free port; waits until it accepts.
 fn spawn_zero_config(db: &str, via_env: bool) -> (ChildGuard, SocketAddr) {

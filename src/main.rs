@@ -80,10 +80,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Some(Command::CheckConfig { file }) => match Config::from_file(file) {
-            Ok(_) => {
-                println!("{}: OK", file.display());
-                ExitCode::SUCCESS
-            }
+            // The certificate, key and CA files must be usable too.
+            Ok(config) => match pgtide::tls::Tls::new(std::sync::Arc::new(config)) {
+                Ok(_) => {
+                    println!("{}: OK", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: 1 problem(s):\n  TLS: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 eprintln!("{}: {} problem(s):", file.display(), e.problems.len());
                 for p in &e.problems {
