@@ -43,6 +43,8 @@ pub struct Tls {
     client_side: ArcSwapOption<ServerConfig>,
     /// Per database: how pgtide connects to its servers.
     servers: HashMap<String, Arc<ServerTls>>,
+    /// The `[pgtide]` server settings, for a database not in `servers`.
+    global_server: Arc<ServerTls>,
 }
 
 /// How pgtide uses TLS to the servers of one database.
@@ -101,6 +103,7 @@ impl Tls {
     /// an error (pgtide does not start with a TLS setting it cannot honour).
     pub fn new(config: Arc<Config>) -> Result<Tls, String> {
         let client_side = client_side_config(&config)?;
+        let global_server = ServerTls::new(config.server_tls(""))?;
         let mut servers = HashMap::new();
         for name in config.databases.keys() {
             let settings = config.server_tls(name);
@@ -112,6 +115,7 @@ impl Tls {
             config,
             client_side: ArcSwapOption::new(client_side),
             servers,
+            global_server,
         })
     }
 
@@ -127,11 +131,12 @@ impl Tls {
             .map(tokio_rustls::TlsAcceptor::from)
     }
 
-    /// How pgtide connects to the servers of `database`.
+    /// How pgtide connects to the servers of `database` (the `[pgtide]` settings for a
+    /// database it was not built with).
     pub fn server(&self, database: &str) -> Arc<ServerTls> {
         match self.servers.get(database) {
             Some(t) => t.clone(),
-            None => ServerTls::disabled(),
+            None => self.global_server.clone(),
         }
     }
 
@@ -146,6 +151,9 @@ impl Tls {
                 Ok(c) => self.client_side.store(c),
                 Err(e) => errors.push(e),
             }
+        }
+        if let Err(e) = self.global_server.reload() {
+            errors.push(e);
         }
         let mut names: Vec<&String> = self.servers.keys().collect();
         names.sort();
@@ -449,6 +457,48 @@ mod tests {
             .push(rcgen::DnType::CommonName, cn);
         let key = rcgen::KeyPair::generate().unwrap();
         params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_database_without_its_own_settings_gets_the_global_ones() {
+        use crate::config::Database;
+        let mut config = Config::default();
+        config.pgtide.server_tls_sslmode = ServerSslMode::Require;
+        config.databases.insert(
+            "plain".into(),
+            Database {
+                server_tls_sslmode: Some(ServerSslMode::Disable),
+                ..Database::default()
+            },
+        );
+        config.databases.insert("app".into(), Database::default());
+        let tls = Tls::new(Arc::new(config)).expect("no files needed");
+        assert_eq!(tls.server("plain").sslmode(), ServerSslMode::Disable);
+        assert!(tls.server("plain").current().is_none());
+        for db in ["app", "added later"] {
+            assert_eq!(tls.server(db).sslmode(), ServerSslMode::Require);
+            assert!(tls.server(db).current().is_some());
+        }
+        assert!(tls.acceptor().is_none());
+        tls.reload().expect("nothing to read");
+    }
+
+    #[test]
+    fn unreadable_files_name_their_setting() {
+        let mut config = Config::default();
+        config.pgtide.client_tls_sslmode = ClientSslMode::Require;
+        config.pgtide.client_tls_cert_file = "/nonexistent/cert.pem".into();
+        config.pgtide.client_tls_key_file = "/nonexistent/key.pem".into();
+        let e = Tls::new(Arc::new(config)).err().expect("missing files");
+        assert!(
+            e.contains("client_tls_cert_file") && e.contains("/nonexistent/cert.pem"),
+            "{e}"
+        );
+        let mut config = Config::default();
+        config.pgtide.server_tls_sslmode = ServerSslMode::VerifyFull;
+        config.pgtide.server_tls_ca_file = "/nonexistent/ca.pem".into();
+        let e = Tls::new(Arc::new(config)).err().expect("missing CA");
+        assert!(e.contains("server_tls_ca_file"), "{e}");
     }
 
     #[test]
