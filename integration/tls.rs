@@ -617,8 +617,9 @@ async fn pgbench_over_tls_has_no_failures() {
 
 // --- server side ---------------------------------------------------------------------------
 
-/// A PostgreSQL of the test's own with `ssl = on`, the server certificate of `certs`, and
-/// only `hostssl` rules for TCP. Database `tlsdb`, user app (SCRAM).
+/// A PostgreSQL of the test's own with `ssl = on`, a certificate from the CA of `certs`
+/// for the name `localhost` only (not 127.0.0.1), and only `hostssl` rules for TCP.
+/// Database `tlsdb`, user app (SCRAM).
 async fn tls_only_server(certs: &Certs) -> Arc<pgtide::demo::LocalCluster> {
     use pgtide::demo::{ClusterOptions, LocalCluster};
     use std::os::unix::fs::MetadataExt;
@@ -634,15 +635,9 @@ async fn tls_only_server(certs: &Certs) -> Arc<pgtide::demo::LocalCluster> {
     .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
     let data = lc.dir.join("primary");
     let owner = std::fs::metadata(&data).expect("data dir");
-    for (from, to_name) in [
-        (&certs.server_cert, "server.crt"),
-        (&certs.server_key, "server.key"),
-    ] {
-        let path = write(
-            &data,
-            to_name,
-            &std::fs::read_to_string(from).expect("read"),
-        );
+    let (cert, key) = certs.ca.issue("postgres", &["localhost"], false);
+    for (text, to_name) in [(cert, "server.crt"), (key, "server.key")] {
+        let path = write(&data, to_name, &text);
         std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).expect("chown");
     }
     let mut conf = std::fs::OpenOptions::new()
@@ -667,7 +662,8 @@ async fn tls_only_server(certs: &Certs) -> Arc<pgtide::demo::LocalCluster> {
         APP_USER,
         APP_PASSWORD,
         "tlsdb",
-    );
+    )
+    .replace("host=127.0.0.1", "host=localhost hostaddr=127.0.0.1");
     let mut last = String::new();
     for _ in 0..100 {
         match connect_tls(&format!("{direct} sslmode=require"), &[certs.ca.der()]).await {
@@ -679,10 +675,10 @@ async fn tls_only_server(certs: &Certs) -> Arc<pgtide::demo::LocalCluster> {
     panic!("the server did not start TLS: {last}");
 }
 
-fn config_for_server(port: u16, mode: ServerSslMode, ca_file: &Path) -> Config {
+fn config_for_server(host: &str, port: u16, mode: ServerSslMode, ca_file: &Path) -> Config {
     let mut config = harness::config_for("tlsdb");
     *config.databases.get_mut("tlsdb").expect("tlsdb") = Database {
-        host: "127.0.0.1".to_string(),
+        host: host.to_string(),
         port,
         server_tls_sslmode: Some(mode),
         server_tls_ca_file: Some(ca_file.display().to_string()),
@@ -711,6 +707,7 @@ async fn pgtide_to_a_tls_only_server_with_verify_full() {
     );
 
     let pooler = harness::start_pgtide(config_for_server(
+        "localhost",
         port,
         ServerSslMode::VerifyFull,
         &certs.ca_file,
@@ -755,7 +752,8 @@ async fn pgtide_to_a_tls_only_server_with_verify_full() {
     drop(pooler);
 
     // TLS on both sides under load: pgbench (its COPY and 20 clients on a pool of 4).
-    let mut config = config_for_server(port, ServerSslMode::VerifyFull, &certs.ca_file);
+    let mut config =
+        config_for_server("localhost", port, ServerSslMode::VerifyFull, &certs.ca_file);
     certs.client_tls(&mut config, ClientSslMode::Require);
     config.pgtide.pool_size = 4;
     let pooler = harness::start_pgtide(config).await;
@@ -784,6 +782,7 @@ async fn pgtide_to_a_tls_only_server_with_verify_full() {
     let other = Ca::new("someone else");
     let other_file = write(certs.dir.path(), "other-ca.pem", &other.pem());
     let pooler = harness::start_pgtide(config_for_server(
+        "localhost",
         port,
         ServerSslMode::VerifyFull,
         &other_file,
@@ -802,8 +801,40 @@ async fn pgtide_to_a_tls_only_server_with_verify_full() {
         d.message()
     );
 
+    // The certificate names localhost, not 127.0.0.1: verify-full to 127.0.0.1 fails,
+    // verify-ca (no host name check) works.
+    let pooler = harness::start_pgtide(config_for_server(
+        "127.0.0.1",
+        port,
+        ServerSslMode::VerifyFull,
+        &certs.ca_file,
+    ))
+    .await;
+    let url = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, "tlsdb");
+    let e = harness::connect(&url)
+        .await
+        .map(|_| ())
+        .expect_err("a server certificate for another host name was accepted");
+    let d = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(d.code().code(), "08006", "{d:?}");
+    assert!(d.message().contains("not valid for name"), "{}", d.message());
+    let pooler = harness::start_pgtide(config_for_server(
+        "127.0.0.1",
+        port,
+        ServerSslMode::VerifyCa,
+        &certs.ca_file,
+    ))
+    .await;
+    let url = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, "tlsdb");
+    let c = harness::connect(&url)
+        .await
+        .expect("verify-ca ignores the host name");
+    assert_eq!(one(&c, "SELECT 'verify-ca'").await, "verify-ca");
+    drop(pooler);
+
     // disable to a hostssl-only server: the server's own refusal reaches the client.
     let pooler = harness::start_pgtide(config_for_server(
+        "localhost",
         port,
         ServerSslMode::Disable,
         &certs.ca_file,
