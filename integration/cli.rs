@@ -942,3 +942,99 @@ auth_type = "md5"
         "the failed login is logged: {messages:?}"
     );
 }
+
+#[test]
+fn check_config_reads_the_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-cert.pem");
+    let file = dir.path().join("tls.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[pgtide]\nclient_tls_sslmode = \"require\"\nclient_tls_cert_file = \"{}\"\n\
+             client_tls_key_file = \"{}\"\n[databases.app]\n[users.app]\npassword = \"x\"\n",
+            missing.display(),
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let (status, out) = check_config(&file);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a missing certificate must exit 1:\n{out}"
+    );
+    assert!(
+        out.contains("client_tls_cert_file") && out.contains("no-such-cert.pem"),
+        "{out}"
+    );
+}
+
+#[test]
+fn sighup_reloads_the_tls_certificates_and_keeps_clients() {
+    use crate::tls::{connect_tls, one, write, Ca};
+    let db = harness::fresh_database("cli_sighup_tls");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca1 = Ca::new("first CA");
+    let (c, k) = ca1.issue("pgtide", &["127.0.0.1"], false);
+    let cert = write(dir.path(), "server.crt", &c);
+    let key = write(dir.path(), "server.key", &k);
+    let listen = free_addr();
+    let config = format!(
+        "[pgtide]\nlisten = \"{listen}\"\nmetrics_listen = \"\"\nclient_tls_sslmode = \"require\"\n\
+         client_tls_cert_file = \"{}\"\nclient_tls_key_file = \"{}\"\n\
+         [databases.{db}]\nhost = \"127.0.0.1\"\nport = {}\n\
+         [users.app]\npassword = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        harness::primary_port(),
+        harness::APP_PASSWORD
+    );
+    let file = dir.path().join("pgtide.toml");
+    std::fs::write(&file, config).expect("write config");
+    let mut cmd = Command::new(PGTIDE);
+    cmd.env_remove("DATABASE_URL").arg("--config").arg(&file);
+    let mut child = ChildGuard::spawn(cmd, "pgtide --config", false);
+    child.wait_accepting(listen);
+
+    block_on(async {
+        let conn = format!(
+            "{} sslmode=require",
+            tcp_connect_string(listen, "app", harness::APP_PASSWORD, &db)
+        );
+        let before = connect_tls(&conn, &[ca1.der()])
+            .await
+            .expect("TLS login with the first certificate");
+        assert_eq!(one(&before, "SELECT 'before'").await, "before");
+
+        let ca2 = Ca::new("second CA");
+        let (c, k) = ca2.issue("pgtide", &["127.0.0.1"], false);
+        write(dir.path(), "server.crt", &c);
+        write(dir.path(), "server.key", &k);
+        child.signal(libc::SIGHUP);
+        let deadline = Instant::now() + TIMEOUT;
+        let after = loop {
+            match connect_tls(&conn, &[ca2.der()]).await {
+                Ok(c) => break c,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "the new certificate is not served after SIGHUP: {e:?}\n{}",
+                    child.stderr_text()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(one(&after, "SELECT 'after'").await, "after");
+        assert!(
+            connect_tls(&conn, &[ca1.der()]).await.is_err(),
+            "the old certificate is still served after SIGHUP"
+        );
+        // The client connected before SIGHUP keeps its session.
+        assert_eq!(one(&before, "SELECT 'still here'").await, "still here");
+    });
+    assert!(
+        child.has_exited().is_none(),
+        "pgtide exited on SIGHUP:\n{}",
+        child.stderr_text()
+    );
+}

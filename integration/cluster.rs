@@ -39,6 +39,7 @@ fn login(db: &str, user: &str, password: &str) -> MonitorLogin {
         secret: Some(Arc::new(StoredCredential::new(user, password))),
         salted: Arc::new(SaltedPasswordCache::new()),
         max_message: 1 << 20,
+        tls: pgtide::tls::ServerTls::disabled(),
     }
 }
 

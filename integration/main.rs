@@ -15,3 +15,4 @@ mod prepared;
 mod protocol;
 mod routing;
 mod smoke;
+mod tls;

@@ -15,12 +15,23 @@ const PGBENCH_TIMEOUT: Duration = Duration::from_secs(90);
 /// Runs pgbench as app/apppass against `port` on 127.0.0.1 with `args`; returns
 /// (success, stdout, stderr). Killed (by PID, through `kill_on_drop`) on timeout.
 pub(crate) async fn pgbench(port: u16, db: &str, args: &[&str]) -> (bool, String, String) {
+    pgbench_env(port, db, args, &[]).await
+}
+
+/// [`pgbench`] with extra environment variables (e.g. `PGSSLMODE`).
+pub(crate) async fn pgbench_env(
+    port: u16,
+    db: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let child = tokio::process::Command::new("pgbench")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
         .args(args)
         .arg(db)
         .env("PGPASSWORD", harness::APP_PASSWORD)
         .env("PGCONNECT_TIMEOUT", "30")
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -53,13 +64,25 @@ pub(crate) async fn run(
     seconds: u32,
     select_only: bool,
 ) -> u64 {
+    run_env(addr, db, mode, seconds, select_only, &[]).await
+}
+
+/// [`run`] with extra environment variables for pgbench (e.g. `PGSSLMODE`).
+pub(crate) async fn run_env(
+    addr: SocketAddr,
+    db: &str,
+    mode: &str,
+    seconds: u32,
+    select_only: bool,
+    env: &[(&str, &str)],
+) -> u64 {
     let t = seconds.to_string();
     let mut args = vec!["-c", "50", "-j", "2", "-T", &t, "-M", mode, "-n"];
     if select_only {
         args.push("-S");
     }
     let what = format!("pgbench {}", args.join(" "));
-    let (ok, out, err) = pgbench(addr.port(), db, &args).await;
+    let (ok, out, err) = pgbench_env(addr.port(), db, &args, env).await;
     assert!(ok, "{what} exited with failure:\n{out}\n{err}");
     assert!(
         !out.contains("aborted") && !err.contains("aborted"),

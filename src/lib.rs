@@ -19,5 +19,7 @@ pub mod reload;
 pub mod router;
 pub mod server;
 mod shutdown;
+pub mod stream;
+pub mod tls;
 
 pub use listener::{start, start_from, Pooler};

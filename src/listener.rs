@@ -21,7 +21,7 @@ pub struct Pooler {
     shared: Arc<crate::client::Shared>,
 }
 
-/// Loads the `auth_file` and `auth_hba_file` of `config`, binds the listen address (and
+/// Loads the `auth_file` and `auth_hba_file` of `config` and the TLS files, binds the listen address (and
 /// the metrics address) and starts accepting clients.
 pub async fn start(config: Config) -> io::Result<Pooler> {
     start_from(config, None).await
@@ -33,6 +33,10 @@ pub async fn start_from(
     config: Config,
     source: Option<crate::reload::ConfigSource>,
 ) -> io::Result<Pooler> {
+    let config = Arc::new(config);
+    let tls = crate::tls::Tls::new(config.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let tls = Arc::new(tls);
     let listener = TcpListener::bind(config.pgtide.listen).await?;
     let addr = listener.local_addr()?;
     let metrics_listener = match config.pgtide.metrics_listen.as_str() {
@@ -55,7 +59,7 @@ pub async fn start_from(
     let phase = controller.sender();
     let auth_files = crate::auth::sources::AuthFiles::load(&config)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-    let state = crate::client::Shared::new(Arc::new(config), auth_files);
+    let state = crate::client::Shared::new(config, auth_files, tls);
     state.admin.set_source(source);
     state.admin.set_phase(phase.clone());
     if let Some(l) = metrics_listener {
@@ -95,6 +99,12 @@ impl Pooler {
     /// The address of the metrics endpoint, if it is on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Reads the TLS certificate, key and CA files again (SIGHUP): new connections use
+    /// them, connected clients keep their sessions. On error the previous ones stay.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        self.shared.tls.reload()
     }
 
     /// Graceful shutdown: stop accepting, let in-flight transactions finish (up to

@@ -83,10 +83,17 @@ fn main() -> ExitCode {
             // The auth_file and auth_hba_file it names must load too.
             pgtide::auth::sources::AuthFiles::load(&c).map(|_| c)
         }) {
-            Ok(_) => {
-                println!("{}: OK", file.display());
-                ExitCode::SUCCESS
-            }
+            // The certificate, key and CA files must be usable too.
+            Ok(config) => match pgtide::tls::Tls::new(std::sync::Arc::new(config)) {
+                Ok(_) => {
+                    println!("{}: OK", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: 1 problem(s):\n  TLS: {e}", file.display());
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 eprintln!("{}: {} problem(s):", file.display(), e.problems.len());
                 for p in &e.problems {
@@ -214,7 +221,7 @@ async fn serve(config: Config, source: Option<pgtide::reload::ConfigSource>) -> 
     let pooler = match pgtide::start_from(config, source).await {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("pgtide: cannot start (listening on {listen}): {e}");
+            eprintln!("pgtide: cannot start (listen = {listen}): {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -277,8 +277,9 @@ impl Pool {
         }
         let rx = {
             let mut inner = self.lock();
-            while let Some(conn) = inner.idle.pop() {
-                if usable(&inner, &conn) {
+            let reuse = Reuse::of(&inner);
+            while let Some(mut conn) = inner.idle.pop() {
+                if reuse.usable(&mut conn) {
                     return Ok(conn);
                 }
                 inner.total -= 1;
@@ -531,13 +532,13 @@ impl Pool {
             let now = Instant::now();
             let mut i = 0;
             while i < inner.idle.len() {
-                let conn = &inner.idle[i];
-                let idle_too_long = inner
-                    .timeouts
-                    .idle_timeout
-                    .is_some_and(|t| now.duration_since(conn.last_used) >= t);
                 let open_after = inner.total - closed.len() as u32;
-                if !usable(&inner, conn) || (idle_too_long && open_after > keep) {
+                let reuse = Reuse::of(&inner);
+                let idle_timeout = inner.timeouts.idle_timeout;
+                let conn = &mut inner.idle[i];
+                let idle_too_long =
+                    idle_timeout.is_some_and(|t| now.duration_since(conn.last_used) >= t);
+                if !reuse.usable(conn) || (idle_too_long && open_after > keep) {
                     closed.push(inner.idle.swap_remove(i));
                 } else {
                     i += 1;
@@ -708,18 +709,35 @@ impl DbLimit {
     }
 }
 
-/// True when an idle connection may be handed out: within `server_lifetime` and with
-/// nothing unexpected from the server.
-fn usable(inner: &Inner, conn: &ServerConn) -> bool {
-    if let Some(l) = inner.timeouts.lifetime {
-        if conn.created.elapsed() >= l {
-            return false;
+/// What decides whether an idle connection may be handed out, copied out of the pool's
+/// state so that the connection itself can be borrowed mutably (a TLS check reads it).
+#[derive(Clone, Copy)]
+struct Reuse {
+    lifetime: Option<Duration>,
+    retired: bool,
+    retire_before: Option<Instant>,
+}
+
+impl Reuse {
+    fn of(inner: &Inner) -> Reuse {
+        Reuse {
+            lifetime: inner.timeouts.lifetime,
+            retired: inner.retired,
+            retire_before: inner.retire_before,
         }
     }
-    if inner.retired || inner.retire_before.is_some_and(|t| conn.created <= t) {
-        return false;
+
+    /// True when an idle connection may be handed out: within `server_lifetime`, not
+    /// retired, and with nothing unexpected from the server.
+    fn usable(self, conn: &mut ServerConn) -> bool {
+        if self.lifetime.is_some_and(|l| conn.created.elapsed() >= l) {
+            return false;
+        }
+        if self.retired || self.retire_before.is_some_and(|t| conn.created <= t) {
+            return false;
+        }
+        conn.is_quiet()
     }
-    conn.is_quiet()
 }
 
 fn drop_in_background(conn: ServerConn) {

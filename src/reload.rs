@@ -63,8 +63,11 @@ impl ConfigSource {
 /// Reads the configuration file again and applies it. `Ok` describes what changed; `Err`
 /// says why nothing was applied.
 pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
+    // Certificates and keys are read again in every mode (a file that cannot be used
+    // keeps the previous certificates in force; the error is logged).
+    let tls = shared.tls.reload();
     let Some(source) = shared.admin.source() else {
-        let msg = "pgtide runs in zero-config mode (--upstream / DATABASE_URL): there is no configuration file to reload".to_string();
+        let msg = "pgtide runs in zero-config mode (--upstream / DATABASE_URL): there is no configuration file to reload (TLS files were read again)".to_string();
         tracing::warn!("reload: {msg}");
         return Err(msg);
     };
@@ -115,6 +118,37 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
             restart.push("prepared_statement_cache_bytes".into());
             n.prepared_statement_cache_bytes = o.prepared_statement_cache_bytes;
         }
+        // The TLS holder was built from these; the files themselves are read again below.
+        let client_tls = |g: &crate::config::General| {
+            (
+                g.client_tls_sslmode,
+                g.client_tls_cert_file.clone(),
+                g.client_tls_key_file.clone(),
+                g.client_tls_ca_file.clone(),
+            )
+        };
+        if client_tls(o) != client_tls(n) {
+            restart.push("client_tls_* settings".into());
+            n.client_tls_sslmode = o.client_tls_sslmode;
+            n.client_tls_cert_file = o.client_tls_cert_file.clone();
+            n.client_tls_key_file = o.client_tls_key_file.clone();
+            n.client_tls_ca_file = o.client_tls_ca_file.clone();
+        }
+        let server_tls = |g: &crate::config::General| {
+            (
+                g.server_tls_sslmode,
+                g.server_tls_ca_file.clone(),
+                g.server_tls_cert_file.clone(),
+                g.server_tls_key_file.clone(),
+            )
+        };
+        if server_tls(o) != server_tls(n) {
+            restart.push("server_tls_* settings".into());
+            n.server_tls_sslmode = o.server_tls_sslmode;
+            n.server_tls_ca_file = o.server_tls_ca_file.clone();
+            n.server_tls_cert_file = o.server_tls_cert_file.clone();
+            n.server_tls_key_file = o.server_tls_key_file.clone();
+        }
         if o.collect_metrics != n.collect_metrics {
             restart.push("collect_metrics".into());
             n.collect_metrics = o.collect_metrics;
@@ -154,6 +188,11 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
     } else {
         format!("configuration reloaded: {}", changes.join("; "))
     };
+    if let Err(e) = tls {
+        summary.push_str(&format!(
+            "; TLS files not reloaded, the previous certificates stay in use: {e}"
+        ));
+    }
     if !restart.is_empty() {
         summary.push_str(&format!(
             "; not applied, needs a restart: {}",
@@ -207,7 +246,13 @@ fn apply(shared: &Arc<Shared>, old: &Config, new: Config, files: AuthFiles) {
         });
         let cluster = match current.get(name) {
             Some(c) if unchanged => Some(c.clone()),
-            _ => Cluster::from_config(&new, name, shared.salted.clone(), &file_users),
+            _ => Cluster::from_config(
+                &new,
+                name,
+                shared.salted.clone(),
+                &file_users,
+                shared.tls.server(name),
+            ),
         };
         if let Some(c) = cluster {
             clusters.insert(name.clone(), c);

@@ -14,7 +14,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::{self, SaltedPasswordCache, ServerSecret};
+use crate::config::ServerSslMode;
 use crate::protocol::{backend, frontend, status, tag, Scanner};
+use crate::stream::Stream;
+use crate::tls::ServerTls;
 
 /// Where and as whom to connect.
 #[derive(Clone)]
@@ -25,6 +28,8 @@ pub struct ServerTarget {
     pub user: String,
     /// What to log in with; a client's login may update it (SCRAM pass-through).
     pub secret: ServerSecret,
+    /// `server_tls_*` of the database.
+    pub tls: Arc<ServerTls>,
 }
 
 impl ServerTarget {
@@ -38,11 +43,21 @@ impl ServerTarget {
 }
 
 /// What a CancelRequest for this server connection needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct CancelTarget {
     pub addr: SocketAddr,
     pub pid: i32,
     pub secret: i32,
+    /// The host name the connection was made to (for TLS certificate checks).
+    pub host: Arc<str>,
+    /// A CancelRequest goes over TLS when the connection would.
+    pub tls: Arc<ServerTls>,
+}
+
+impl PartialEq for CancelTarget {
+    fn eq(&self, other: &Self) -> bool {
+        (self.addr, self.pid, self.secret) == (other.addr, other.pid, other.secret)
+    }
 }
 
 /// Why a server connection could not be used.
@@ -58,6 +73,8 @@ pub enum ServerError {
     /// The server sent something pgtide did not expect.
     Protocol(String),
     Auth(auth::AuthError),
+    /// TLS could not be set up as `server_tls_sslmode` asks.
+    Tls(String),
 }
 
 impl fmt::Display for ServerError {
@@ -68,6 +85,7 @@ impl fmt::Display for ServerError {
             ServerError::Rejected { code, message } => write!(f, "{message} (SQLSTATE {code})"),
             ServerError::Protocol(m) => write!(f, "protocol error: {m}"),
             ServerError::Auth(e) => write!(f, "{e}"),
+            ServerError::Tls(m) => f.write_str(m),
         }
     }
 }
@@ -91,7 +109,7 @@ pub struct InternalResult {
 
 /// An open, logged-in server connection.
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub cancel: CancelTarget,
     /// Last known value of each run-time parameter, keyed by lower-case name: those the
     /// server reported with ParameterStatus and those pgtide set or read itself.
@@ -116,9 +134,10 @@ impl ServerConn {
         salted: &SaltedPasswordCache,
         max_message: u32,
     ) -> Result<(ServerConn, LoginParams), ServerError> {
-        let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
-        stream.set_nodelay(true)?;
-        let addr = stream.peer_addr()?;
+        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        tcp.set_nodelay(true)?;
+        let addr = tcp.peer_addr()?;
+        let mut stream = start_tls(tcp, &target.host, &target.tls).await?;
         let mut out = BytesMut::with_capacity(128);
         frontend::startup_message(
             &mut out,
@@ -127,7 +146,7 @@ impl ServerConn {
                 ("database", target.dbname.as_str()),
             ],
         );
-        stream.write_all(&out).await?;
+        stream.send(&out).await?;
         let secret = target.secret.current();
         auth::authenticate_server(&mut stream, &target.user, secret.as_deref(), salted)
             .await
@@ -144,6 +163,8 @@ impl ServerConn {
                 addr,
                 pid: 0,
                 secret: 0,
+                host: target.host.as_str().into(),
+                tls: target.tls.clone(),
             },
             params: HashMap::new(),
             created: Instant::now(),
@@ -254,7 +275,7 @@ impl ServerConn {
         out: &[u8],
         sql: &str,
     ) -> Result<InternalResult, ServerError> {
-        self.stream.write_all(out).await?;
+        self.stream.send(out).await?;
         let mut buf = BytesMut::with_capacity(1024);
         let mut result = InternalResult::default();
         loop {
@@ -310,16 +331,15 @@ impl ServerConn {
     /// True when the idle connection has no unexpected input waiting and is not closed.
     /// A connection that fails this is closed rather than used: the server may have
     /// terminated it (FATAL 57P01) or sent something asynchronous.
-    pub fn is_quiet(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock)
+    pub fn is_quiet(&mut self) -> bool {
+        self.stream.is_quiet()
     }
 
     /// Says goodbye politely; errors are ignored (the connection is going away anyway).
     pub async fn terminate(mut self) {
         let mut out = BytesMut::with_capacity(5);
         frontend::terminate(&mut out);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.write_all(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.send(&out)).await;
     }
 }
 
@@ -327,13 +347,27 @@ impl ServerConn {
 /// postmaster closes the socket after signalling the backend).
 pub async fn send_cancel(target: CancelTarget, timeout: Duration) -> io::Result<()> {
     let work = async {
-        let mut s = TcpStream::connect(target.addr).await?;
+        let tcp = TcpStream::connect(target.addr).await?;
+        let mut s = start_tls(tcp, &target.host, &target.tls)
+            .await
+            .map_err(|e| match e {
+                ServerError::Io(e) => e,
+                other => io::Error::other(other.to_string()),
+            })?;
         let mut out = BytesMut::with_capacity(16);
         frontend::cancel_request(&mut out, target.pid, target.secret);
-        s.write_all(&out).await?;
+        s.send(&out).await?;
         let mut sink = [0u8; 64];
-        while s.read(&mut sink).await? > 0 {}
-        Ok(())
+        loop {
+            match s.read(&mut sink).await {
+                Ok(n) if n > 0 => {}
+                // The server closes the connection once it has taken the request (over
+                // TLS, possibly without close_notify).
+                Ok(_) => return Ok(()),
+                Err(e) if s.is_tls() && e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
@@ -341,6 +375,39 @@ pub async fn send_cancel(target: CancelTarget, timeout: Duration) -> io::Result<
             io::ErrorKind::TimedOut,
             "cancel request timed out",
         )),
+    }
+}
+
+/// Asks the server for TLS as `server_tls_sslmode` says (SSLRequest, then the handshake
+/// on 'S'; plain on 'N' only under `prefer`).
+async fn start_tls(mut tcp: TcpStream, host: &str, tls: &ServerTls) -> Result<Stream, ServerError> {
+    let mode = tls.sslmode();
+    let Some(config) = tls.current() else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let mut out = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut out);
+    tcp.write_all(&out).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {
+            let name = crate::tls::server_name(host).map_err(ServerError::Tls)?;
+            let connector = tokio_rustls::TlsConnector::from(config);
+            match connector.connect(name, tcp).await {
+                Ok(s) => Ok(Stream::tls(s)),
+                Err(e) => Err(ServerError::Tls(format!(
+                    "TLS handshake with the server failed: {e} (server_tls_sslmode = \"{mode}\")"
+                ))),
+            }
+        }
+        b'N' if mode == ServerSslMode::Prefer => Ok(Stream::Plain(tcp)),
+        b'N' => Err(ServerError::Tls(format!(
+            "the server does not accept TLS connections, and server_tls_sslmode is \"{mode}\""
+        ))),
+        other => Err(ServerError::Protocol(format!(
+            "unexpected answer {other:#04x} to SSLRequest"
+        ))),
     }
 }
 

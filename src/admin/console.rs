@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::stream::Stream;
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::registry::{ClientEntry, Registration};
 use super::show::{self, ResultSet};
@@ -40,7 +40,7 @@ pub struct Login {
 
 /// Runs an admin console session, its user already authenticated and allowed.
 pub async fn run(
-    mut stream: TcpStream,
+    mut stream: Stream,
     shared: Arc<Shared>,
     login: Login,
     mut signal: ShutdownSignal,
@@ -173,14 +173,14 @@ pub async fn run(
     }
 }
 
-async fn fatal(stream: &mut TcpStream, code: &str, message: &str) {
+async fn fatal(stream: &mut Stream, code: &str, message: &str) {
     let mut b = BytesMut::new();
     backend::fatal(&mut b, code, message);
     let _ = stream.write_all(&b).await;
 }
 
 /// Reads one message: `Ok(None)` at end of stream.
-async fn read_message(stream: &mut TcpStream, max: usize) -> Result<Option<(u8, Vec<u8>)>, String> {
+async fn read_message(stream: &mut Stream, max: usize) -> Result<Option<(u8, Vec<u8>)>, String> {
     let mut head = [0u8; 5];
     if stream.read_exact(&mut head).await.is_err() {
         return Ok(None);

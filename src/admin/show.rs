@@ -455,6 +455,14 @@ pub const RESTART_ONLY: &[&str] = &[
     "auth_failure_threshold",
     "auth_failure_delay",
     "auth_failure_delay_max",
+    "client_tls_sslmode",
+    "client_tls_cert_file",
+    "client_tls_key_file",
+    "client_tls_ca_file",
+    "server_tls_sslmode",
+    "server_tls_ca_file",
+    "server_tls_cert_file",
+    "server_tls_key_file",
 ];
 
 fn config_value(v: &toml::Value) -> String {

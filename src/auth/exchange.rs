@@ -85,6 +85,9 @@ pub enum Method {
     ScramSha256,
     /// The password in clear text (AuthenticationCleartextPassword).
     Password,
+    /// A verified client certificate whose CN is the user name: no password exchange
+    /// (decided by the caller from the TLS session, never by an exchange).
+    Cert,
 }
 
 impl From<AuthType> for Method {
@@ -93,6 +96,7 @@ impl From<AuthType> for Method {
             AuthType::Trust => Method::Trust,
             AuthType::Md5 => Method::Md5,
             AuthType::ScramSha256 => Method::ScramSha256,
+            AuthType::Cert => Method::Cert,
         }
     }
 }
@@ -104,6 +108,7 @@ impl std::fmt::Display for Method {
             Method::Md5 => "md5",
             Method::ScramSha256 => "scram-sha-256",
             Method::Password => "password",
+            Method::Cert => "cert",
         })
     }
 }
@@ -166,6 +171,8 @@ pub async fn read_client_response<S: AsyncRead + AsyncWrite + Unpin>(
     };
     match method {
         Method::Trust => Ok(ClientResponse::Trust),
+        // Decided by the caller from the verified client certificate; never here.
+        Method::Cert => Err(AuthError::Failed),
         Method::Md5 => match (
             cred.and_then(|c| c.md5_hash()),
             cred.and_then(|c| c.scram()),

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
+use crate::stream::Stream;
 
 use super::login::{internal_timeout, send_fatal, NoSession, Peer};
 use super::Shared;
@@ -38,7 +38,7 @@ fn encryption(peer: &Peer) -> &'static str {
 
 /// Authenticates `user` for `database`. On error the client has been told why (FATAL).
 pub(super) async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     shared: &Arc<Shared>,
     peer: &Peer,
     database: &str,
@@ -83,28 +83,7 @@ pub(super) async fn authenticate(
                     .await;
                     return Err(NoSession::Refused);
                 }
-                HbaMethod::Cert => {
-                    if peer.cert_common_name.as_deref() != Some(user) {
-                        tracing::info!(%user, %database, client = %host, line = rule.line, "login refused: no client certificate for this user");
-                        let m = if peer.cert_common_name.is_none() {
-                            "connection requires a valid client certificate".to_string()
-                        } else {
-                            format!("certificate authentication failed for user \"{user}\"")
-                        };
-                        shared.failed_logins.record_failure(host);
-                        shared.metrics.auth_failures.inc();
-                        send_fatal(
-                            stream,
-                            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                            &m,
-                            None,
-                        )
-                        .await;
-                        return Err(NoSession::Refused);
-                    }
-                    // The certificate proved who the client is: no password exchange.
-                    return Ok(());
-                }
+                HbaMethod::Cert => Method::Cert,
                 HbaMethod::Trust => Method::Trust,
                 HbaMethod::Md5 => Method::Md5,
                 HbaMethod::ScramSha256 => Method::ScramSha256,
@@ -112,6 +91,30 @@ pub(super) async fn authenticate(
             }
         }
     };
+
+    // A verified client certificate whose CN is the user name proves who the client is
+    // (auth_type "cert", or an hba line with method cert): no password exchange.
+    if method == Method::Cert {
+        if peer.cert_common_name.as_deref() == Some(user) {
+            return Ok(());
+        }
+        tracing::info!(%user, %database, client = %host, "login refused: no client certificate for this user");
+        let m = if peer.cert_common_name.is_none() {
+            "connection requires a valid client certificate".to_string()
+        } else {
+            format!("certificate authentication failed for user \"{user}\"")
+        };
+        shared.failed_logins.record_failure(host);
+        shared.metrics.auth_failures.inc();
+        send_fatal(
+            stream,
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            &m,
+            None,
+        )
+        .await;
+        return Err(NoSession::Refused);
+    }
 
     // 2. The credential.
     let static_cred = shared.credential(user);
@@ -252,7 +255,7 @@ fn learn_server_secret(
     shared.server_secret(database, user).set(Arc::new(learned));
 }
 
-async fn lookup_failed(stream: &mut TcpStream, user: &str, database: &str, e: &str) -> NoSession {
+async fn lookup_failed(stream: &mut Stream, user: &str, database: &str, e: &str) -> NoSession {
     tracing::warn!(%user, %database, error = %e, "auth_query lookup failed");
     send_fatal(
         stream,

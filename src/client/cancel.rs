@@ -45,7 +45,7 @@ impl CancelSlot {
 
     fn begin(&self) -> Option<CancelTarget> {
         let guard = self.target.lock().unwrap_or_else(|e| e.into_inner());
-        let t = (*guard)?;
+        let t = guard.clone()?;
         // Counted while the lock is held, so that `detach` cannot miss it.
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Some(t)
@@ -98,7 +98,7 @@ impl CancelRegistry {
             }
         };
         let Some(target) = slot.begin() else { return };
-        if let Err(e) = send_cancel(target, timeout).await {
+        if let Err(e) = send_cancel(target.clone(), timeout).await {
             tracing::warn!(error = %e, server = %target.addr, "could not forward a cancel request");
         }
         slot.end();

@@ -1,23 +1,27 @@
-//! The start of a client connection: SSLRequest / GSSENCRequest (answered 'N'),
-//! CancelRequest, StartupMessage, authentication at the pooler, and the login reply
-//! (AuthenticationOk, ParameterStatus, an invented BackendKeyData, ReadyForQuery).
+//! The start of a client connection: the transport (SSLRequest answered 'S' and a TLS
+//! handshake when client TLS is on, else 'N'; a direct TLS handshake as PostgreSQL 17
+//! clients may start with; GSSENCRequest answered 'N'), CancelRequest, StartupMessage,
+//! authentication at the pooler (including `cert`: the client certificate's CN must be
+//! the user), and the login reply (AuthenticationOk, ParameterStatus, an invented
+//! BackendKeyData, ReadyForQuery).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::cancel::CancelSlot;
 use super::params::ClientParams;
 use super::Shared;
 use crate::admin::registry::{ClientEntry, Registration};
-use crate::config::PoolMode;
+use crate::config::{ClientSslMode, PoolMode};
 use crate::pool::Pool;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{sqlstate, status, tag};
+use crate::stream::Stream;
 
 /// What pgtide knows about how a client connected, for hba rules and cert auth.
 #[derive(Debug, Clone)]
@@ -63,12 +67,14 @@ pub(super) enum NoSession {
         /// `pgtide` or `pgbouncer`, as the client asked.
         database: String,
         application_name: String,
+        /// The client's connection: set by [`login`], which owns it.
+        stream: Option<Stream>,
     },
 }
 
 /// Writes a FATAL ErrorResponse; errors writing it are ignored (the connection closes).
-pub(super) async fn send_fatal(
-    stream: &mut TcpStream,
+pub(super) async fn send_fatal<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     code: &str,
     message: &str,
     hint: Option<&str>,
@@ -79,29 +85,151 @@ pub(super) async fn send_fatal(
     let _ = stream.flush().await;
 }
 
-/// Reads the first packet(s) and logs the client in, within `client_login_timeout`.
+/// Negotiates the transport (plain or TLS), then reads the first packet(s) and logs the
+/// client in, all within `client_login_timeout`. Returns the stream the session goes on
+/// with.
 pub(super) async fn login(
-    stream: &mut TcpStream,
+    mut tcp: TcpStream,
     shared: &Arc<Shared>,
     over_limit: bool,
-) -> Result<LoggedIn, NoSession> {
+) -> Result<(Stream, LoggedIn), NoSession> {
     let timeout = shared.config().pgtide.client_login_timeout.0;
-    match tokio::time::timeout(timeout, login_inner(stream, shared, over_limit)).await {
-        Ok(r) => r,
+    let deadline = tokio::time::Instant::now() + timeout;
+    let late = "client did not complete login within client_login_timeout";
+    let Ok(addr) = tcp.peer_addr() else {
+        return Err(NoSession::Done);
+    };
+    let opening = match tokio::time::timeout_at(deadline, opening(&mut tcp, shared)).await {
+        Ok(r) => r?,
         Err(_) => {
-            send_fatal(
-                stream,
-                sqlstate::PROTOCOL_VIOLATION,
-                "client did not complete login within client_login_timeout",
-                None,
-            )
-            .await;
+            send_fatal(&mut tcp, sqlstate::PROTOCOL_VIOLATION, late, None).await;
+            return Err(NoSession::Refused);
+        }
+    };
+    let (mut stream, first) = match opening {
+        Opening::Plain(first) => (Stream::Plain(tcp), Some(first)),
+        Opening::Tls { direct } => {
+            match tokio::time::timeout_at(deadline, accept_tls(tcp, shared, direct)).await {
+                Ok(Some(s)) => (s, None),
+                // The handshake failed or took too long: nothing can be said in clear.
+                _ => return Err(NoSession::Refused),
+            }
+        }
+    };
+    let peer = Peer {
+        addr,
+        tls: stream.is_tls(),
+        cert_common_name: stream
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| crate::tls::common_name(leaf)),
+    };
+    let work = login_inner(&mut stream, first, &peer, shared, over_limit);
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(Err(NoSession::Admin {
+            user,
+            database,
+            application_name,
+            ..
+        })) => Err(NoSession::Admin {
+            user,
+            database,
+            application_name,
+            stream: Some(stream),
+        }),
+        Ok(r) => r.map(|l| (stream, l)),
+        Err(_) => {
+            send_fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, late, None).await;
             Err(NoSession::Refused)
         }
     }
 }
 
-async fn read_first_packet(stream: &mut TcpStream) -> Result<StartupPacket, NoSession> {
+/// How a connection starts.
+enum Opening {
+    /// In clear, with this first packet (a StartupMessage or CancelRequest).
+    Plain(StartupPacket),
+    /// With a TLS handshake: after SSLRequest and 'S', or (`direct`) at once.
+    Tls { direct: bool },
+}
+
+/// The TLS byte a handshake record starts with; a StartupMessage starts with its length,
+/// whose first byte is 0.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Reads up to the first packet that is not an encryption request, answering
+/// SSLRequest with 'S' (TLS configured) or 'N', and GSSENCRequest with 'N'.
+async fn opening(tcp: &mut TcpStream, shared: &Shared) -> Result<Opening, NoSession> {
+    let tls_on = shared.tls.acceptor().is_some();
+    if tls_on {
+        // PostgreSQL 17 direct TLS: the client starts with a ClientHello.
+        let mut first = [0u8; 1];
+        match tcp.peek(&mut first).await {
+            Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => return Ok(Opening::Tls { direct: true }),
+            Ok(1) => {}
+            _ => return Err(NoSession::Done),
+        }
+    }
+    // One SSLRequest and one GSSENCRequest each, in either order, as PostgreSQL allows
+    // (libpq with a Kerberos ticket sends GSSENCRequest, then SSLRequest).
+    let (mut ssl_done, mut gss_done) = (false, false);
+    loop {
+        match read_first_packet(tcp).await? {
+            p @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+                let ssl = matches!(p, StartupPacket::SslRequest);
+                let done = if ssl { &mut ssl_done } else { &mut gss_done };
+                if std::mem::replace(done, true) {
+                    return Err(second_request(tcp).await);
+                }
+                if ssl && tls_on {
+                    if tcp.write_all(b"S").await.is_err() {
+                        return Err(NoSession::Done);
+                    }
+                    return Ok(Opening::Tls { direct: false });
+                }
+                // No GSSAPI encryption (nor TLS): the client goes on in plain text.
+                if tcp.write_all(b"N").await.is_err() {
+                    return Err(NoSession::Done);
+                }
+            }
+            p => return Ok(Opening::Plain(p)),
+        }
+    }
+}
+
+async fn second_request<S: AsyncWrite + Unpin>(stream: &mut S) -> NoSession {
+    send_fatal(
+        stream,
+        sqlstate::PROTOCOL_VIOLATION,
+        "unexpected second encryption request of the same kind",
+        None,
+    )
+    .await;
+    NoSession::Refused
+}
+
+/// The TLS handshake with a client. A direct TLS client must have negotiated ALPN
+/// "postgresql", as PostgreSQL 17 requires.
+async fn accept_tls(tcp: TcpStream, shared: &Shared, direct: bool) -> Option<Stream> {
+    let acceptor = shared.tls.acceptor()?;
+    let tls = match acceptor.accept(tcp).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "client TLS handshake failed");
+            return None;
+        }
+    };
+    let stream = Stream::tls(tls);
+    if direct && stream.alpn_protocol() != Some(crate::tls::ALPN_POSTGRESQL) {
+        tracing::debug!("direct TLS client did not negotiate ALPN \"postgresql\"");
+        return None;
+    }
+    Some(stream)
+}
+
+async fn read_first_packet<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Result<StartupPacket, NoSession> {
     let mut len = [0u8; 4];
     if stream.read_exact(&mut len).await.is_err() {
         return Err(NoSession::Done);
@@ -127,44 +255,48 @@ async fn read_first_packet(stream: &mut TcpStream) -> Result<StartupPacket, NoSe
 }
 
 async fn login_inner(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
+    first: Option<StartupPacket>,
+    peer: &Peer,
     shared: &Arc<Shared>,
     over_limit: bool,
 ) -> Result<LoggedIn, NoSession> {
-    // One SSLRequest and one GSSENCRequest each, in either order, as PostgreSQL allows
-    // (libpq with a Kerberos ticket sends GSSENCRequest, then SSLRequest).
-    let (mut ssl_done, mut gss_done) = (false, false);
-    let (version, params) = loop {
-        match read_first_packet(stream).await? {
-            p @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
-                let done = match p {
-                    StartupPacket::SslRequest => &mut ssl_done,
-                    _ => &mut gss_done,
-                };
-                if *done {
-                    send_fatal(
-                        stream,
-                        sqlstate::PROTOCOL_VIOLATION,
-                        "unexpected second encryption request of the same kind",
-                        None,
-                    )
-                    .await;
-                    return Err(NoSession::Refused);
-                }
-                *done = true;
-                // No TLS or GSSAPI encryption yet: the client goes on in plain text.
-                if stream.write_all(b"N").await.is_err() {
-                    return Err(NoSession::Done);
-                }
-            }
-            StartupPacket::CancelRequest { pid, secret } => {
-                let t = shared.config().pgtide.server_connect_timeout.0;
-                shared.cancels.cancel(pid, secret, t).await;
-                return Err(NoSession::Done);
-            }
-            StartupPacket::Startup { version, params } => break (version, params),
-        }
+    let packet = match first {
+        Some(p) => p,
+        None => read_first_packet(stream).await?,
     };
+    let (version, params) = match packet {
+        StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+            // Inside TLS already.
+            send_fatal(
+                stream,
+                sqlstate::PROTOCOL_VIOLATION,
+                "unexpected encryption request on an encrypted connection",
+                None,
+            )
+            .await;
+            return Err(NoSession::Refused);
+        }
+        StartupPacket::CancelRequest { pid, secret } => {
+            let t = shared.config().pgtide.server_connect_timeout.0;
+            shared.cancels.cancel(pid, secret, t).await;
+            return Err(NoSession::Done);
+        }
+        StartupPacket::Startup { version, params } => (version, params),
+    };
+    if !peer.tls && shared.tls.client_mode() >= ClientSslMode::Require {
+        send_fatal(
+            stream,
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            &format!(
+                "TLS is required: pgtide accepts only encrypted connections (client_tls_sslmode = \"{}\")",
+                shared.tls.client_mode()
+            ),
+            Some("connect with sslmode=require (or verify-ca / verify-full)"),
+        )
+        .await;
+        return Err(NoSession::Refused);
+    }
     if version >> 16 != 3 {
         send_fatal(
             stream,
@@ -265,15 +397,7 @@ async fn login_inner(
 
     // Authenticate before saying anything about the database, as PostgreSQL does.
     let config = shared.config().clone();
-    let peer = match stream.peer_addr() {
-        Ok(addr) => Peer {
-            addr,
-            tls: false,
-            cert_common_name: None,
-        },
-        Err(_) => return Err(NoSession::Done),
-    };
-    super::authn::authenticate(stream, shared, &peer, &database, &user).await?;
+    super::authn::authenticate(stream, shared, peer, &database, &user).await?;
 
     if crate::admin::is_admin_database(&database) {
         if !config.pgtide.admin_users.contains(&user) {
@@ -295,6 +419,7 @@ async fn login_inner(
             user,
             database,
             application_name,
+            stream: None,
         });
     }
 
@@ -347,20 +472,20 @@ async fn login_inner(
     }
     backend::backend_key_data(&mut b, key_pid, key_secret);
     backend::ready_for_query(&mut b, status::IDLE);
-    if stream.write_all(&b).await.is_err() {
+    if stream.write_all(&b).await.is_err() || stream.flush().await.is_err() {
         shared.cancels.unregister(key_pid);
         return Err(NoSession::Done);
     }
     let mode = pool.settings().pool_mode;
     if config.pgtide.log_connections {
-        tracing::info!(%user, %database, %mode, "client logged in");
+        tracing::info!(%user, %database, %mode, addr = %peer.addr, tls = peer.tls, "client logged in");
     }
     let entry = shared.admin.clients.register(
         shared.admin.clients.next_id(),
         ClientEntry::new(
             &user,
             &database,
-            stream.peer_addr().ok(),
+            Some(peer.addr),
             stream.local_addr().ok(),
             params.value("application_name").unwrap_or(""),
         ),

@@ -59,14 +59,21 @@ pub struct Shared {
     /// Named prepared statements shared by every client (transaction mode).
     pub statements: StatementCache,
     pub metrics: Arc<Metrics>,
+    /// TLS configurations for clients and servers (swapped on reload).
+    pub tls: Arc<crate::tls::Tls>,
     clients: AtomicU32,
     /// Admin console state: client and server registries, PAUSE, reload source.
     pub admin: crate::admin::AdminState,
 }
 
 impl Shared {
-    /// `auth_files` are the contents of the files `config` names ([`AuthFiles::load`]).
-    pub fn new(config: Arc<Config>, auth_files: AuthFiles) -> Arc<Shared> {
+    /// `auth_files` are the contents of the files `config` names ([`AuthFiles::load`]);
+    /// `tls` holds the TLS configurations read from the files it names.
+    pub fn new(
+        config: Arc<Config>,
+        auth_files: AuthFiles,
+        tls: Arc<crate::tls::Tls>,
+    ) -> Arc<Shared> {
         let credentials = CredentialCache::default();
         // Derive every SCRAM verifier now, once, rather than during a login.
         for (user, u) in &config.users {
@@ -90,7 +97,7 @@ impl Shared {
             .iter()
             .filter(|(_, d)| d.host_list().len() > 1)
             .filter_map(|(name, _)| {
-                Cluster::from_config(&config, name, salted.clone(), &file_users)
+                Cluster::from_config(&config, name, salted.clone(), &file_users, tls.server(name))
                     .map(|c| (name.clone(), c))
             })
             .collect();
@@ -115,6 +122,7 @@ impl Shared {
             server_secrets: Mutex::new(HashMap::new()),
             statements,
             metrics,
+            tls,
             clients: AtomicU32::new(0),
             admin: crate::admin::AdminState::default(),
         })
@@ -234,6 +242,7 @@ impl Shared {
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),
             user: user.to_string(),
             secret: self.server_secret(database, user),
+            tls: self.tls.server(database),
         };
         let g = &config.pgtide;
         let timeouts = PoolTimeouts {
@@ -582,9 +591,12 @@ mod tests {
                 ..Default::default()
             },
         );
+        let config = Arc::new(config);
+        let tls = Arc::new(crate::tls::Tls::new(config.clone()).expect("no TLS files"));
         let shared = Shared::new(
-            Arc::new(config),
+            config,
             files("\"alice\" \"pw1\"\n\"bob\" \"file\"\n\"carol\" \"\"\n"),
+            tls,
         );
         assert!(shared.is_static_user("alice") && shared.is_static_user("carol"));
         assert!(!shared.is_static_user("dave"));

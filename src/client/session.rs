@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::login::{self, LoggedIn, NoSession};
@@ -28,6 +27,7 @@ use crate::protocol::backend::{self, Severity};
 use crate::protocol::{frontend, sqlstate, status, tag, ScanError, Scanner};
 use crate::server::ServerConn;
 use crate::shutdown::{Phase, ShutdownSignal};
+use crate::stream::Stream;
 
 /// The largest request, and answer, held for a retry on the primary.
 const RETRY_MAX: usize = 256 * 1024;
@@ -38,14 +38,14 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Runs one client connection from its first byte to its end.
 pub(super) async fn run(
-    mut stream: TcpStream,
+    mut tcp: TcpStream,
     shared: &Arc<Shared>,
     signal: ShutdownSignal,
     over_limit: bool,
 ) {
     if signal.phase() != Phase::Running {
         login::send_fatal(
-            &mut stream,
+            &mut tcp,
             sqlstate::ADMIN_SHUTDOWN,
             "pgtide is shutting down",
             None,
@@ -53,13 +53,15 @@ pub(super) async fn run(
         .await;
         return;
     }
-    let logged_in = match login::login(&mut stream, shared, over_limit).await {
+    let (stream, logged_in) = match login::login(tcp, shared, over_limit).await {
         Ok(l) => l,
         Err(NoSession::Done) | Err(NoSession::Refused) => return,
+        Err(NoSession::Admin { stream: None, .. }) => return,
         Err(NoSession::Admin {
             user,
             database,
             application_name,
+            stream: Some(stream),
         }) => {
             let who = crate::admin::console::Login {
                 user,
@@ -111,7 +113,7 @@ impl std::fmt::Display for End {
 
 struct Session {
     shared: Arc<Shared>,
-    client: TcpStream,
+    client: Stream,
     login: LoggedIn,
     signal: ShutdownSignal,
     /// Bytes from the client; `c2s[..c_ready]` is framed and goes to the server.
@@ -280,7 +282,7 @@ fn splice(buf: &mut BytesMut, range: std::ops::Range<usize>, with: &[u8]) {
 }
 
 /// Reads what is available into `buf`: `Ok(None)` when nothing was (spurious wake-up).
-fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+fn read_some(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
     if buf.capacity() - buf.len() < READ_CHUNK / 2 {
         buf.reserve(READ_CHUNK);
     }
@@ -291,8 +293,9 @@ fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>
     }
 }
 
-/// Writes as much of `buf[..*ready]` as the socket takes without blocking.
-fn write_some(stream: &TcpStream, buf: &mut BytesMut, ready: &mut usize) -> io::Result<()> {
+/// Writes as much of `buf[..*ready]` as the socket takes without blocking (with TLS,
+/// and what rustls still holds from earlier writes).
+fn write_some(stream: &mut Stream, buf: &mut BytesMut, ready: &mut usize) -> io::Result<()> {
     while *ready > 0 {
         match stream.try_write(&buf[..*ready]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -304,16 +307,11 @@ fn write_some(stream: &TcpStream, buf: &mut BytesMut, ready: &mut usize) -> io::
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    stream.try_flush()
 }
 
 impl Session {
-    fn new(
-        client: TcpStream,
-        shared: Arc<Shared>,
-        login: LoggedIn,
-        signal: ShutdownSignal,
-    ) -> Self {
+    fn new(client: Stream, shared: Arc<Shared>, login: LoggedIn, signal: ShutdownSignal) -> Self {
         let max = shared.config().pgtide.max_message_size;
         let tracked = login.mode == PoolMode::Transaction
             && shared.config().pgtide.max_prepared_statements > 0;
@@ -496,8 +494,8 @@ impl Session {
             let now = *now;
             self.tx_started.get_or_insert(now);
         }
-        if let Some(server) = &self.server {
-            if let Err(e) = write_some(&server.stream, &mut self.c2s, &mut self.c_ready) {
+        if let Some(server) = &mut self.server {
+            if let Err(e) = write_some(&mut server.stream, &mut self.c2s, &mut self.c_ready) {
                 return Err(self.server_lost(&e.to_string()).await_told(self).await);
             }
         }
@@ -513,9 +511,9 @@ impl Session {
         } else {
             self.s_ready
         };
-        if writable > 0 {
+        if writable > 0 || self.client.wants_flush() {
             let mut ready = writable;
-            let r = write_some(&self.client, &mut self.s2c, &mut ready);
+            let r = write_some(&mut self.client, &mut self.s2c, &mut ready);
             let written = writable - ready;
             self.s_ready -= written;
             if self.retry.is_some() {
@@ -551,7 +549,7 @@ impl Session {
         }
 
         match self.wait().await {
-            Event::ClientReadable => match read_some(&self.client, &mut self.c2s) {
+            Event::ClientReadable => match read_some(&mut self.client, &mut self.c2s) {
                 Ok(Some(0)) => Err(End::ClientLeft),
                 Ok(n) => {
                     self.bytes_in += n.unwrap_or(0) as u64;
@@ -560,10 +558,10 @@ impl Session {
                 Err(e) => Err(End::ClientError(e.to_string())),
             },
             Event::ServerReadable => {
-                let Some(server) = &self.server else {
+                let Some(server) = &mut self.server else {
                     return Ok(());
                 };
-                match read_some(&server.stream, &mut self.s2c) {
+                match read_some(&mut server.stream, &mut self.s2c) {
                     Ok(Some(0)) => Err(self
                         .server_lost("the server closed the connection")
                         .await_told(self)
@@ -649,11 +647,11 @@ impl Session {
                 let _ = r;
                 Event::ClientReadable
             }
-            r = async { server.expect("guarded").writable().await }, if server.is_some() && self.c_ready > 0 => {
+            r = async { server.expect("guarded").writable().await }, if server.is_some_and(|s| self.c_ready > 0 || s.wants_flush()) => {
                 let _ = r;
                 Event::ServerWritable
             }
-            r = client.writable(), if client_bytes > 0 => {
+            r = client.writable(), if client_bytes > 0 || client.wants_flush() => {
                 let _ = r;
                 Event::ClientWritable
             }
@@ -1498,7 +1496,7 @@ impl Session {
                 }
             }
         }
-        self.login.cancel.attach(server.cancel);
+        self.login.cancel.attach(server.cancel.clone());
         self.tx_status = status::IDLE;
         self.server = Some(server);
         Ok(())
@@ -1580,7 +1578,7 @@ impl Session {
         let mut ready = self.s_ready;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             if ready > 0 {
-                let _ = self.client.write_all(&self.s2c[..ready]).await;
+                let _ = self.client.send(&self.s2c[..ready]).await;
                 self.s2c.advance(ready);
                 ready = 0;
             }
@@ -1589,7 +1587,7 @@ impl Session {
         self.s_ready = ready;
         let mut b = BytesMut::with_capacity(128 + message.len());
         backend::error_response(&mut b, Severity::Fatal, code, message, None, None);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&b)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.send(&b)).await;
         self.login.pool.metrics.error(code);
         End::Told(message.to_string())
     }
@@ -1629,11 +1627,14 @@ impl Session {
                     None,
                     None,
                 );
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&b)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.client.send(&b)).await;
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.shutdown()).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::io::AsyncWriteExt::shutdown(&mut self.client),
+        )
+        .await;
         let Some(server) = self.server.take() else {
             return;
         };
@@ -1676,7 +1677,7 @@ impl Session {
             self.pending += 1;
         }
         if !out.is_empty()
-            && tokio::time::timeout(timeout, server.stream.write_all(&out))
+            && tokio::time::timeout(timeout, server.stream.send(&out))
                 .await
                 .is_err()
         {
@@ -1686,7 +1687,7 @@ impl Session {
             if !self.copy_in {
                 // A query may be running for a client that left: cancel it. A backend
                 // that is idle when the signal arrives ignores it.
-                let _ = crate::server::send_cancel(server.cancel, timeout).await;
+                let _ = crate::server::send_cancel(server.cancel.clone(), timeout).await;
             }
             if !self.drain(&mut server, timeout).await {
                 return give_up(server);

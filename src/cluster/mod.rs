@@ -202,6 +202,7 @@ impl Cluster {
         database: &str,
         salted: Arc<SaltedPasswordCache>,
         file_users: &[(String, String)],
+        tls: Arc<crate::tls::ServerTls>,
     ) -> Option<Arc<Cluster>> {
         let settings = config.cluster_settings(database, "")?;
         let can_log_in =
@@ -228,6 +229,7 @@ impl Cluster {
             secret: password.map(|p| Arc::new(StoredCredential::new(user, p))),
             salted,
             max_message: config.pgtide.max_message_size,
+            tls,
         };
         Some(Cluster::with_login(
             database,

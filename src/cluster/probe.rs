@@ -114,6 +114,8 @@ pub struct MonitorLogin {
     pub salted: Arc<SaltedPasswordCache>,
     /// Largest message accepted from the server.
     pub max_message: u32,
+    /// How to use TLS to the hosts (`server_tls_*` of the database).
+    pub tls: Arc<crate::tls::ServerTls>,
 }
 
 /// The real check: a monitoring connection (opened on first use and kept open between
@@ -135,6 +137,7 @@ impl PgProbe {
                 dbname: login.dbname.clone(),
                 user: login.user.clone(),
                 secret: crate::auth::ServerSecret::new(login.secret.clone()),
+                tls: login.tls.clone(),
             },
             salted: login.salted.clone(),
             max_message: login.max_message,
@@ -143,9 +146,10 @@ impl PgProbe {
     }
 
     async fn check(&mut self, timeout: Duration) -> Result<ProbeResult, String> {
-        let mut conn = match self.conn.take() {
-            Some(c) if c.is_quiet() => c,
-            _ => {
+        let kept = self.conn.take().and_then(|mut c| c.is_quiet().then_some(c));
+        let mut conn = match kept {
+            Some(c) => c,
+            None => {
                 ServerConn::connect(&self.target, &self.salted, self.max_message)
                     .await
                     .map_err(|e| format!("cannot connect: {e}"))?

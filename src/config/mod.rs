@@ -43,6 +43,10 @@ pub enum AuthType {
     Md5,
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+    /// The client's TLS certificate, verified against `client_tls_ca_file`, must have a
+    /// common name (CN) equal to the user name.
+    #[serde(rename = "cert")]
+    Cert,
 }
 
 impl fmt::Display for AuthType {
@@ -51,6 +55,67 @@ impl fmt::Display for AuthType {
             AuthType::Trust => "trust",
             AuthType::Md5 => "md5",
             AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Cert => "cert",
+        })
+    }
+}
+
+/// What pgtide asks of clients' TLS (PgBouncer's `client_tls_sslmode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientSslMode {
+    /// No TLS: SSLRequest is answered 'N', a direct TLS handshake is refused.
+    Disable,
+    /// TLS when the client asks for it; plain connections are accepted too.
+    Allow,
+    /// The same as `allow` on the client side (as in PgBouncer).
+    Prefer,
+    /// Every client must use TLS.
+    Require,
+    /// TLS with a client certificate signed by `client_tls_ca_file`.
+    VerifyCa,
+    /// The same as `verify-ca` on the client side (as in PgBouncer): a client
+    /// certificate has no host name to check.
+    VerifyFull,
+}
+
+impl fmt::Display for ClientSslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientSslMode::Disable => "disable",
+            ClientSslMode::Allow => "allow",
+            ClientSslMode::Prefer => "prefer",
+            ClientSslMode::Require => "require",
+            ClientSslMode::VerifyCa => "verify-ca",
+            ClientSslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// How pgtide uses TLS to the servers (libpq's `sslmode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerSslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it (no certificate check), else plain.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS with a server certificate signed by `server_tls_ca_file`.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate must name the host pgtide connects to.
+    VerifyFull,
+}
+
+impl fmt::Display for ServerSslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerSslMode::Disable => "disable",
+            ServerSslMode::Prefer => "prefer",
+            ServerSslMode::Require => "require",
+            ServerSslMode::VerifyCa => "verify-ca",
+            ServerSslMode::VerifyFull => "verify-full",
         })
     }
 }
@@ -307,6 +372,26 @@ pub struct General {
     /// the counters then stay at zero. Needs a restart to change.
     pub collect_metrics: bool,
 
+    // TLS. Certificate and key files are read at start and again on SIGHUP.
+    /// TLS towards clients.
+    pub client_tls_sslmode: ClientSslMode,
+    /// PEM certificate chain pgtide presents to clients; empty = none.
+    pub client_tls_cert_file: String,
+    /// PEM private key of `client_tls_cert_file`; empty = none.
+    pub client_tls_key_file: String,
+    /// PEM CA certificates that client certificates must chain to; empty = client
+    /// certificates are not asked for.
+    pub client_tls_ca_file: String,
+    /// TLS towards the servers; can be overridden per database.
+    pub server_tls_sslmode: ServerSslMode,
+    /// PEM CA certificates the servers' certificates must chain to (verify-ca,
+    /// verify-full); empty = none.
+    pub server_tls_ca_file: String,
+    /// PEM certificate chain pgtide presents to servers that ask for one; empty = none.
+    pub server_tls_cert_file: String,
+    /// PEM private key of `server_tls_cert_file`; empty = none.
+    pub server_tls_key_file: String,
+
     // Routing and health checks; each can be overridden per database.
     /// How reads pick a replica.
     pub load_balance: LoadBalance,
@@ -379,6 +464,14 @@ impl Default for General {
             metrics_listen: "127.0.0.1:9930".to_string(),
             admin_users: Vec::new(),
             collect_metrics: true,
+            client_tls_sslmode: ClientSslMode::Disable,
+            client_tls_cert_file: String::new(),
+            client_tls_key_file: String::new(),
+            client_tls_ca_file: String::new(),
+            server_tls_sslmode: ServerSslMode::Prefer,
+            server_tls_ca_file: String::new(),
+            server_tls_cert_file: String::new(),
+            server_tls_key_file: String::new(),
             load_balance: LoadBalance::LeastOutstanding,
             max_replica_lag_bytes: 16 * 1024 * 1024,
             max_replica_lag: ConfigDuration::secs(10),
@@ -479,6 +572,14 @@ pub struct Database {
     pub health_check_successes: Option<u32>,
     /// Overrides `[pgtide].health_check_backoff_max`.
     pub health_check_backoff_max: Option<ConfigDuration>,
+    /// Overrides `[pgtide].server_tls_sslmode`.
+    pub server_tls_sslmode: Option<ServerSslMode>,
+    /// Overrides `[pgtide].server_tls_ca_file`.
+    pub server_tls_ca_file: Option<String>,
+    /// Overrides `[pgtide].server_tls_cert_file`.
+    pub server_tls_cert_file: Option<String>,
+    /// Overrides `[pgtide].server_tls_key_file`.
+    pub server_tls_key_file: Option<String>,
 }
 
 impl Default for Database {
@@ -509,6 +610,10 @@ impl Default for Database {
             health_check_failures: None,
             health_check_successes: None,
             health_check_backoff_max: None,
+            server_tls_sslmode: None,
+            server_tls_ca_file: None,
+            server_tls_cert_file: None,
+            server_tls_key_file: None,
         }
     }
 }
@@ -553,6 +658,15 @@ pub struct Config {
     pub pgtide: General,
     pub databases: BTreeMap<String, Database>,
     pub users: BTreeMap<String, User>,
+}
+
+/// The resolved server-side TLS settings of one database (empty path = not given).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerTlsSettings {
+    pub sslmode: ServerSslMode,
+    pub ca_file: String,
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 /// The resolved settings of one (database, user) pool.
@@ -776,6 +890,25 @@ impl Config {
                 .databases
                 .values()
                 .any(|d| d.auth_user.as_deref().is_some_and(|u| !u.is_empty()))
+    }
+
+    /// The TLS settings pgtide uses towards the servers of `database` (its overrides
+    /// applied); the global ones for an unknown database.
+    pub fn server_tls(&self, database: &str) -> ServerTlsSettings {
+        let g = &self.pgtide;
+        let d = self.databases.get(database);
+        let file = |own: Option<&Option<String>>, global: &String| {
+            own.and_then(|o| o.clone())
+                .unwrap_or_else(|| global.clone())
+        };
+        ServerTlsSettings {
+            sslmode: d
+                .and_then(|d| d.server_tls_sslmode)
+                .unwrap_or(g.server_tls_sslmode),
+            ca_file: file(d.map(|d| &d.server_tls_ca_file), &g.server_tls_ca_file),
+            cert_file: file(d.map(|d| &d.server_tls_cert_file), &g.server_tls_cert_file),
+            key_file: file(d.map(|d| &d.server_tls_key_file), &g.server_tls_key_file),
+        }
     }
 
     /// The authentication method for `user`.

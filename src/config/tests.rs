@@ -2,7 +2,7 @@
 
 use super::super::{
     AuthType, Config, ConfigDuration, Database, General, HostConfig, HostRole, LoadBalance,
-    PoolMode, ReadYourWrites, ReplicaFallback, Route, User, DEFAULT_AUTH_QUERY,
+    PoolMode, ReadYourWrites, ReplicaFallback, Route, ServerSslMode, User, DEFAULT_AUTH_QUERY,
 };
 use super::*;
 use std::time::Duration;
@@ -180,6 +180,10 @@ fn key_tables_match_the_types() {
         health_check_failures: Some(1),
         health_check_successes: Some(1),
         health_check_backoff_max: Some(ConfigDuration::secs(1)),
+        server_tls_sslmode: Some(ServerSslMode::Require),
+        server_tls_ca_file: Some("ca.pem".into()),
+        server_tls_cert_file: Some("c.pem".into()),
+        server_tls_key_file: Some("k.pem".into()),
         ..Database::default()
     };
     assert_eq!(serialized_keys(&d), table_keys(DATABASE_KEYS));
@@ -355,12 +359,12 @@ fn wrong_types() {
     only(
         &with_pgtide("auth_type = 5"),
         "pgtide.auth_type",
-        "expected a string (\"trust\", \"md5\" or \"scram-sha-256\")",
+        "expected a string (\"trust\", \"md5\", \"scram-sha-256\" or \"cert\")",
     );
     only(
         &with_pgtide("auth_type = \"password\""),
         "pgtide.auth_type",
-        "\"password\" is not allowed; use \"trust\", \"md5\" or \"scram-sha-256\"",
+        "\"password\" is not allowed; use \"trust\", \"md5\", \"scram-sha-256\" or \"cert\"",
     );
     only(
         &with_pgtide("track_extra_params = \"search_path\""),
@@ -639,7 +643,7 @@ fn passwords_and_auth_types() {
     );
 
     // Plain passwords work with every method.
-    for auth in AUTH_TYPES {
+    for auth in AUTH_TYPES.iter().filter(|a| **a != "cert") {
         ok(&with_user(&format!(
             "password = \"pw\"\nauth_type = \"{auth}\""
         )));
@@ -1144,10 +1148,17 @@ fn upstream_url_parameters() {
         url_ok(&format!("postgres://u:p@h/d?sslmode={mode}"));
     }
     url_ok("postgres://u:p@h/d?application_name=web&sslmode=disable");
-    for mode in ["require", "verify-ca", "verify-full"] {
+    let (_, d, ..) = url_ok("postgres://u:p@h/d?sslmode=require");
+    assert_eq!(d.server_tls_sslmode, Some(ServerSslMode::Require));
+    let (_, d, ..) = url_ok("postgres://u:p@h/d?sslmode=verify-full&sslrootcert=/etc/ca.pem");
+    assert_eq!(d.server_tls_sslmode, Some(ServerSslMode::VerifyFull));
+    assert_eq!(d.server_tls_ca_file.as_deref(), Some("/etc/ca.pem"));
+    let (_, d, ..) = url_ok("postgres://u:p@h/d");
+    assert_eq!(d.server_tls_sslmode, Some(ServerSslMode::Prefer));
+    for mode in ["verify-ca", "verify-full"] {
         url_err(
             &format!("postgres://u:p@h/d?sslmode={mode}"),
-            "TLS to the server is not supported yet",
+            "needs sslrootcert=",
         );
     }
     url_err(
@@ -1159,7 +1170,7 @@ fn upstream_url_parameters() {
         "unknown URL parameter \"connect_timeout\"",
     );
     // All problems at once.
-    let e = Config::from_upstream_url("postgres://h/d/e?sslmode=require&x=1").unwrap_err();
+    let e = Config::from_upstream_url("postgres://h/d/e?sslmode=verify-ca&x=1").unwrap_err();
     assert_eq!(e.problems.len(), 4, "{e}");
 }
 
@@ -1290,4 +1301,87 @@ fn the_admin_database_names_are_reserved() {
             "reserved for the admin console",
         );
     }
+}
+
+// --- TLS ---------------------------------------------------------------------------------
+
+fn tls_problems(extra: &str) -> Vec<(String, String)> {
+    let text = format!(
+        "[pgtide]\n{extra}\n[databases.app]\nhost = \"127.0.0.1\"\n[users.app]\npassword = \"x\"\n"
+    );
+    match Config::from_toml_str(&text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.problems.into_iter().map(|p| (p.key, p.message)).collect(),
+    }
+}
+
+#[test]
+fn tls_defaults() {
+    let g = General::default();
+    assert_eq!(g.client_tls_sslmode, super::super::ClientSslMode::Disable);
+    assert_eq!(g.server_tls_sslmode, ServerSslMode::Prefer);
+    assert!(tls_problems("").is_empty());
+}
+
+#[test]
+fn client_tls_needs_certificate_and_key() {
+    let p = tls_problems("client_tls_sslmode = \"require\"");
+    let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["pgtide.client_tls_cert_file", "pgtide.client_tls_key_file"]
+    );
+    assert!(
+        p[0].1
+            .contains("required when client_tls_sslmode is \"require\""),
+        "{p:?}"
+    );
+    let p = tls_problems(
+        "client_tls_sslmode = \"verify-ca\"\nclient_tls_cert_file = \"c\"\nclient_tls_key_file = \"k\"",
+    );
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "pgtide.client_tls_ca_file");
+    let p = tls_problems("client_tls_sslmode = \"sometimes\"");
+    assert_eq!(p[0].0, "pgtide.client_tls_sslmode");
+    assert!(p[0].1.contains("\"verify-full\""), "{p:?}");
+}
+
+#[test]
+fn client_tls_files_without_a_mode_are_an_error() {
+    let p = tls_problems("client_tls_cert_file = \"c\"");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "pgtide.client_tls_sslmode");
+}
+
+#[test]
+fn cert_auth_needs_client_certificates() {
+    let p = tls_problems("auth_type = \"cert\"");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "pgtide.client_tls_ca_file");
+    assert!(p[0].1.contains("auth_type \"cert\""), "{p:?}");
+    let ok = tls_problems(
+        "auth_type = \"cert\"\nclient_tls_sslmode = \"verify-full\"\nclient_tls_cert_file = \"c\"\nclient_tls_key_file = \"k\"\nclient_tls_ca_file = \"ca\"",
+    );
+    assert!(ok.is_empty(), "{ok:?}");
+}
+
+#[test]
+fn server_tls_settings_and_overrides() {
+    let p = tls_problems("server_tls_sslmode = \"verify-full\"");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0, "pgtide.server_tls_ca_file");
+    let p = tls_problems("server_tls_cert_file = \"c\"");
+    assert_eq!(p[0].0, "pgtide.server_tls_key_file");
+    let text = "[pgtide]\nserver_tls_ca_file = \"/ca.pem\"\n[databases.app]\nserver_tls_sslmode = \"verify-ca\"\n[databases.other]\nserver_tls_sslmode = \"disable\"\nserver_tls_ca_file = \"/other.pem\"\n[users.app]\npassword = \"x\"\n";
+    let c = Config::from_toml_str(text).expect("valid");
+    let app = c.server_tls("app");
+    assert_eq!(app.sslmode, ServerSslMode::VerifyCa);
+    assert_eq!(app.ca_file, "/ca.pem");
+    let other = c.server_tls("other");
+    assert_eq!(other.sslmode, ServerSslMode::Disable);
+    assert_eq!(other.ca_file, "/other.pem");
+    let text =
+        "[databases.app]\nserver_tls_sslmode = \"verify-full\"\n[users.app]\npassword = \"x\"\n";
+    let e = Config::from_toml_str(text).expect_err("no CA");
+    assert_eq!(e.problems[0].key, "databases.app.server_tls_ca_file");
 }

@@ -89,7 +89,17 @@ pub(super) enum Kind {
 }
 
 pub(super) const POOL_MODES: &[&str] = &["transaction", "session"];
-pub(super) const AUTH_TYPES: &[&str] = &["trust", "md5", "scram-sha-256"];
+pub(super) const AUTH_TYPES: &[&str] = &["trust", "md5", "scram-sha-256", "cert"];
+pub(super) const CLIENT_SSLMODES: &[&str] = &[
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+pub(super) const SERVER_SSLMODES: &[&str] =
+    &["disable", "prefer", "require", "verify-ca", "verify-full"];
 pub(super) const HOST_ROLES: &[&str] = &["primary", "replica", "auto"];
 pub(super) const LOAD_BALANCES: &[&str] = &["least_outstanding", "round_robin", "random"];
 pub(super) const REPLICA_FALLBACKS: &[&str] = &["primary", "error"];
@@ -120,6 +130,14 @@ const ROUTING_KEYS: [(&str, Kind); 14] = [
     ("health_check_failures", Kind::U32),
     ("health_check_successes", Kind::U32),
     ("health_check_backoff_max", Kind::Duration),
+];
+
+/// The server-side TLS keys, allowed in `[pgtide]` and in `[databases.NAME]`.
+const SERVER_TLS_KEYS: [(&str, Kind); 4] = [
+    ("server_tls_sslmode", Kind::Enum(SERVER_SSLMODES)),
+    ("server_tls_ca_file", Kind::Str),
+    ("server_tls_cert_file", Kind::Str),
+    ("server_tls_key_file", Kind::Str),
 ];
 
 /// The keys of `[pgtide]`, in the order of [`super::General`].
@@ -159,6 +177,14 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("metrics_listen", Kind::Str),
     ("admin_users", Kind::StrList),
     ("collect_metrics", Kind::Bool),
+    ("client_tls_sslmode", Kind::Enum(CLIENT_SSLMODES)),
+    ("client_tls_cert_file", Kind::Str),
+    ("client_tls_key_file", Kind::Str),
+    ("client_tls_ca_file", Kind::Str),
+    SERVER_TLS_KEYS[0],
+    SERVER_TLS_KEYS[1],
+    SERVER_TLS_KEYS[2],
+    SERVER_TLS_KEYS[3],
     ROUTING_KEYS[0],
     ROUTING_KEYS[1],
     ROUTING_KEYS[2],
@@ -202,6 +228,10 @@ pub(super) const DATABASE_KEYS: &[(&str, Kind)] = &[
     ROUTING_KEYS[11],
     ROUTING_KEYS[12],
     ROUTING_KEYS[13],
+    SERVER_TLS_KEYS[0],
+    SERVER_TLS_KEYS[1],
+    SERVER_TLS_KEYS[2],
+    SERVER_TLS_KEYS[3],
 ];
 
 /// The keys of `[users.NAME]`.
@@ -659,6 +689,8 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
             );
         }
     }
+    check_client_tls(config, &mut push);
+    check_server_tls("pgtide", &config.server_tls(""), &mut push);
 
     for (name, d) in &config.databases {
         let key = join("databases", name);
@@ -674,6 +706,13 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
         check_database(&key, d, g, &mut push);
         check_hosts(&key, d, &mut push);
         check_database_routing(&key, d, g, &mut push);
+        let own_tls = d.server_tls_sslmode.is_some()
+            || d.server_tls_ca_file.is_some()
+            || d.server_tls_cert_file.is_some()
+            || d.server_tls_key_file.is_some();
+        if own_tls {
+            check_server_tls(&key, &config.server_tls(name), &mut push);
+        }
     }
 
     for (name, u) in &config.users {
@@ -713,6 +752,82 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
         );
     }
     out
+}
+
+/// `client_tls_*`: what each sslmode needs, and `cert` auth needs client certificates.
+fn check_client_tls(config: &Config, push: &mut impl FnMut(String, String)) {
+    use super::ClientSslMode as M;
+    let g = &config.pgtide;
+    let mode = g.client_tls_sslmode;
+    if mode != M::Disable {
+        for (key, value) in [
+            ("client_tls_cert_file", &g.client_tls_cert_file),
+            ("client_tls_key_file", &g.client_tls_key_file),
+        ] {
+            if value.is_empty() {
+                push(
+                    format!("pgtide.{key}"),
+                    format!("required when client_tls_sslmode is \"{mode}\"; give a PEM file, or set client_tls_sslmode = \"disable\""),
+                );
+            }
+        }
+    }
+    if matches!(mode, M::VerifyCa | M::VerifyFull) && g.client_tls_ca_file.is_empty() {
+        push(
+            "pgtide.client_tls_ca_file".into(),
+            format!("required when client_tls_sslmode is \"{mode}\": client certificates are checked against it"),
+        );
+    }
+    if mode == M::Disable
+        && (!g.client_tls_cert_file.is_empty()
+            || !g.client_tls_key_file.is_empty()
+            || !g.client_tls_ca_file.is_empty())
+    {
+        push(
+            "pgtide.client_tls_sslmode".into(),
+            "is \"disable\" but client_tls files are given; set client_tls_sslmode (e.g. \"prefer\" or \"require\") or remove the files".into(),
+        );
+    }
+    let cert_users = (g.auth_type == AuthType::Cert)
+        || config
+            .users
+            .values()
+            .any(|u| u.auth_type == Some(AuthType::Cert));
+    if cert_users && (mode == M::Disable || g.client_tls_ca_file.is_empty()) {
+        push(
+            "pgtide.client_tls_ca_file".into(),
+            "auth_type \"cert\" needs client certificates: set client_tls_sslmode (not \"disable\") and client_tls_ca_file".into(),
+        );
+    }
+}
+
+/// `server_tls_*` of `[pgtide]` or of one database (`settings` has the overrides applied).
+fn check_server_tls(
+    section: &str,
+    t: &super::ServerTlsSettings,
+    push: &mut impl FnMut(String, String),
+) {
+    use super::ServerSslMode as M;
+    if matches!(t.sslmode, M::VerifyCa | M::VerifyFull) && t.ca_file.is_empty() {
+        push(
+            format!("{section}.server_tls_ca_file"),
+            format!(
+                "required when server_tls_sslmode is \"{}\": server certificates are checked against it",
+                t.sslmode
+            ),
+        );
+    }
+    if t.cert_file.is_empty() != t.key_file.is_empty() {
+        let missing = if t.cert_file.is_empty() {
+            "server_tls_cert_file"
+        } else {
+            "server_tls_key_file"
+        };
+        push(
+            format!("{section}.{missing}"),
+            "server_tls_cert_file and server_tls_key_file go together; give both or neither".into(),
+        );
+    }
 }
 
 fn check_database(
@@ -1043,7 +1158,7 @@ fn check_password(
     let password = match u.password.as_deref() {
         None => {
             // The password may come from auth_file or auth_query.
-            if auth != AuthType::Trust && !elsewhere {
+            if auth != AuthType::Trust && auth != AuthType::Cert && !elsewhere {
                 push(
                     key.to_string(),
                     format!(
@@ -1201,22 +1316,36 @@ pub(super) fn from_upstream_url(text: &str) -> Result<Config, ConfigError> {
             String::new()
         })
     };
+    let mut sslmode = super::ServerSslMode::Prefer;
+    let mut sslrootcert = None;
     for (name, value) in url.query_pairs() {
         match name.as_ref() {
             "sslmode" => match value.as_ref() {
-                "disable" | "allow" | "prefer" => {}
-                "require" | "verify-ca" | "verify-full" => fail(format!(
-                    "sslmode={value}: TLS to the server is not supported yet; use sslmode=disable, allow or prefer"
-                )),
+                "disable" => sslmode = super::ServerSslMode::Disable,
+                // libpq's allow tries plain text first; pgtide asks for TLS first.
+                "allow" | "prefer" => sslmode = super::ServerSslMode::Prefer,
+                "require" => sslmode = super::ServerSslMode::Require,
+                "verify-ca" => sslmode = super::ServerSslMode::VerifyCa,
+                "verify-full" => sslmode = super::ServerSslMode::VerifyFull,
                 _ => fail(format!(
-                    "sslmode={value:?} is not a valid sslmode; use disable, allow or prefer"
+                    "sslmode={value:?} is not a valid sslmode; use disable, allow, prefer, require, verify-ca or verify-full"
                 )),
             },
+            "sslrootcert" => sslrootcert = Some(value.into_owned()),
             "application_name" => {}
             _ => fail(format!(
-                "unknown URL parameter {name:?}; pgtide accepts sslmode and application_name"
+                "unknown URL parameter {name:?}; pgtide accepts sslmode, sslrootcert and application_name"
             )),
         }
+    }
+    if matches!(
+        sslmode,
+        super::ServerSslMode::VerifyCa | super::ServerSslMode::VerifyFull
+    ) && sslrootcert.is_none()
+    {
+        fail(format!(
+            "sslmode={sslmode} needs sslrootcert=<path of the CA certificates (PEM)> in the URL"
+        ));
     }
     if url.fragment().is_some() {
         fail("the URL has a '#' fragment; if the password contains '#', write it as %23".into());
@@ -1231,6 +1360,8 @@ pub(super) fn from_upstream_url(text: &str) -> Result<Config, ConfigError> {
         Database {
             host,
             port,
+            server_tls_sslmode: Some(sslmode),
+            server_tls_ca_file: sslrootcert,
             ..Database::default()
         },
     );

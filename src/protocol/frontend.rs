@@ -24,6 +24,11 @@ pub fn startup_message<'a>(
     });
 }
 
+/// SSLRequest: asks the server to switch to TLS (it answers 'S' or 'N').
+pub fn ssl_request(buf: &mut BytesMut) {
+    with_len(buf, None, |b| b.put_i32(super::startup::SSL_REQUEST_CODE));
+}
+
 /// CancelRequest for a server's BackendKeyData.
 pub fn cancel_request(buf: &mut BytesMut, pid: i32, secret: i32) {
     with_len(buf, None, |b| {
