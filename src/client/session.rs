@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use super::login::{self, LoggedIn, NoSession};
@@ -253,13 +253,32 @@ fn splice(buf: &mut BytesMut, range: std::ops::Range<usize>, with: &[u8]) {
 }
 
 /// Reads what is available into `buf`: `Ok(None)` when nothing was (spurious wake-up).
+///
+/// A read that leaves room in `buf` has drained the socket, so its readiness is cleared
+/// then and there (as tokio's own `poll_read` does): the next wait goes to the reactor
+/// instead of costing a `recv` that only says EAGAIN. Data that arrives meanwhile sets
+/// readiness anew, which clearing the old readiness does not undo.
 fn read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
     if buf.capacity() - buf.len() < READ_CHUNK / 2 {
         buf.reserve(READ_CHUNK);
     }
-    match stream.try_read_buf(buf) {
-        Ok(n) => Ok(Some(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+    let mut got = None;
+    let r = stream.try_io(Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        let n = socket2::SockRef::from(stream).recv(spare)?;
+        // SAFETY: recv initialized the first n bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        got = Some(n);
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match r {
+        Ok(()) => Ok(got),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(got),
         Err(e) => Err(e),
     }
 }
