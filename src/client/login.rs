@@ -33,6 +33,11 @@ impl LoggedIn {
     /// The pool of this client's (database, user) on the current primary (which may have
     /// changed since login).
     pub fn pool_for_primary(&self, shared: &Shared) -> Arc<Pool> {
+        if !shared.clusters.contains_key(&self.database) {
+            // One server (no cluster): its pool is the one this client logged in with,
+            // found without the pools' lock and key allocations on every transaction.
+            return self.pool.clone();
+        }
         shared
             .pool(&self.database, &self.user)
             .unwrap_or_else(|| self.pool.clone())
