@@ -92,6 +92,28 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
+def ctx_switches(pid):
+    """Voluntary + involuntary context switches of a process, summed over its threads."""
+    total = 0
+    for status in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(status) as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass  # a thread that ended between listing and reading
+    return total
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
 def tail(path, n=20):
     try:
         with open(path, errors="replace") as f:
@@ -113,13 +135,31 @@ class Bench:
             self.scale = env_int("SCALE", 1)
             self.workloads = env_list("WORKLOADS", ["select-only"])
             self.protocols = env_list("PROTOCOLS", ["simple"])
+            self.rounds = env_int("ROUNDS", 1)
+            self.idle_clients = env_int("IDLE_CLIENTS", 200)
+            self.storm_duration = env_int("STORM_DURATION", 2)
+            self.routing_protocols = env_list("ROUTING_PROTOCOLS", ["simple"])
+            self.routing_clients = [int(c) for c in env_list("ROUTING_CLIENTS", ["4"])]
         else:
-            self.clients = [int(c) for c in env_list("CLIENTS", ["10", "50", "200"])]
+            self.clients = [int(c) for c in env_list("CLIENTS", ["10", "50", "200", "1000"])]
             self.duration = env_int("DURATION", 10)
             self.scale = env_int("SCALE", 10)
             self.workloads = env_list("WORKLOADS", ["select-only", "tpcb-like"])
             self.protocols = env_list("PROTOCOLS", ["simple", "extended", "prepared"])
-        self.rounds = env_int("ROUNDS", 1)
+            self.rounds = env_int("ROUNDS", 3)
+            self.idle_clients = env_int("IDLE_CLIENTS", 10000)
+            self.storm_duration = env_int("STORM_DURATION", self.duration)
+            self.routing_protocols = env_list("ROUTING_PROTOCOLS", ["simple", "extended"])
+            self.routing_clients = [int(c) for c in env_list("ROUTING_CLIENTS", ["10", "50"])]
+        self.storm_clients = env_int("STORM_CLIENTS", 10)
+        self.storm_sslmode = os.environ.get("STORM_SSLMODE", "disable")
+        if self.storm_sslmode != "disable":
+            raise Fatal(f"STORM_SSLMODE={self.storm_sslmode!r}: only 'disable' (plain TCP) is supported so far")
+        self.sections = env_list("SECTIONS", ["pgbench", "idle", "storm", "routing"])
+        for sec in self.sections:
+            if sec not in ("pgbench", "idle", "storm", "routing"):
+                raise Fatal(f"unknown section {sec!r}; known: pgbench idle storm routing")
+        self.perf = shutil.which("perf") if os.environ.get("SYSCALLS", "1") not in ("", "0") else None
         self.pool = env_int("POOL", 20)
         self.jobs = env_int("JOBS", 2)
         self.max_connections = env_int("MAX_CONNECTIONS", 300)
@@ -147,6 +187,7 @@ class Bench:
         self.failures = []  # human-readable failed pgbench runs
         self.commands = []  # exact commands, for the report
         self.results = {}  # (workload, protocol, clients, target) -> list of run dicts
+        self.pgbench_env = {}  # extra environment for pgbench (PGPASSWORD in the storm)
 
     # ---------------------------------------------------------------- processes
 
@@ -271,7 +312,7 @@ class Bench:
         r = self.run(argv)
         return r.stdout.strip()
 
-    def start_pgbouncer(self):
+    def pgbouncer_exe(self):
         exe = os.environ.get("PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         if not os.path.exists(exe):
             if self.is_root and shutil.which("apt-get"):
@@ -282,11 +323,18 @@ class Bench:
                 raise Fatal("pgbouncer not found; install it (apt-get install pgbouncer) or set PGBOUNCER=path, "
                             "or leave it out with TARGETS='direct pgtide'")
         self.pgbouncer_version = self.run([exe, "--version"]).stdout.splitlines()[0].strip()
+        return exe
+
+    def max_client_conn(self):
+        return max(2000, max(self.clients) + 100, self.idle_clients + 100)
+
+    def start_pgbouncer(self, name="pgbouncer", auth_type="trust", secret=""):
+        exe = self.pgbouncer_exe()
         port = free_port()
-        auth = os.path.join(self.tmp, "userlist.txt")
+        auth = os.path.join(self.tmp, f"userlist-{name}.txt")
         with open(auth, "w") as f:
-            f.write('"postgres" ""\n')
-        ini = os.path.join(self.tmp, "pgbouncer.ini")
+            f.write(f'"postgres" "{secret}"\n')
+        ini = os.path.join(self.tmp, f"{name}.ini")
         with open(ini, "w") as f:
             f.write(f"""[databases]
 bench = host=127.0.0.1 port={self.ports['direct']} dbname=bench
@@ -294,14 +342,15 @@ bench = host=127.0.0.1 port={self.ports['direct']} dbname=bench
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {port}
-unix_socket_dir = {self.tmp}
-auth_type = trust
+unix_socket_dir =
+pidfile = {os.path.join(self.tmp, name + '.pid')}
+auth_type = {auth_type}
 auth_file = {auth}
 pool_mode = transaction
 default_pool_size = {self.pool}
-max_client_conn = 2000
+max_client_conn = {self.max_client_conn()}
 ignore_startup_parameters = extra_float_digits
-logfile = {os.path.join(self.tmp, 'pgbouncer.log')}
+logfile = {os.path.join(self.tmp, name + '.log')}
 log_connections = 0
 log_disconnections = 0
 """)
@@ -310,18 +359,19 @@ log_disconnections = 0
             for path in (auth, ini):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
         argv = [exe, ini]
-        self.commands.append(("pgbouncer", shlex.join(argv) + f"   # {self.pgbouncer_version}; pool_mode=transaction "
-                              f"default_pool_size={self.pool} max_client_conn=2000 auth_type=trust"))
-        self.ini_text = open(ini).read()
-        p = self.spawn("pgbouncer", argv, os.path.join(self.tmp, "pgbouncer.out"), as_pg=True)
+        self.commands.append((name, shlex.join(argv) + f"   # {self.pgbouncer_version}; pool_mode=transaction "
+                              f"default_pool_size={self.pool} max_client_conn={self.max_client_conn()} auth_type={auth_type}"))
+        p = self.spawn(name, argv, os.path.join(self.tmp, f"{name}.out"), as_pg=True)
         if not wait_port(port, p, 15):
-            raise Fatal(f"pgbouncer did not listen on {port}:\n{tail(os.path.join(self.tmp, 'pgbouncer.log'))}"
-                        f"{tail(os.path.join(self.tmp, 'pgbouncer.out'))}")
-        self.ports["pgbouncer"] = port
+            raise Fatal(f"{name} did not listen on {port}:\n{tail(os.path.join(self.tmp, name + '.log'))}"
+                        f"{tail(os.path.join(self.tmp, name + '.out'))}")
+        self.ports[name] = port
 
-    def start_pgtide(self, name="pgtide"):
+    def pgtide_exe(self):
         # PGTIDE_BIN names a pgtide binary to use as it is (CI's smoke run uses the debug
         # build the tests made); otherwise the script builds and uses the release binary.
+        if getattr(self, "_pgtide_exe", None):
+            return self._pgtide_exe
         exe = os.environ.get("PGTIDE_BIN", "")
         if exe:
             exe = os.path.abspath(exe)
@@ -334,6 +384,11 @@ log_disconnections = 0
         exe = exe or os.path.join(REPO, "target", "release", "pgtide")
         if not os.path.exists(exe):
             raise Fatal(f"{exe} not found (SKIP_BUILD is set?)")
+        self._pgtide_exe = exe
+        return exe
+
+    def start_pgtide(self, name="pgtide", auth_type="trust", user_lines="", databases=None):
+        exe = self.pgtide_exe()
         port = free_port()
         conf = os.path.join(self.tmp, f"{name}.toml")
         if name == "pgtide":
@@ -341,29 +396,35 @@ log_disconnections = 0
             mport = free_port()
             self.metrics_ports[name] = mport
             metrics = f'metrics_listen = "127.0.0.1:{mport}"\ncollect_metrics = true'
-        else:
+            what = f"metrics on, scraped every {self.scrape_interval:g} s"
+        elif name == "pgtide-nometrics":
             metrics = 'metrics_listen = ""\ncollect_metrics = false'
+            what = "collect_metrics=false, no metrics endpoint"
+        else:
+            # Counting on (the default), no endpoint; no newer keys, so that COMPARE_BIN
+            # may name an older build.
+            metrics = 'metrics_listen = ""'
+            what = "metrics counted, no endpoint"
+        if databases is None:
+            databases = f"""[databases.bench]
+host = "127.0.0.1"
+port = {self.ports['direct']}
+dbname = "bench"
+"""
         with open(conf, "w") as f:
             f.write(f"""[pgtide]
 listen = "127.0.0.1:{port}"
 pool_mode = "transaction"
 pool_size = {self.pool}
-auth_type = "trust"
-max_client_conn = 5000
+auth_type = "{auth_type}"
+max_client_conn = {self.max_client_conn()}
 {metrics}
 
-[databases.bench]
-host = "127.0.0.1"
-port = {self.ports['direct']}
-dbname = "bench"
-
+{databases}
 [users.postgres]
-""")
-        self.toml_text = open(conf).read()
+{user_lines}""")
         argv = [exe, "--config", conf]
-        what = ("metrics on, scraped every " + f"{self.scrape_interval:g} s" if name == "pgtide"
-                else "collect_metrics=false, no metrics endpoint")
-        self.commands.append((name, shlex.join(argv) + f"   # pool_mode=transaction pool_size={self.pool} auth_type=trust; {what}"))
+        self.commands.append((name, shlex.join(argv) + f"   # pool_mode=transaction pool_size={self.pool} auth_type={auth_type}; {what}"))
         logfile = os.path.join(self.tmp, f"{name}.log")
         p = self.spawn(name, argv, logfile)
         ok = wait_port(port, p, 15)
@@ -371,7 +432,7 @@ dbname = "bench"
             # Listening is not enough: a query must go through.
             r = subprocess.run([self.psql, "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                                 "-d", "bench", "-c", "SELECT 1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, timeout=30)
+                               text=True, timeout=30, env={**os.environ, **self.pgbench_env})
             if r.returncode != 0 or r.stdout.strip() != "1":
                 self.down[name] = "does not answer SELECT 1: " + " ".join(r.stdout.split())[:200]
         elif p.poll() is not None:
@@ -386,13 +447,13 @@ dbname = "bench"
 
     # ---------------------------------------------------------------- measuring
 
-    def pgbench_argv(self, port, workload, protocol, clients, log_prefix=None):
+    def pgbench_argv(self, port, workload, protocol, clients, log_prefix=None, db="bench", extra=()):
         argv = [self.pgbench, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-n",
                 "-j", str(min(self.jobs, clients)), "-c", str(clients), "-T", str(self.duration),
-                "-M", protocol] + WORKLOADS[workload]
+                "-M", protocol] + WORKLOADS[workload] + list(extra)
         if log_prefix:
             argv += ["--log", f"--log-prefix={log_prefix}", f"--sampling-rate={self.sampling}"]
-        return argv + ["bench"]
+        return argv + [db]
 
     def prepare_run(self, workload):
         """What pgbench does before a run without -n, done directly against the server so
@@ -401,8 +462,48 @@ dbname = "bench"
             self.sql("VACUUM pgbench_branches", "VACUUM pgbench_tellers", "TRUNCATE pgbench_history")
         self.sql("CHECKPOINT")
 
-    def one_run(self, target, workload, protocol, clients):
-        key = (workload, protocol, clients, target)
+    def start_counting(self, pid):
+        """Starts counting the syscalls of pid (all its threads) with perf, if available."""
+        if not self.perf or pid is None:
+            return None
+        out = os.path.join(self.tmp, f"perf-{pid}-{time.monotonic_ns()}.csv")
+        p = subprocess.Popen([self.perf, "stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p", str(pid), "-o", out],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.procs[f"perf-{pid}"] = p
+        time.sleep(0.1)  # perf attaches before the run starts
+        return (p, out)
+
+    def stop_counting(self, handle, pid):
+        if handle is None:
+            return None
+        p, out = handle
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGINT)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs.pop(f"perf-{pid}", None)
+        try:
+            with open(out) as f:
+                for line in f:
+                    parts = line.strip().split(",")
+                    if len(parts) > 2 and parts[2] == "raw_syscalls:sys_enter" and parts[0].isdigit():
+                        return int(parts[0])
+        except OSError:
+            pass
+        finally:
+            try:
+                os.unlink(out)
+            except OSError:
+                pass
+        return None
+
+    def one_run(self, target, workload, protocol, clients, label=None, db="bench", extra=()):
+        """One pgbench run against target (a process name in self.procs, or "direct");
+        results are filed under label (default: target)."""
+        key = (workload, protocol, clients, label or target)
         if target in self.down:
             return
         if target == "direct" and clients > self.max_connections - 5:
@@ -414,15 +515,18 @@ dbname = "bench"
         prefix = os.path.join(logdir, "lat")
         # The distribution's PgBouncer (1.18) has no prepared-statement support: its
         # "prepared" row runs -M extended, the closest it can do.
-        run_protocol = "extended" if (target == "pgbouncer" and protocol == "prepared") else protocol
-        argv = self.pgbench_argv(self.ports[target], workload, run_protocol, clients, prefix)
+        run_protocol = "extended" if (target.startswith("pgbouncer") and protocol == "prepared") else protocol
+        argv = self.pgbench_argv(self.ports[target], workload, run_protocol, clients, prefix, db=db, extra=extra)
         pooler = self.procs.get(target) if target != "direct" else None
         if pooler is not None and pooler.poll() is not None:
             self.down[target] = f"exited with rc {pooler.returncode} during the run"
             self.failures.append(f"{target} died before {workload}/{protocol}/{clients}")
             return
+        counting = self.start_counting(pooler.pid if pooler else None)
         t0 = cpu_ticks(pooler.pid) if pooler else None
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        c0 = ctx_switches(pooler.pid) if pooler else None
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                             env={**os.environ, **self.pgbench_env})
         self.procs["pgbench"] = p
         # With metrics on, scrape /metrics during the run as Prometheus would (more often).
         stop_scraping = threading.Event()
@@ -450,7 +554,10 @@ dbname = "bench"
             if scraper is not None:
                 scraper.join()
         self.procs.pop("pgbench", None)
-        t1 = cpu_ticks(pooler.pid) if pooler and pooler.poll() is None else None
+        alive = pooler is not None and pooler.poll() is None
+        t1 = cpu_ticks(pooler.pid) if alive else None
+        c1 = ctx_switches(pooler.pid) if alive else None
+        syscalls = self.stop_counting(counting, pooler.pid if pooler else None)
 
         def grab(pattern, conv=float):
             m = re.search(pattern, out, re.M)
@@ -458,10 +565,11 @@ dbname = "bench"
 
         txns = grab(r"^number of transactions actually processed: (\d+)", int)
         failed = grab(r"^number of failed transactions: (\d+)", int) or 0
-        tps = grab(r"^tps = ([\d.]+) \(without initial connection time\)")
+        tps = grab(r"^tps = ([\d.]+) \((?:without initial connection time|including reconnection times)\)")
         lat = grab(r"^latency average = ([\d.]+) ms")
+        conn_ms = grab(r"^average connection time = ([\d.]+) ms")
         errors = re.findall(r"^.*(?:error|ERROR|FATAL|aborted).*$", out, re.M)
-        what = f"{target} {workload} -M {protocol} -c {clients}"
+        what = f"{label or target} {workload} -M {protocol} -c {clients}{' ' + ' '.join(extra) if extra else ''}"
         if p.returncode != 0 or failed or txns is None or tps is None or errors:
             self.failures.append(f"{what}: rc {p.returncode}, failed transactions {failed}\n"
                                  + "\n".join(out.strip().splitlines()[-8:]))
@@ -477,17 +585,181 @@ dbname = "bench"
                     if len(parts) >= 3 and parts[2].isdigit():
                         lats.append(int(parts[2]))
         shutil.rmtree(logdir, ignore_errors=True)
-        p99 = None
+        p50 = p99 = None
         if lats:
             lats.sort()
+            p50 = lats[min(len(lats) - 1, int(0.50 * len(lats)))] / 1000.0
             p99 = lats[min(len(lats) - 1, int(0.99 * len(lats)))] / 1000.0
-        cpu_us = None
+        cpu_us = cs = sc = None
         if t0 is not None and t1 is not None and txns:
             cpu_us = (t1 - t0) * 1e6 / self.clk_tck / txns
-        run = {"tps": tps, "lat": lat, "p99": p99, "txns": txns, "cpu_us": cpu_us, "failed": False}
+        if c0 is not None and c1 is not None and txns:
+            cs = (c1 - c0) / txns
+        if syscalls is not None and txns:
+            sc = syscalls / txns
+        run = {"tps": tps, "lat": lat, "p50": p50, "p99": p99, "txns": txns, "cpu_us": cpu_us, "cs": cs,
+               "sys": sc, "conn_ms": conn_ms, "failed": False}
         self.results.setdefault(key, []).append(run)
-        log(f"{what}: tps {tps:.0f}, avg {lat:.3f} ms, p99 {p99 if p99 is None else round(p99, 3)} ms, "
-            f"{'' if cpu_us is None else f'pooler cpu {cpu_us:.1f} us/txn, '}{txns} txns")
+        log(f"{what}: tps {tps:.0f}, p50 {p50} ms, p99 {p99} ms, "
+            f"{'' if cpu_us is None else f'pooler cpu {cpu_us:.1f} us/txn, '}"
+            f"{'' if sc is None else f'{sc:.2f} syscalls/txn, '}"
+            f"{'' if cs is None else f'{cs:.3f} ctx switches/txn, '}{txns} txns")
+
+    # ---------------------------------------------------------------- idle clients
+
+    def idle_memory(self, target):
+        """Opens IDLE_CLIENTS connections to target that complete login (trust) and stay
+        idle; returns RSS before, with them, and after they left (kB), and login seconds."""
+        pooler = self.procs.get(target)
+        if target in self.down or pooler is None or pooler.poll() is not None:
+            return None
+        port = self.ports[target]
+        body = b"user\0postgres\0database\0bench\0\0"
+        startup = (8 + len(body)).to_bytes(4, "big") + (196608).to_bytes(4, "big") + body
+        time.sleep(0.5)
+        before = rss_kb(pooler.pid)
+        socks = []
+        t0 = time.monotonic()
+        try:
+            for _ in range(self.idle_clients):
+                s = socket.create_connection(("127.0.0.1", port), timeout=30)
+                socks.append(s)
+                s.sendall(startup)
+                buf = b""
+                done = False
+                while not done:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        raise Fatal(f"{target} closed an idle client's connection during login")
+                    buf += chunk
+                    # Messages until ReadyForQuery: R (AuthenticationOk), S, K, Z.
+                    while len(buf) >= 5:
+                        n = int.from_bytes(buf[1:5], "big")
+                        if len(buf) < 1 + n:
+                            break
+                        t, buf = buf[0:1], buf[1 + n:]
+                        if t == b"E":
+                            raise Fatal(f"{target} refused an idle client's login")
+                        if t == b"Z":
+                            done = True
+            login_s = time.monotonic() - t0
+            time.sleep(1.0)
+            during = rss_kb(pooler.pid)
+        finally:
+            for s in socks:
+                try:
+                    s.sendall(b"X\0\0\0\4")
+                except OSError:
+                    pass
+                s.close()
+        time.sleep(2.0)
+        after = rss_kb(pooler.pid)
+        log(f"{target}: RSS {before} kB idle, {during} kB with {self.idle_clients} idle clients "
+            f"({(during - before) * 1024 / self.idle_clients:.0f} B each), {after} kB after they left")
+        return {"before": before, "during": during, "after": after, "login_s": login_s}
+
+    # ---------------------------------------------------------------- connection storm
+
+    def scram_verifier(self, password, iterations=4096):
+        import base64
+        import hashlib
+        import hmac
+        salt = os.urandom(16)
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        stored = hashlib.sha256(client_key).digest()
+        server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+
+        def b64(b):
+            return base64.b64encode(b).decode()
+        return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server_key)}"
+
+    def storm(self):
+        """pgbench -C (a new connection per transaction) with scram-sha-256 at the pooler."""
+        password = "storm-password"
+        verifier = self.scram_verifier(password)
+        self.pgbench_env = {"PGPASSWORD": password, "PGSSLMODE": self.storm_sslmode}
+        started = []
+        saved = self.duration
+        try:
+            if "pgbouncer" in self.targets:
+                self.start_pgbouncer("pgbouncer-scram", auth_type="scram-sha-256", secret=verifier)
+                started.append("pgbouncer-scram")
+            if "pgtide" in self.targets:
+                self.start_pgtide("pgtide-scram", auth_type="scram-sha-256", user_lines=f'password = "{verifier}"\n')
+                started.append("pgtide-scram")
+            self.duration = self.storm_duration
+            for r in range(self.rounds):
+                order = started[r % len(started):] + started[:r % len(started)] if started else []
+                for t in order:
+                    self.one_run(t, "select-only", "simple", self.storm_clients, label=t, extra=("-C",))
+        finally:
+            self.duration = saved
+            self.pgbench_env = {}
+            for t in started:
+                self.stop(t)
+
+    # ---------------------------------------------------------------- routing
+
+    def start_replica(self):
+        data = os.path.join(self.tmp, "replica")
+        argv = [os.path.join(self.bindir, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.ports["direct"]),
+                "-U", "postgres", "-D", data, "-R", "-X", "stream", "--no-sync"]
+        self.commands.append(("replica", shlex.join(argv)))
+        log("pg_basebackup for the replica")
+        self.run(argv, as_pg=True)
+        port = free_port()
+        argv = [os.path.join(self.bindir, "postgres"), "-D", data, "-p", str(port), "-k", self.tmp,
+                "-c", "listen_addresses=127.0.0.1", "-c", f"max_connections={self.max_connections}",
+                "-c", "fsync=off", "-c", "shared_buffers=256MB", "-c", "logging_collector=off",
+                "-c", "hot_standby=on"]
+        self.commands.append(("replica", shlex.join(argv)))
+        p = self.spawn("replica", argv, os.path.join(self.tmp, "replica.log"), as_pg=True)
+        deadline = time.monotonic() + 30
+        while True:
+            if p.poll() is not None:
+                raise Fatal(f"the replica exited (rc {p.returncode}):\n{tail(os.path.join(self.tmp, 'replica.log'))}")
+            r = subprocess.run([os.path.join(self.bindir, "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)])
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise Fatal("the replica did not become ready in 30s")
+            time.sleep(0.2)
+        self.ports["replica"] = port
+
+    def routing(self):
+        """pgtide with a replica: select-only with the classifier on (reads go to the
+        replica) against the same process and hosts with route = "primary"."""
+        self.start_replica()
+        hosts = (f'hosts = [{{ host = "127.0.0.1", port = {self.ports["direct"]}, role = "primary" }}, '
+                 f'{{ host = "127.0.0.1", port = {self.ports["replica"]}, role = "replica" }}]\n')
+        databases = (f'[databases.bench]\n{hosts}dbname = "bench"\nroute = "auto"\n\n'
+                     f'[databases.bench_off]\n{hosts}dbname = "bench"\nroute = "primary"\n')
+        self.start_pgtide("pgtide-routed", databases=databases)
+        if "pgtide-routed" in self.down:
+            return
+        # Reads go to the replica once the health checks have seen it.
+        port = self.ports["pgtide-routed"]
+        deadline = time.monotonic() + 30
+        while True:
+            r = subprocess.run([self.psql, "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                                "-d", "bench", "-c", "SELECT pg_is_in_recovery()"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, timeout=30)
+            if r.stdout.strip() == "t":
+                break
+            if time.monotonic() > deadline:
+                self.down["pgtide-routed"] = "reads did not reach the replica within 30 s"
+                return
+            time.sleep(0.5)
+        for r in range(self.rounds):
+            runs = [("bench_off", "routing off"), ("bench", "routing on")]
+            if r % 2:
+                runs.reverse()
+            for proto in self.routing_protocols:
+                for c in self.routing_clients:
+                    for db, label in runs:
+                        self.one_run("pgtide-routed", "select-only", proto, c, label=label, db=db)
+        self.stop("pgtide-routed")
 
     # ---------------------------------------------------------------- report
 
@@ -512,8 +784,9 @@ dbname = "bench"
     def table(self):
         head = ["workload", "protocol", "clients", "direct tps", "pgbouncer tps", "pgtide tps",
                 "pgtide/pgbouncer tps", "pgtide/direct tps", "pgbouncer cpu-us/txn", "pgtide cpu-us/txn",
-                "cpu ratio pgtide/pgbouncer", "direct lat ms avg/p99", "pgbouncer lat ms avg/p99",
-                "pgtide lat ms avg/p99"]
+                "cpu ratio pgtide/pgbouncer", "pgbouncer syscalls/txn", "pgtide syscalls/txn",
+                "pgbouncer ctx-sw/txn", "pgtide ctx-sw/txn",
+                "direct lat ms p50/p99", "pgbouncer lat ms p50/p99", "pgtide lat ms p50/p99"]
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
 
         def ratio(a, b):
@@ -528,7 +801,7 @@ dbname = "bench"
                     cpu = {t: self.median(k[t], "cpu_us") if tps[t] is not None else None for t in TARGET_ORDER}
 
                     def lat(t):
-                        s = self.cell(k[t], "lat", lambda v: f"{v:.2f}")
+                        s = self.cell(k[t], "p50", lambda v: f"{v:.2f}")
                         if tps[t] is None:
                             return s
                         p99 = self.median(k[t], "p99")
@@ -543,6 +816,10 @@ dbname = "bench"
                            self.cell(k["pgbouncer"], "cpu_us", lambda v: f"{v:.1f}"),
                            self.cell(k["pgtide"], "cpu_us", lambda v: f"{v:.1f}"),
                            ratio(cpu["pgtide"], cpu["pgbouncer"]),
+                           self.cell(k["pgbouncer"], "sys", lambda v: f"{v:.2f}"),
+                           self.cell(k["pgtide"], "sys", lambda v: f"{v:.2f}"),
+                           self.cell(k["pgbouncer"], "cs", lambda v: f"{v:.3f}"),
+                           self.cell(k["pgtide"], "cs", lambda v: f"{v:.3f}"),
                            lat("direct"), lat("pgbouncer"), lat("pgtide")]
                     lines.append("| " + " | ".join(row) + " |")
         if "pgtide-nometrics" in self.targets:
@@ -581,6 +858,75 @@ dbname = "bench"
                         ratio(med[on][1], med[off][1]), paired(on, off)]) + " |")
         return "\n".join(lines)
 
+    def compare_table(self):
+        lines = [f"A/B: pgtide (this build) against COMPARE_BIN={self.compare_bin} (pgtide-b), same rows, interleaved.",
+                 "", "| workload | protocol | clients | tps | tps b | cpu-us/txn | cpu-us/txn b | syscalls/txn | syscalls/txn b "
+                 "| ctx-sw/txn | ctx-sw/txn b |", "|---|---|---|" + "---:|" * 8]
+        f1 = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+        for w in self.workloads:
+            for proto in self.protocols:
+                for c in self.clients:
+                    a, b = (w, proto, c, "pgtide"), (w, proto, c, "pgtide-b")
+                    cells = []
+                    for field, fmt in (("tps", ".0f"), ("cpu_us", ".1f"), ("sys", ".2f"), ("cs", ".3f")):
+                        cells += [f1(self.median(a, field), fmt), f1(self.median(b, field), fmt)]
+                    lines.append(f"| {w} | {proto} | {c} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def idle_table(self):
+        lines = [f"Memory per idle client: {self.idle_clients} connections that completed login (trust) and stay "
+                 "idle; RSS (VmRSS) of the pooler before, with them (1 s after the last login), and 2 s after "
+                 "they sent Terminate and closed.", "",
+                 "| pooler | RSS before kB | RSS with idle clients kB | bytes per idle client | RSS after they left kB | login time s |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for t in ("pgbouncer", "pgtide"):
+            m = self.idle.get(t)
+            if not m:
+                lines.append(f"| {t} | - | - | - | - | - |")
+                continue
+            per = (m["during"] - m["before"]) * 1024 / self.idle_clients
+            lines.append(f"| {t} | {m['before']} | {m['during']} | {per:.0f} | {m['after']} | {m['login_s']:.1f} |")
+        return "\n".join(lines)
+
+    def storm_table(self):
+        lines = [f"Connection storm: `pgbench -C -S -c {self.storm_clients} -T {self.storm_duration}` (a new "
+                 f"connection per transaction), scram-sha-256 at the pooler, sslmode={self.storm_sslmode}, "
+                 "the poolers' server connections pooled as usual.", "",
+                 "| pooler | connections/s | ratio to pgbouncer | pooler cpu-us/connection | avg connection time ms | lat ms p50/p99 |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        base = self.median(("select-only", "simple", self.storm_clients, "pgbouncer-scram"), "tps")
+        for t in ("pgbouncer-scram", "pgtide-scram"):
+            k = ("select-only", "simple", self.storm_clients, t)
+            tps = self.median(k, "tps")
+            if any(r.get("failed") for r in self.results.get(k, [])):
+                lines.append(f"| {t} | FAILED | - | - | - | - |")
+                continue
+            if tps is None:
+                lines.append(f"| {t} | - | - | - | - | - |")
+                continue
+            cpu, conn, p50, p99 = (self.median(k, f) for f in ("cpu_us", "conn_ms", "p50", "p99"))
+            f1 = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+            lines.append(f"| {t} | {tps:.0f} | {f1(tps / base if base else None, '.2f')} | {f1(cpu, '.0f')} | "
+                         f"{f1(conn, '.2f')} | {f1(p50, '.2f')} / {f1(p99, '.2f')} |")
+        return "\n".join(lines)
+
+    def routing_table(self):
+        lines = ["Routing cost: one pgtide with a primary and a streaming replica; `route = \"auto\"` (the "
+                 "classifier looks at every statement, select-only goes to the replica) against a database entry "
+                 "with the same hosts and `route = \"primary\"`, select-only, in turn in one process.", "",
+                 "| protocol | clients | tps routing off | tps routing on | cpu-us/txn routing off | cpu-us/txn routing on | cpu ratio on/off |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for proto in self.routing_protocols:
+            for c in self.routing_clients:
+                ks = {x: ("select-only", proto, c, x) for x in ("routing off", "routing on")}
+                v = {x: (self.median(ks[x], "tps"), self.median(ks[x], "cpu_us")) for x in ks}
+                f1 = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+                off, on = v["routing off"], v["routing on"]
+                r = on[1] / off[1] if on[1] is not None and off[1] else None
+                lines.append(f"| {proto} | {c} | {f1(off[0], '.0f')} | {f1(on[0], '.0f')} | {f1(off[1], '.1f')} | "
+                             f"{f1(on[1], '.1f')} | {f1(r, '.2f')} |")
+        return "\n".join(lines)
+
     def report(self, started):
         cpu_model = "unknown"
         try:
@@ -593,8 +939,9 @@ dbname = "bench"
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip() or "unknown"
         knobs = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in
                          ["SMOKE", "CLIENTS", "DURATION", "ROUNDS", "SCALE", "POOL", "JOBS", "WORKLOADS",
-                          "PROTOCOLS", "TARGETS", "MAX_CONNECTIONS", "LATENCY_SAMPLING", "SCRAPE_INTERVAL"]
-                         if os.environ.get(k))
+                          "PROTOCOLS", "TARGETS", "MAX_CONNECTIONS", "LATENCY_SAMPLING", "SCRAPE_INTERVAL", "SECTIONS",
+                          "IDLE_CLIENTS", "STORM_CLIENTS", "STORM_DURATION", "STORM_SSLMODE", "ROUTING_PROTOCOLS",
+                          "ROUTING_CLIENTS", "SYSCALLS"] if os.environ.get(k))
         out = []
         out.append(f"- date: {started.strftime('%Y-%m-%d %H:%M %Z').strip()}")
         out.append(f"- machine: {os.cpu_count()} CPUs (nproc {os.sysconf('SC_NPROCESSORS_ONLN')}), {cpu_model}, "
@@ -615,12 +962,28 @@ dbname = "bench"
             out.append(f"- direct rows with more clients than max_connections={self.max_connections} allows read n/a")
         for f in self.failures:
             out.append(f"- **FAILED: {f.splitlines()[0]}**")
-        out.append("")
-        out.append(self.table())
-        out.append("")
-        out.append("tps is pgbench's \"without initial connection time\"; cpu-us/txn is the pooler process's "
-                   "utime+stime during the run divided by the transactions pgbench completed; latency p99 "
-                   f"comes from pgbench --log with --sampling-rate={self.sampling}.")
+        if "pgbench" in self.sections:
+            out.append("")
+            out.append(self.table())
+            out.append("")
+            out.append("tps is pgbench's \"without initial connection time\"; cpu-us/txn is the pooler process's "
+                       "utime+stime during the run divided by the transactions pgbench completed; syscalls/txn is "
+                       "`perf stat -e raw_syscalls:sys_enter -p PID` over the run, ctx-sw/txn the voluntary and "
+                       "involuntary context switches of all the pooler's threads (/proc/PID/task/*/status), both "
+                       "divided by the transactions; latency p50 and p99 come from pgbench --log with "
+                       f"--sampling-rate={self.sampling}.")
+        if self.compare_bin:
+            out.append("")
+            out.append(self.compare_table())
+        if "idle" in self.sections:
+            out.append("")
+            out.append(self.idle_table())
+        if "storm" in self.sections:
+            out.append("")
+            out.append(self.storm_table())
+        if "routing" in self.sections and "pgtide" in self.targets:
+            out.append("")
+            out.append(self.routing_table())
         out.append("")
         out.append("Commands:")
         out.append("```")
@@ -663,17 +1026,35 @@ dbname = "bench"
         for name in ("pgtide", "pgtide-nometrics"):
             if name in self.targets:
                 self.start_pgtide(name)
+        self.compare_bin = os.environ.get("COMPARE_BIN", "")
+        if self.compare_bin:
+            # A second pgtide binary (e.g. an older build), run alongside in every pgbench row.
+            main_exe = self.pgtide_exe()
+            self._pgtide_exe = os.path.abspath(self.compare_bin)
+            self.start_pgtide("pgtide-b")
+            self._pgtide_exe = main_exe
         if not self.smoke:
             log("warm-up: 2 s select-only directly")
             self.run([self.pgbench, "-h", "127.0.0.1", "-p", str(self.ports["direct"]), "-U", "postgres", "-n",
                       "-S", "-T", "2", "-c", "4", "-j", str(self.jobs), "bench"])
         rows = [(w, p, c) for w in self.workloads for p in self.protocols for c in self.clients]
-        for r in range(self.rounds):
-            # Rotate the order of targets each round so that none always goes first.
-            order = self.targets[r % len(self.targets):] + self.targets[:r % len(self.targets)]
-            for (w, p, c) in rows:
-                for t in order:
-                    self.one_run(t, w, p, c)
+        if "pgbench" in self.sections:
+            for r in range(self.rounds):
+                # Rotate the order of targets each round so that none always goes first.
+                targets = self.targets + (["pgtide-b"] if self.compare_bin else [])
+                order = targets[r % len(targets):] + targets[:r % len(targets)]
+                for (w, p, c) in rows:
+                    for t in order:
+                        self.one_run(t, w, p, c)
+        self.idle = {}
+        if "idle" in self.sections:
+            for t in ("pgbouncer", "pgtide"):
+                if t in self.targets:
+                    self.idle[t] = self.idle_memory(t)
+        if "storm" in self.sections:
+            self.storm()
+        if "routing" in self.sections and "pgtide" in self.targets:
+            self.routing()
         text = self.report(started)
         print(text, flush=True)
         if self.write_readme:

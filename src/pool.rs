@@ -188,6 +188,9 @@ pub struct Pool {
     /// client left (for the `login` and `used` server states of the metrics).
     opening: AtomicU32,
     resetting: AtomicU32,
+    /// Set once by [`Pool::retire`]: read without the lock by sessions that hold on to
+    /// their login pool.
+    out_of_service: std::sync::atomic::AtomicBool,
     pub metrics: PoolMetrics,
 }
 
@@ -237,6 +240,7 @@ impl Pool {
             login_params: OnceLock::new(),
             opening: AtomicU32::new(0),
             resetting: AtomicU32::new(0),
+            out_of_service: std::sync::atomic::AtomicBool::new(false),
             metrics,
         });
         pool.db_limit
@@ -454,8 +458,13 @@ impl Pool {
     /// connection of a sibling pool if `max_db_connections` is what stands in the way.
     pub fn grow_for_waiters(self: &Arc<Self>) {
         let wants = |inner: &mut Inner| {
+            // A full pool cannot grow: skip the sweep of the waiters, which every waiting
+            // checkout would otherwise pay (O(waiters) each, with 1,000 clients queued).
+            if inner.total >= inner.settings.pool_size {
+                return false;
+            }
             inner.waiters.retain(|(_, w)| !w.is_closed());
-            !inner.waiters.is_empty() && inner.total < inner.settings.pool_size
+            !inner.waiters.is_empty()
         };
         if !wants(&mut self.lock()) {
             return;
@@ -657,10 +666,16 @@ impl Pool {
         self.close_idle();
     }
 
+    /// Whether [`Pool::retire`] took the pool out of service (no lock).
+    pub fn is_retired(&self) -> bool {
+        self.out_of_service.load(Ordering::Acquire)
+    }
+
     /// Takes the pool out of service (reload replaced it, its database is gone, `KILL`):
     /// every connection is closed, the busy ones when released.
     pub fn retire(&self) {
         self.lock().retired = true;
+        self.out_of_service.store(true, Ordering::Release);
         self.mark_close_needed();
         self.close_idle();
     }

@@ -114,6 +114,9 @@ pub struct ServerConn {
     /// Last known value of each run-time parameter, keyed by lower-case name: those the
     /// server reported with ParameterStatus and those pgtide set or read itself.
     pub params: HashMap<String, String>,
+    /// The [`ClientParams::fingerprint`](crate::client::params::ClientParams::fingerprint)
+    /// of settings `params` was found to match; `None` after any change to `params`.
+    pub params_match: Option<u64>,
     pub created: Instant,
     pub last_used: Instant,
     /// Named statements pgtide prepared on this connection (transaction mode).
@@ -167,6 +170,7 @@ impl ServerConn {
                 tls: target.tls.clone(),
             },
             params: HashMap::new(),
+            params_match: None,
             created: Instant::now(),
             last_used: Instant::now(),
             statements: Default::default(),
@@ -293,6 +297,7 @@ impl ServerConn {
                 tag::PARAMETER_STATUS => {
                     if let Some((k, v)) = backend::parse_parameter_status(&body) {
                         self.params.insert(k.to_ascii_lowercase(), v.to_string());
+                        self.params_match = None;
                     }
                 }
                 tag::ERROR_RESPONSE => {

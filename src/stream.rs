@@ -113,7 +113,7 @@ impl Stream {
     /// Reads what is available into `buf` without waiting: `WouldBlock` when nothing is.
     pub fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            Stream::Plain(s) => s.try_read_buf(buf),
+            Stream::Plain(s) => read_draining(s, buf),
             Stream::Tls(t) => {
                 let r = poll_once(t.io.read_buf(buf));
                 t.buffered = matches!(r, Ok(n) if n > 0);
@@ -217,6 +217,38 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(t) => Pin::new(&mut t.io).poll_shutdown(cx),
         }
+    }
+}
+
+/// Reads from a plain socket into the spare capacity of `buf` (which must have some).
+///
+/// A read that leaves room in `buf` has drained the socket, so its readiness is cleared
+/// then and there (as tokio's own `poll_read` does): the next wait goes to the reactor
+/// instead of costing a `recv` that only says EAGAIN. Data that arrives meanwhile sets
+/// readiness anew, which clearing the old readiness does not undo.
+fn read_draining(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() == buf.len() {
+        // A zero-length recv would look like the end of the stream.
+        buf.reserve(4096);
+    }
+    let mut got = None;
+    let r = stream.try_io(tokio::io::Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        let n = socket2::SockRef::from(stream).recv(spare)?;
+        // SAFETY: recv initialized the first n bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        got = Some(n);
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match (got, r) {
+        (Some(n), _) => Ok(n),
+        (None, Err(e)) => Err(e),
+        (None, Ok(())) => Err(io::ErrorKind::WouldBlock.into()),
     }
 }
 

@@ -48,6 +48,12 @@ impl LoggedIn {
     /// The pool of this client's (database, user) on the current primary (which may have
     /// changed since login).
     pub fn pool_for_primary(&self, shared: &Shared) -> Arc<Pool> {
+        if !self.pool.is_retired() && !shared.clusters().contains_key(&self.database) {
+            // One server (no cluster): its pool is the one this client logged in with,
+            // found without the pools' lock and key allocations on every transaction
+            // (unless a reload or KILL replaced it).
+            return self.pool.clone();
+        }
         shared
             .pool(&self.database, &self.user)
             .unwrap_or_else(|| self.pool.clone())

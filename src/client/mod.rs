@@ -334,10 +334,12 @@ impl Shared {
         if let Some(id) = self.clusters().get(database).and_then(|c| c.primary()) {
             return id.0;
         }
+        // `hosts` as configured (not `host_list()`, which copies): this runs for every
+        // transaction. Without `hosts` the one server is the primary, number 0.
         self.config()
             .databases
             .get(database)
-            .map(|d| d.host_list())
+            .and_then(|d| d.hosts.as_ref())
             .and_then(|hosts| {
                 hosts
                     .iter()

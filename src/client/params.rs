@@ -7,7 +7,10 @@
 //! server does not report) are read back with `current_setting()` after a transaction
 //! whose text may have changed them.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::OnceLock;
 
 use crate::router::lexer::{any_statement, contains_ci, has_word};
 use crate::server::{quote_ident, quote_literal};
@@ -44,6 +47,17 @@ pub struct ClientParams {
     synced: Vec<String>,
     /// Lower-case names the server reports with ParameterStatus.
     reported: Vec<String>,
+    /// A keyed hash of `values` and `synced`, renewed on every change: equal
+    /// fingerprints mean equal settings, so a server made to match one client matches
+    /// every client with the same settings without comparing them one by one.
+    fingerprint: u64,
+}
+
+/// The process's random key for [`ClientParams::fingerprint`]: collisions cannot be
+/// chosen by a client.
+fn fingerprint_key() -> &'static RandomState {
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    KEY.get_or_init(RandomState::new)
 }
 
 impl ClientParams {
@@ -75,11 +89,29 @@ impl ClientParams {
         }
         synced.sort();
         synced.dedup();
-        ClientParams {
+        let mut p = ClientParams {
             values,
             synced,
             reported,
-        }
+            fingerprint: 0,
+        };
+        p.refingerprint();
+        p
+    }
+
+    /// Equal for two clients (or one client at two moments) whose `sync_sql` would say
+    /// the same for every server.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    fn refingerprint(&mut self) {
+        let mut h = fingerprint_key().build_hasher();
+        self.synced.hash(&mut h);
+        let mut values: Vec<(&String, &String)> = self.values.iter().collect();
+        values.sort_unstable();
+        values.hash(&mut h);
+        self.fingerprint = h.finish();
     }
 
     /// The ParameterStatus set this client sees at login: the pool's, with the client's
@@ -107,12 +139,13 @@ impl ClientParams {
     pub fn observe(&mut self, name: &str, value: &str) {
         let k = name.to_ascii_lowercase();
         match self.values.get_mut(&k) {
-            Some(v) if v == value => {}
+            Some(v) if v == value => return,
             Some(v) => *v = value.to_string(),
             None => {
                 self.values.insert(k, value.to_string());
             }
         }
+        self.refingerprint();
     }
 
     /// The statement that makes a server with `server` parameters match this client,
@@ -168,6 +201,7 @@ impl ClientParams {
                 }
             }
         }
+        self.refingerprint();
     }
 
     /// The query that reads back the unreported parameters after a SET, with the names
@@ -214,6 +248,7 @@ impl ClientParams {
                 }
             }
         }
+        self.refingerprint();
     }
 }
 

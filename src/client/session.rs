@@ -91,6 +91,9 @@ pub(super) async fn run(
     }
 }
 
+/// A wait for the shutdown phase to move on (see `Session::phase_wait`).
+type PhaseWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Why a session ended.
 enum End {
     /// Terminate, or the client closed its socket.
@@ -116,6 +119,10 @@ struct Session {
     client: Stream,
     login: LoggedIn,
     signal: ShutdownSignal,
+    /// Resolves when the phase moves on from the one it was made for: kept across waits,
+    /// so that waiting for shutdown does not register with the shared channel anew on
+    /// every turn.
+    phase_wait: Option<(Phase, PhaseWait)>,
     /// Bytes from the client; `c2s[..c_ready]` is framed and goes to the server.
     c2s: BytesMut,
     c_scan: Scanner,
@@ -282,7 +289,12 @@ fn splice(buf: &mut BytesMut, range: std::ops::Range<usize>, with: &[u8]) {
 }
 
 /// Reads what is available into `buf`: `Ok(None)` when nothing was (spurious wake-up).
+/// A plain socket's readiness is cleared by a read that drains it
+/// ([`Stream::try_read_buf`]), so the next wait goes to the reactor.
 fn read_some(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+    if buf.capacity() == 0 {
+        *buf = take_spare();
+    }
     if buf.capacity() - buf.len() < READ_CHUNK / 2 {
         buf.reserve(READ_CHUNK);
     }
@@ -291,6 +303,35 @@ fn read_some(stream: &mut Stream, buf: &mut BytesMut) -> io::Result<Option<usize
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+thread_local! {
+    /// Buffers of sessions that went idle, for the next session on this thread that
+    /// reads: a transaction then costs no allocation of its buffers.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// At most this many spare buffers per worker thread.
+const SPARE_MAX: usize = 32;
+
+fn take_spare() -> BytesMut {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+}
+
+/// Keeps an emptied buffer for reuse (or frees it: too small, or enough are kept).
+fn put_spare(mut buf: BytesMut) {
+    buf.clear();
+    if buf.capacity() < READ_CHUNK / 2 || buf.capacity() > 2 * READ_CHUNK {
+        return;
+    }
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_MAX {
+            s.push(buf);
+        }
+    });
 }
 
 /// Writes as much of `buf[..*ready]` as the socket takes without blocking (with TLS,
@@ -321,6 +362,7 @@ impl Session {
             client,
             login,
             signal,
+            phase_wait: None,
             c2s: BytesMut::new(),
             c_scan: Scanner::new(max),
             c_ready: 0,
@@ -544,8 +586,8 @@ impl Session {
         }
         if self.server.is_none() && self.c2s.is_empty() && self.s2c.is_empty() {
             // Idle clients hold no buffers.
-            self.c2s = BytesMut::new();
-            self.s2c = BytesMut::new();
+            put_spare(std::mem::take(&mut self.c2s));
+            put_spare(std::mem::take(&mut self.s2c));
         }
 
         match self.wait().await {
@@ -570,7 +612,12 @@ impl Session {
                     Err(e) => Err(self.server_lost(&e.to_string()).await_told(self).await),
                 }
             }
-            Event::ServerWritable | Event::ClientWritable | Event::Phase => Ok(()),
+            Event::Phase => {
+                // Done: the next wait makes one for the new phase.
+                self.phase_wait = None;
+                Ok(())
+            }
+            Event::ServerWritable | Event::ClientWritable => Ok(()),
             Event::Killed => Err(self.killed().await),
             Event::Timeout => {
                 if self.server.is_some() {
@@ -618,6 +665,15 @@ impl Session {
             }
         };
         let phase = self.signal.phase();
+        if phase != Phase::Now && self.phase_wait.as_ref().is_none_or(|(p, _)| *p != phase) {
+            let mut signal = self.signal.clone();
+            let next = match phase {
+                Phase::Running => Phase::Draining,
+                _ => Phase::Now,
+            };
+            let wait: PhaseWait = Box::pin(async move { signal.reached(next).await });
+            self.phase_wait = Some((phase, wait));
+        }
         let server = self.server.as_ref().map(|s| &s.stream);
         let want_client = !self.terminated && (self.c_ready == 0 || self.c2s.len() < HIGH_WATER);
         let want_server = server.is_some() && (self.s_ready == 0 || self.s2c.len() < HIGH_WATER);
@@ -628,17 +684,12 @@ impl Session {
             self.s_ready
         };
         let client = &self.client;
-        let signal = &mut self.signal;
+        let phase_wait = &mut self.phase_wait;
         let entry = &self.login.entry;
         tokio::select! {
             biased;
             _ = entry.killed() => Event::Killed,
-            _ = async {
-                match phase {
-                    Phase::Running => signal.reached(Phase::Draining).await,
-                    _ => signal.reached(Phase::Now).await,
-                }
-            }, if phase != Phase::Now => Event::Phase,
+            _ = async { phase_wait.as_mut().expect("guarded").1.as_mut().await }, if phase != Phase::Now => Event::Phase,
             r = async { server.expect("guarded").readable().await }, if want_server => {
                 let _ = r;
                 Event::ServerReadable
@@ -868,6 +919,7 @@ impl Session {
                         self.login.params.observe(k, v);
                         if let Some(s) = self.server.as_mut() {
                             s.params.insert(k.to_ascii_lowercase(), v.to_string());
+                            s.params_match = None;
                         }
                     }
                 }
@@ -1346,12 +1398,16 @@ impl Session {
     /// WAL ends (one extra round trip), so that the client's reads avoid replicas that
     /// have not replayed it yet.
     async fn note_written_lsn(&mut self, server: &mut ServerConn) {
+        // Cheap checks first: this runs at every release.
+        if !self.for_write || !self.shared.clusters().contains_key(&self.login.database) {
+            return;
+        }
         let on = self
             .shared
             .config()
             .cluster_settings(&self.login.database, &self.login.user)
             .is_some_and(|s| s.routing.read_your_writes == crate::config::ReadYourWrites::Lsn);
-        if !on || !self.for_write || !self.shared.clusters().contains_key(&self.login.database) {
+        if !on {
             return;
         }
         let timeout = login::internal_timeout(&self.shared);
@@ -1475,7 +1531,19 @@ impl Session {
                 return Err(self.tell(sqlstate::CONNECTION_FAILURE, &msg).await);
             }
         };
-        if let Some(sql) = self.login.params.sync_sql(&server.params) {
+        // The same settings as the last client that found this server matching: nothing
+        // to compare (the fingerprint is renewed whenever the client's settings change,
+        // `params_match` cleared whenever the server's do).
+        let fingerprint = self.login.params.fingerprint();
+        let sync = match server.params_match {
+            Some(f) if f == fingerprint => None,
+            _ => self.login.params.sync_sql(&server.params),
+        };
+        if sync.is_none() {
+            server.params_match = Some(fingerprint);
+        }
+        if let Some(sql) = sync {
+            server.params_match = None;
             match server
                 .run_internal(&sql, login::internal_timeout(&self.shared))
                 .await
@@ -1559,6 +1627,7 @@ impl Session {
                 self.login
                     .params
                     .refreshed(&names, &r.rows[0], &mut server.params);
+                server.params_match = None;
                 true
             }
             Ok(r) => {
@@ -1710,6 +1779,7 @@ impl Session {
                             .iter()
                             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                             .collect();
+                        server.params_match = None;
                     }
                     _ => return give_up(server),
                 }

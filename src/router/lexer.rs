@@ -230,11 +230,15 @@ pub fn contains_ci(haystack: &[u8], needle: &[u8]) -> bool {
     if haystack.len() < needle.len() {
         return false;
     }
-    let upper = first.to_ascii_uppercase();
-    (0..=haystack.len() - needle.len()).any(|i| {
-        let c = haystack[i];
-        (c == first || c == upper) && haystack[i + 1..i + needle.len()].eq_ignore_ascii_case(rest)
-    })
+    // Candidates are found with memchr (vectorized): this runs on every statement text
+    // in the forwarding path, and most texts hold few of the first letter.
+    let starts = &haystack[..=haystack.len() - needle.len()];
+    memchr::memchr2_iter(
+        first.to_ascii_lowercase(),
+        first.to_ascii_uppercase(),
+        starts,
+    )
+    .any(|i| haystack[i + 1..i + needle.len()].eq_ignore_ascii_case(rest))
 }
 
 /// True when any word of `sql` equals `word` (ASCII case-insensitive).
