@@ -92,7 +92,9 @@ async fn whoami(c: &tokio_postgres::Client) -> String {
 }
 
 /// (SQLSTATE, message) of the ErrorResponse that refused a login.
-fn refused(r: Result<tokio_postgres::Client, tokio_postgres::Error>) -> (String, String) {
+pub(crate) fn refused(
+    r: Result<tokio_postgres::Client, tokio_postgres::Error>,
+) -> (String, String) {
     match r {
         Ok(_) => panic!("the login was accepted"),
         Err(e) => match e.as_db_error() {
