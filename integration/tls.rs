@@ -1,7 +1,7 @@
 //! TLS on both sides of pgtide, with certificates made in the test (rcgen): psql and
 //! tokio-postgres (rustls) clients with sslmode require / verify-ca / verify-full, a
 //! wrong CA and a wrong host name, plain clients under `require`, `cert` authentication,
-//! PostgreSQL 17 direct TLS, pgtide to a `hostssl`-only server with verify-full,
+//! `auth_hba_file` `hostssl` / `hostnossl` / `cert` lines, PostgreSQL 17 direct TLS, pgtide to a `hostssl`-only server with verify-full,
 //! certificate reload, and pgbench over TLS.
 
 use std::future::Future;
