@@ -58,6 +58,10 @@ def env_int(name, default):
         raise Fatal(f"{name}={v!r} is not an integer")
 
 
+# The sslmodes the storm section knows, in table order.
+STORM_SSLMODES = ("disable", "require")
+
+
 def env_list(name, default):
     v = os.environ.get(name)
     return v.split() if v and v.strip() else default
@@ -152,9 +156,14 @@ class Bench:
             self.routing_protocols = env_list("ROUTING_PROTOCOLS", ["simple", "extended"])
             self.routing_clients = [int(c) for c in env_list("ROUTING_CLIENTS", ["10", "50"])]
         self.storm_clients = env_int("STORM_CLIENTS", 10)
-        self.storm_sslmode = os.environ.get("STORM_SSLMODE", "disable")
-        if self.storm_sslmode != "disable":
-            raise Fatal(f"STORM_SSLMODE={self.storm_sslmode!r}: only 'disable' (plain TCP) is supported so far")
+        # One storm row per pooler and sslmode: "disable" (plain TCP) and/or "require" (TLS at
+        # the pooler, with a self-signed certificate made for the run).
+        self.storm_sslmodes = env_list("STORM_SSLMODE", list(STORM_SSLMODES))
+        for m in self.storm_sslmodes:
+            if m not in STORM_SSLMODES:
+                raise Fatal(f"STORM_SSLMODE: unknown mode {m!r}; known: {' '.join(STORM_SSLMODES)} "
+                            "(one or both, e.g. STORM_SSLMODE=\"disable require\")")
+        self.storm_sslmodes = [m for m in STORM_SSLMODES if m in self.storm_sslmodes]
         self.sections = env_list("SECTIONS", ["pgbench", "idle", "storm", "routing"])
         for sec in self.sections:
             if sec not in ("pgbench", "idle", "storm", "routing"):
@@ -328,7 +337,8 @@ class Bench:
     def max_client_conn(self):
         return max(2000, max(self.clients) + 100, self.idle_clients + 100)
 
-    def start_pgbouncer(self, name="pgbouncer", auth_type="trust", secret=""):
+    def start_pgbouncer(self, name="pgbouncer", auth_type="trust", secret="", tls=None):
+        """tls: (certificate file, key file) to accept clients with client_tls_sslmode=require."""
         exe = self.pgbouncer_exe()
         port = free_port()
         auth = os.path.join(self.tmp, f"userlist-{name}.txt")
@@ -354,13 +364,17 @@ logfile = {os.path.join(self.tmp, name + '.log')}
 log_connections = 0
 log_disconnections = 0
 """)
+            if tls:
+                f.write(f"client_tls_sslmode = require\nclient_tls_cert_file = {tls[0]}\n"
+                        f"client_tls_key_file = {tls[1]}\n")
         if self.is_root:
             pw = pwd.getpwnam("postgres")
             for path in (auth, ini):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
         argv = [exe, ini]
         self.commands.append((name, shlex.join(argv) + f"   # {self.pgbouncer_version}; pool_mode=transaction "
-                              f"default_pool_size={self.pool} max_client_conn={self.max_client_conn()} auth_type={auth_type}"))
+                              f"default_pool_size={self.pool} max_client_conn={self.max_client_conn()} auth_type={auth_type}"
+                              f"{' client_tls_sslmode=require' if tls else ''}"))
         p = self.spawn(name, argv, os.path.join(self.tmp, f"{name}.out"), as_pg=True)
         if not wait_port(port, p, 15):
             raise Fatal(f"{name} did not listen on {port}:\n{tail(os.path.join(self.tmp, name + '.log'))}"
@@ -387,7 +401,8 @@ log_disconnections = 0
         self._pgtide_exe = exe
         return exe
 
-    def start_pgtide(self, name="pgtide", auth_type="trust", user_lines="", databases=None):
+    def start_pgtide(self, name="pgtide", auth_type="trust", user_lines="", databases=None, tls=None):
+        """tls: (certificate file, key file) to accept clients with client_tls_sslmode = "require"."""
         exe = self.pgtide_exe()
         port = free_port()
         conf = os.path.join(self.tmp, f"{name}.toml")
@@ -405,6 +420,10 @@ log_disconnections = 0
             # may name an older build.
             metrics = 'metrics_listen = ""'
             what = "metrics counted, no endpoint"
+        if tls:
+            metrics += (f'\nclient_tls_sslmode = "require"\nclient_tls_cert_file = "{tls[0]}"\n'
+                        f'client_tls_key_file = "{tls[1]}"')
+            what += '; client_tls_sslmode="require"'
         if databases is None:
             databases = f"""[databases.bench]
 host = "127.0.0.1"
@@ -674,24 +693,60 @@ max_client_conn = {self.max_client_conn()}
             return base64.b64encode(b).decode()
         return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored)}:{b64(server_key)}"
 
+    def storm_cert(self):
+        """A self-signed certificate and key (RSA 2048, CN localhost, one day) for the TLS
+        storm rows, made with the openssl CLI; readable by the poolers."""
+        crt = os.path.join(self.tmp, "storm-tls.crt")
+        key = os.path.join(self.tmp, "storm-tls.key")
+        openssl = shutil.which("openssl")
+        if not openssl:
+            raise Fatal("STORM_SSLMODE=require needs the openssl CLI to make a certificate (apt-get install openssl)")
+        argv = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256", "-days", "1",
+                "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout", key, "-out", crt]
+        self.commands.append(("storm certificate", shlex.join(argv)))
+        self.run(argv)
+        os.chmod(key, 0o600)
+        if self.is_root:
+            pw = pwd.getpwnam("postgres")
+            for path in (crt, key):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        return crt, key
+
+    @staticmethod
+    def storm_name(pooler, sslmode):
+        return f"{pooler}-scram" + ("-tls" if sslmode == "require" else "")
+
     def storm(self):
-        """pgbench -C (a new connection per transaction) with scram-sha-256 at the pooler."""
+        """pgbench -C (a new connection per transaction) with scram-sha-256 at the pooler,
+        for each of STORM_SSLMODE (plain TCP, TLS at the pooler)."""
         password = "storm-password"
         verifier = self.scram_verifier(password)
-        self.pgbench_env = {"PGPASSWORD": password, "PGSSLMODE": self.storm_sslmode}
         started = []
+        env = {}  # storm pooler -> pgbench's environment for it
         saved = self.duration
         try:
-            if "pgbouncer" in self.targets:
-                self.start_pgbouncer("pgbouncer-scram", auth_type="scram-sha-256", secret=verifier)
-                started.append("pgbouncer-scram")
-            if "pgtide" in self.targets:
-                self.start_pgtide("pgtide-scram", auth_type="scram-sha-256", user_lines=f'password = "{verifier}"\n')
-                started.append("pgtide-scram")
+            tls = self.storm_cert() if "require" in self.storm_sslmodes else None
+            for mode in self.storm_sslmodes:
+                with_tls = tls if mode == "require" else None
+                # start_pgtide's SELECT 1 check connects with this environment too.
+                self.pgbench_env = {"PGPASSWORD": password, "PGSSLMODE": mode}
+                if "pgbouncer" in self.targets:
+                    name = self.storm_name("pgbouncer", mode)
+                    self.start_pgbouncer(name, auth_type="scram-sha-256", secret=verifier, tls=with_tls)
+                    started.append(name)
+                    env[name] = self.pgbench_env
+                if "pgtide" in self.targets:
+                    name = self.storm_name("pgtide", mode)
+                    self.start_pgtide(name, auth_type="scram-sha-256", user_lines=f'password = "{verifier}"\n',
+                                      tls=with_tls)
+                    started.append(name)
+                    env[name] = self.pgbench_env
             self.duration = self.storm_duration
             for r in range(self.rounds):
                 order = started[r % len(started):] + started[:r % len(started)] if started else []
                 for t in order:
+                    self.pgbench_env = env[t]
                     self.one_run(t, "select-only", "simple", self.storm_clients, label=t, extra=("-C",))
         finally:
             self.duration = saved
@@ -889,25 +944,30 @@ max_client_conn = {self.max_client_conn()}
         return "\n".join(lines)
 
     def storm_table(self):
+        tls_note = (" With sslmode=require each connection also makes a full TLS handshake with the pooler "
+                    "(the same self-signed RSA 2048 certificate for both poolers, the TLS protocol and cipher defaults of "
+                    "libpq and of each pooler)." if "require" in self.storm_sslmodes else "")
         lines = [f"Connection storm: `pgbench -C -S -c {self.storm_clients} -T {self.storm_duration}` (a new "
-                 f"connection per transaction), scram-sha-256 at the pooler, sslmode={self.storm_sslmode}, "
-                 "the poolers' server connections pooled as usual.", "",
-                 "| pooler | connections/s | ratio to pgbouncer | pooler cpu-us/connection | avg connection time ms | lat ms p50/p99 |",
-                 "|---|---:|---:|---:|---:|---:|"]
-        base = self.median(("select-only", "simple", self.storm_clients, "pgbouncer-scram"), "tps")
-        for t in ("pgbouncer-scram", "pgtide-scram"):
-            k = ("select-only", "simple", self.storm_clients, t)
-            tps = self.median(k, "tps")
-            if any(r.get("failed") for r in self.results.get(k, [])):
-                lines.append(f"| {t} | FAILED | - | - | - | - |")
-                continue
-            if tps is None:
-                lines.append(f"| {t} | - | - | - | - | - |")
-                continue
-            cpu, conn, p50, p99 = (self.median(k, f) for f in ("cpu_us", "conn_ms", "p50", "p99"))
-            f1 = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-            lines.append(f"| {t} | {tps:.0f} | {f1(tps / base if base else None, '.2f')} | {f1(cpu, '.0f')} | "
-                         f"{f1(conn, '.2f')} | {f1(p50, '.2f')} / {f1(p99, '.2f')} |")
+                 "connection per transaction), scram-sha-256 at the pooler, `PGSSLMODE` as in the sslmode column, "
+                 f"the poolers' server connections pooled as usual (plain TCP to the server).{tls_note}", "",
+                 "| sslmode | pooler | connections/s | ratio to pgbouncer | pooler cpu-us/connection | avg connection time ms | lat ms p50/p99 |",
+                 "|---|---|---:|---:|---:|---:|---:|"]
+        for mode in self.storm_sslmodes:
+            base = self.median(("select-only", "simple", self.storm_clients, self.storm_name("pgbouncer", mode)), "tps")
+            for pooler in ("pgbouncer", "pgtide"):
+                t = self.storm_name(pooler, mode)
+                k = ("select-only", "simple", self.storm_clients, t)
+                tps = self.median(k, "tps")
+                if any(r.get("failed") for r in self.results.get(k, [])):
+                    lines.append(f"| {mode} | {t} | FAILED | - | - | - | - |")
+                    continue
+                if tps is None:
+                    lines.append(f"| {mode} | {t} | - | - | - | - | - |")
+                    continue
+                cpu, conn, p50, p99 = (self.median(k, f) for f in ("cpu_us", "conn_ms", "p50", "p99"))
+                f1 = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+                lines.append(f"| {mode} | {t} | {tps:.0f} | {f1(tps / base if base else None, '.2f')} | "
+                             f"{f1(cpu, '.0f')} | {f1(conn, '.2f')} | {f1(p50, '.2f')} / {f1(p99, '.2f')} |")
         return "\n".join(lines)
 
     def routing_table(self):

@@ -1,7 +1,7 @@
 //! TLS on both sides of pgtide, with certificates made in the test (rcgen): psql and
 //! tokio-postgres (rustls) clients with sslmode require / verify-ca / verify-full, a
 //! wrong CA and a wrong host name, plain clients under `require`, `cert` authentication,
-//! PostgreSQL 17 direct TLS, pgtide to a `hostssl`-only server with verify-full,
+//! `auth_hba_file` `hostssl` / `hostnossl` / `cert` lines, PostgreSQL 17 direct TLS, pgtide to a `hostssl`-only server with verify-full,
 //! certificate reload, and pgbench over TLS.
 
 use std::future::Future;
@@ -266,8 +266,44 @@ pub(crate) async fn connect_tls(
     conn_str: &str,
     roots: &[CertificateDer<'static>],
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let tls = MakeRustls(Arc::new(rustls_client(roots, false)));
-    let (client, connection) = tokio_postgres::connect(conn_str, tls).await?;
+    connect_rustls(conn_str, rustls_client(roots, false)).await
+}
+
+/// Connects with tokio-postgres over rustls, presenting the client certificate and key
+/// in the PEM files `cert` and `key`.
+pub(crate) async fn connect_tls_with_cert(
+    conn_str: &str,
+    roots: &[CertificateDer<'static>],
+    cert: &Path,
+    key: &Path,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).expect("root");
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .expect("client certificate file")
+        .collect::<Result<_, _>>()
+        .expect("client certificate");
+    let key = PrivateKeyDer::from_pem_file(key).expect("client key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let c = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(store)
+        .with_client_auth_cert(chain, key)
+        .expect("client certificate and key");
+    connect_rustls(conn_str, c).await
+}
+
+async fn connect_rustls(
+    conn_str: &str,
+    config: rustls::ClientConfig,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let tls = MakeRustls(Arc::new(config));
+    let (client, connection) = to("TLS login", tokio_postgres::connect(conn_str, tls)).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -474,6 +510,230 @@ async fn cert_auth_maps_the_common_name_to_the_user() {
         "a client without a certificate was accepted under verify-full"
     );
     assert!(!err.is_empty());
+}
+
+// --- auth_hba_file with TLS ---------------------------------------------------------------
+
+/// `no pg_hba.conf entry ...` as PostgreSQL words it.
+fn no_hba_entry(user: &str, db: &str, tls: bool) -> String {
+    let encryption = if tls {
+        "SSL encryption"
+    } else {
+        "no encryption"
+    };
+    format!("no pg_hba.conf entry for host \"127.0.0.1\", user \"{user}\", database \"{db}\", {encryption}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hba_hostssl_and_hostnossl_lines_tell_tls_clients_from_plain_ones() {
+    let certs = Certs::new();
+    let db = harness::fresh_database("tls_hba_ssl");
+    let mut config = harness::config_for(&db);
+    // prefer: both TLS and plain clients reach the hba check.
+    certs.client_tls(&mut config, ClientSslMode::Prefer);
+    let hba = format!(
+        "# TYPE   DATABASE USER          ADDRESS       METHOD\n\
+         hostssl   {db}     app           127.0.0.1/32  scram-sha-256\n\
+         hostnossl {db}     pgtide_scram  127.0.0.1/32  scram-sha-256\n"
+    );
+    config.pgtide.auth_hba_file = write(certs.dir.path(), "pg_hba.conf", &hba)
+        .display()
+        .to_string();
+    let pooler = harness::start_pgtide(config).await;
+    let addr = pooler.local_addr();
+    let app = harness::tcp_connect_string(addr, APP_USER, APP_PASSWORD, &db);
+    let scram = harness::tcp_connect_string(addr, "pgtide_scram", "scrampass", &db);
+    let roots = [certs.ca.der()];
+
+    // hostssl: a TLS client logs in, the same client in clear text matches no line.
+    let c = connect_tls(&format!("{app} sslmode=require"), &roots)
+        .await
+        .expect("app over TLS on a hostssl line");
+    assert_eq!(one(&c, "SELECT current_user::text").await, APP_USER);
+    let (code, message) =
+        crate::credentials::refused(harness::connect(&format!("{app} sslmode=disable")).await);
+    assert_eq!(code, "28000");
+    assert_eq!(message, no_hba_entry(APP_USER, &db, false));
+    let (ok, out, err) = psql(
+        &conninfo(addr, APP_USER, &db, "sslmode=require"),
+        "\\conninfo",
+    )
+    .await;
+    assert!(ok, "psql sslmode=require on a hostssl line: {err}");
+    assert!(out.contains("SSL connection"), "{out}");
+    let (ok, _, err) = psql(
+        &conninfo(addr, APP_USER, &db, "sslmode=disable"),
+        "SELECT 1",
+    )
+    .await;
+    assert!(!ok, "a plain psql matched a hostssl line");
+    assert!(err.contains(&no_hba_entry(APP_USER, &db, false)), "{err}");
+    // libpq's sslmode=allow tries clear text first and, refused, again with TLS.
+    let (ok, out, err) = psql(
+        &conninfo(addr, APP_USER, &db, "sslmode=allow"),
+        "\\conninfo",
+    )
+    .await;
+    assert!(ok, "psql sslmode=allow on a hostssl line: {err}");
+    assert!(out.contains("SSL connection"), "{out}");
+
+    // hostnossl: the other way round.
+    let c = harness::connect(&format!("{scram} sslmode=disable"))
+        .await
+        .expect("plain client on a hostnossl line");
+    assert_eq!(one(&c, "SELECT current_user::text").await, "pgtide_scram");
+    let (code, message) =
+        crate::credentials::refused(connect_tls(&format!("{scram} sslmode=require"), &roots).await);
+    assert_eq!(code, "28000");
+    assert_eq!(message, no_hba_entry("pgtide_scram", &db, true));
+    let with_password = "password=scrampass";
+    let (ok, _, err) = psql(
+        &conninfo(
+            addr,
+            "pgtide_scram",
+            &db,
+            &format!("{with_password} sslmode=require"),
+        ),
+        "SELECT 1",
+    )
+    .await;
+    assert!(!ok, "a TLS psql matched a hostnossl line");
+    assert!(
+        err.contains(&no_hba_entry("pgtide_scram", &db, true)),
+        "{err}"
+    );
+    // libpq's default sslmode=prefer tries TLS first and, refused, again in clear text.
+    let (ok, out, err) = psql(
+        &conninfo(
+            addr,
+            "pgtide_scram",
+            &db,
+            &format!("{with_password} sslmode=prefer"),
+        ),
+        "\\conninfo",
+    )
+    .await;
+    assert!(ok, "psql sslmode=prefer on a hostnossl line: {err}");
+    assert!(out.contains("You are connected"), "{out}");
+    assert!(!out.contains("SSL connection"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hba_cert_line_maps_the_common_name_to_the_user() {
+    let certs = Certs::new();
+    let db = harness::fresh_database("tls_hba_cert");
+    let mut config = harness::config_for(&db);
+    // require with a CA: a client certificate is asked for and checked, not demanded in
+    // the handshake; the hba line decides.
+    certs.client_tls(&mut config, ClientSslMode::Require);
+    // pgtide_scram has a password in the config; its cert line means it is never asked.
+    let hba = format!(
+        "hostssl {db} pgtide_scram 127.0.0.1/32 cert\n\
+         hostssl {db} app          127.0.0.1/32 scram-sha-256\n"
+    );
+    config.pgtide.auth_hba_file = write(certs.dir.path(), "pg_hba.conf", &hba)
+        .display()
+        .to_string();
+    let pooler = harness::start_pgtide(config).await;
+    let addr = pooler.local_addr();
+    let (cert, key) = certs.ca.issue("pgtide_scram", &[], true);
+    let user_crt = write(certs.dir.path(), "pgtide_scram.crt", &cert);
+    let user_key = write(certs.dir.path(), "pgtide_scram.key", &key);
+    let roots = [certs.ca.der()];
+    // A wrong password: the login must not depend on it.
+    let base = harness::tcp_connect_string(addr, "pgtide_scram", "not the password", &db);
+    let base = format!("{base} sslmode=require");
+
+    // The certificate of the user: in, without a password.
+    let c = connect_tls_with_cert(&base, &roots, &user_crt, &user_key)
+        .await
+        .expect("cert login with the user's certificate");
+    assert_eq!(one(&c, "SELECT current_user::text").await, "pgtide_scram");
+    let ca = format!("sslrootcert={}", certs.ca_file.display());
+    let psql_with = |crt: &str, key: &str| {
+        format!("password=wrong sslmode=verify-full {ca} sslcert={crt} sslkey={key}")
+    };
+    let (ok, out, err) = psql(
+        &conninfo(
+            addr,
+            "pgtide_scram",
+            &db,
+            &psql_with(
+                &user_crt.display().to_string(),
+                &user_key.display().to_string(),
+            ),
+        ),
+        "SELECT current_user",
+    )
+    .await;
+    assert!(ok, "psql cert login: {err}");
+    assert_eq!(out, "pgtide_scram");
+
+    // Another user's certificate (CN app).
+    let refusal = "certificate authentication failed for user \"pgtide_scram\"";
+    let (code, message) = crate::credentials::refused(
+        connect_tls_with_cert(
+            &base,
+            &roots,
+            &certs.dir.path().join("app.crt"),
+            &certs.dir.path().join("app.key"),
+        )
+        .await,
+    );
+    assert_eq!((code.as_str(), message.as_str()), ("28000", refusal));
+    let (ok, _, err) = psql(
+        &conninfo(
+            addr,
+            "pgtide_scram",
+            &db,
+            &psql_with(&certs.path("app.crt"), &certs.path("app.key")),
+        ),
+        "SELECT 1",
+    )
+    .await;
+    assert!(!ok, "a certificate with CN app logged in as pgtide_scram");
+    assert!(err.contains(refusal), "{err}");
+
+    // TLS without a client certificate.
+    let missing = "connection requires a valid client certificate";
+    let (code, message) = crate::credentials::refused(connect_tls(&base, &roots).await);
+    assert_eq!((code.as_str(), message.as_str()), ("28000", missing));
+    let nowhere = certs.path("none.crt");
+    let (ok, _, err) = psql(
+        &conninfo(
+            addr,
+            "pgtide_scram",
+            &db,
+            &format!("password=scrampass sslmode=require sslcert={nowhere}"),
+        ),
+        "SELECT 1",
+    )
+    .await;
+    assert!(!ok, "a TLS client without a certificate passed a cert line");
+    assert!(err.contains(missing), "{err}");
+
+    // The other line of the same file still asks app for its password, certificate or not.
+    let app = harness::tcp_connect_string(addr, APP_USER, APP_PASSWORD, &db);
+    let c = connect_tls_with_cert(
+        &format!("{app} sslmode=require"),
+        &roots,
+        &certs.dir.path().join("app.crt"),
+        &certs.dir.path().join("app.key"),
+    )
+    .await
+    .expect("app with its password");
+    assert_eq!(one(&c, "SELECT current_user::text").await, APP_USER);
+    let wrong = harness::tcp_connect_string(addr, APP_USER, "wrong", &db);
+    let (code, _) = crate::credentials::refused(
+        connect_tls_with_cert(
+            &format!("{wrong} sslmode=require"),
+            &roots,
+            &certs.dir.path().join("app.crt"),
+            &certs.dir.path().join("app.key"),
+        )
+        .await,
+    );
+    assert_eq!(code, "28P01");
 }
 
 /// Reads one backend message from a TLS stream.

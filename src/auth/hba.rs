@@ -381,6 +381,13 @@ fn parse_line(line: usize, text: &str) -> Result<Option<HbaRule>, String> {
         (parse_address(addr, mask)?, if takes_mask { 5 } else { 4 })
     };
     let method = HbaMethod::parse(single(method_at, "authentication method")?)?;
+    if method == HbaMethod::Cert && conn != ConnType::HostSsl {
+        // As PostgreSQL: a client certificate comes only with TLS.
+        return Err(
+            "method cert is only supported on hostssl lines (a client certificate needs TLS)"
+                .into(),
+        );
+    }
     if let Some(extra) = f.get(method_at + 1).and_then(|t| t.first()) {
         return Err(format!(
             "option {:?} after the method is not supported by pgtide; remove it",
@@ -423,6 +430,29 @@ impl HbaRules {
             rules.extend(rule);
         }
         Ok(HbaRules { rules })
+    }
+
+    /// What cannot work with the client TLS setup pgtide runs with: `hostssl` lines when
+    /// client TLS is off (`tls`: `client_tls_sslmode` is not "disable"; PostgreSQL refuses
+    /// them with `ssl = off` too), and `cert` lines when pgtide asks clients for no
+    /// certificate (`client_certificates`: a `client_tls_ca_file` is set). One message per
+    /// line, `line N: ...`.
+    pub fn tls_problems(&self, tls: bool, client_certificates: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        for r in &self.rules {
+            if r.conn == ConnType::HostSsl && !tls {
+                out.push(format!(
+                    "line {}: a hostssl line cannot match while client TLS is off (client_tls_sslmode = \"disable\"); set client_tls_sslmode and its certificate files, or make it a host line",
+                    r.line
+                ));
+            } else if r.method == HbaMethod::Cert && !client_certificates {
+                out.push(format!(
+                    "line {}: method cert needs client certificates, and pgtide asks for none without client_tls_ca_file; set client_tls_ca_file",
+                    r.line
+                ));
+            }
+        }
+        out
     }
 
     /// Reads and parses `path`.
@@ -584,12 +614,45 @@ host    all             "all"           all                     \
             ("host all all 0.0.0.0/0", "method is missing"),
             ("host \"app all all 0.0.0.0/0 md5", "not closed"),
             ("host app, all 0.0.0.0/0", "address is missing"),
+            (
+                "host all all 0.0.0.0/0 cert",
+                "only supported on hostssl lines",
+            ),
+            (
+                "hostnossl all all 0.0.0.0/0 cert",
+                "only supported on hostssl lines",
+            ),
+            ("local all all cert", "only supported on hostssl lines"),
         ] {
             let text = format!("# header\n{line}\n");
             let e = HbaRules::parse(&text).unwrap_err();
             assert!(e.starts_with("line 2: "), "{line}: {e}");
             assert!(e.contains(needle), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn lines_that_need_client_tls() {
+        let r = HbaRules::parse(FILE).unwrap();
+        // TLS on with a client CA: every line can do what it says.
+        assert!(r.tls_problems(true, true).is_empty());
+        // TLS on, no client CA: the cert line (line 5) can never succeed.
+        let p = r.tls_problems(true, false);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("line 5: method cert needs client certificates"),
+            "{p:?}"
+        );
+        // TLS off: the hostssl line can never match.
+        let p = r.tls_problems(false, false);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("line 5: a hostssl line cannot match"),
+            "{p:?}"
+        );
+        // hostnossl and host lines need nothing.
+        let plain = HbaRules::parse("hostnossl all all all md5\nhost all all all trust\n").unwrap();
+        assert!(plain.tls_problems(false, false).is_empty());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::hba::HbaRules;
 use super::userlist::UserList;
 use super::StoredCredential;
-use crate::config::{Config, ConfigError, Problem};
+use crate::config::{ClientSslMode, Config, ConfigError, Problem};
 
 /// The contents of `auth_file` and `auth_hba_file`.
 #[derive(Clone, Debug, Default)]
@@ -43,7 +43,17 @@ impl AuthFiles {
         }
         if !g.auth_hba_file.is_empty() {
             match HbaRules::load(&g.auth_hba_file) {
-                Ok(h) => files.hba = Some(h),
+                Ok(h) => {
+                    let tls = g.client_tls_sslmode != ClientSslMode::Disable;
+                    let client_certificates = tls && !g.client_tls_ca_file.is_empty();
+                    for message in h.tls_problems(tls, client_certificates) {
+                        problems.push(Problem {
+                            key: "pgtide.auth_hba_file".into(),
+                            message: format!("{}: {message}", g.auth_hba_file),
+                        });
+                    }
+                    files.hba = Some(h);
+                }
                 Err(message) => problems.push(Problem {
                     key: "pgtide.auth_hba_file".into(),
                     message,
@@ -194,6 +204,51 @@ impl AuthQueryCache {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// An hba file whose lines need client TLS, loaded with `client_tls_sslmode` `mode`
+    /// and a client CA or not: the problems reported.
+    fn hba_problems(mode: ClientSslMode, ca: bool) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pg_hba.conf");
+        std::fs::write(
+            &path,
+            "host all all 10.0.0.0/8 md5\nhostssl all all all scram-sha-256\nhostssl all alice all cert\n",
+        )
+        .unwrap();
+        let mut config = Config::default();
+        config.pgtide.auth_hba_file = path.display().to_string();
+        config.pgtide.client_tls_sslmode = mode;
+        if ca {
+            config.pgtide.client_tls_ca_file = "/etc/ssl/ca.pem".into();
+        }
+        match AuthFiles::load(&config) {
+            Ok(_) => Vec::new(),
+            Err(e) => e
+                .problems
+                .into_iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn hba_lines_that_cannot_work_without_client_tls_are_refused() {
+        let p = hba_problems(ClientSslMode::Disable, false);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("pgtide.auth_hba_file: /"), "{p:?}");
+        assert!(p[0].ends_with("pg_hba.conf: line 2: a hostssl line cannot match while client TLS is off (client_tls_sslmode = \"disable\"); set client_tls_sslmode and its certificate files, or make it a host line"), "{p:?}");
+        assert!(
+            p[1].contains("line 3: a hostssl line cannot match"),
+            "{p:?}"
+        );
+        let p = hba_problems(ClientSslMode::Prefer, false);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].ends_with("line 3: method cert needs client certificates, and pgtide asks for none without client_tls_ca_file; set client_tls_ca_file"), "{p:?}");
+        assert_eq!(
+            hba_problems(ClientSslMode::Require, true),
+            Vec::<String>::new()
+        );
+    }
 
     const MD5_A: &str = "md545f2603610af569b6155c45067268c6b";
     const MD5_B: &str = "md553f48b7c4b76a86ce72276c5755f217d";
