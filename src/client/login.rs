@@ -473,7 +473,7 @@ async fn login_inner(
 
     let mut b = BytesMut::with_capacity(512);
     backend::authentication_ok(&mut b);
-    for (k, v) in params.login_status(&login_params) {
+    for (k, v) in params.login_status() {
         backend::parameter_status(&mut b, k, v);
     }
     backend::backend_key_data(&mut b, key_pid, key_secret);

@@ -53,7 +53,8 @@ pub(super) async fn run(
         .await;
         return;
     }
-    let (stream, logged_in) = match login::login(tcp, shared, over_limit).await {
+    // Boxed: the login's state is freed once it is done, not kept in this task's.
+    let (stream, logged_in) = match Box::pin(login::login(tcp, shared, over_limit)).await {
         Ok(l) => l,
         Err(NoSession::Done) | Err(NoSession::Refused) => return,
         Err(NoSession::Admin { stream: None, .. }) => return,
@@ -68,17 +69,22 @@ pub(super) async fn run(
                 database,
                 application_name,
             };
-            crate::admin::console::run(stream, shared.clone(), who, signal).await;
+            Box::pin(crate::admin::console::run(
+                stream,
+                shared.clone(),
+                who,
+                signal,
+            ))
+            .await;
             return;
         }
     };
     let key = logged_in.key_pid;
     let log = shared.config().pgtide.log_connections;
-    let (user, database) = (logged_in.user.clone(), logged_in.database.clone());
     let mut session = Session::new(stream, shared.clone(), logged_in, signal);
     session.login.pool.metrics.clients_idle.inc();
     let end = session.run().await;
-    session.finish(&end).await;
+    Box::pin(session.finish(&end)).await;
     session.flush_metrics();
     match session.state {
         ClientState::Idle => session.login.pool.metrics.clients_idle.dec(),
@@ -87,9 +93,13 @@ pub(super) async fn run(
     }
     shared.cancels.unregister(key);
     if log {
+        let (user, database) = (&session.login.user, &session.login.database);
         tracing::info!(%user, %database, reason = %end, "client disconnected");
     }
 }
+
+/// A boxed future (rare awaits of the session: see [`Session::tell`]).
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// A wait for the shutdown phase to move on (see `Session::phase_wait`).
 type PhaseWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -131,7 +141,7 @@ struct Session {
     s2c: BytesMut,
     s_scan: Scanner,
     s_ready: usize,
-    server: Option<ServerConn>,
+    server: Option<Box<ServerConn>>,
     /// ReadyForQuery messages the server still owes.
     pending: u32,
     /// Extended-protocol messages were sent since the last Sync.
@@ -546,7 +556,7 @@ impl Session {
             self.retry = None;
         }
         if self.retry_to_primary && self.pending == 0 && self.server.is_some() {
-            return self.retry_on_primary().await;
+            return Box::pin(self.retry_on_primary()).await;
         }
         let writable = if self.retry.is_some() {
             self.s_ready.min(self.retry_mark)
@@ -1390,7 +1400,11 @@ impl Session {
             .cluster_settings(&self.login.database, &self.login.user)
             .map_or(Duration::ZERO, |s| s.routing.primary_wait_timeout);
         let mut changes = cluster.primary_changes();
-        let _ = tokio::time::timeout(wait, changes.wait_for(|p| p.is_some())).await;
+        let _ = Box::pin(tokio::time::timeout(
+            wait,
+            changes.wait_for(|p| p.is_some()),
+        ))
+        .await;
         self.pool = self.login.pool_for_primary(&self.shared);
     }
 
@@ -1411,9 +1425,8 @@ impl Session {
             return;
         }
         let timeout = login::internal_timeout(&self.shared);
-        if let Ok(r) = server
-            .run_internal("SELECT pg_current_wal_insert_lsn()", timeout)
-            .await
+        if let Ok(r) =
+            Box::pin(server.run_internal("SELECT pg_current_wal_insert_lsn()", timeout)).await
         {
             let lsn = r
                 .rows
@@ -1544,10 +1557,7 @@ impl Session {
         }
         if let Some(sql) = sync {
             server.params_match = None;
-            match server
-                .run_internal(&sql, login::internal_timeout(&self.shared))
-                .await
-            {
+            match Box::pin(server.run_internal(&sql, login::internal_timeout(&self.shared))).await {
                 Ok(r) => match r.error {
                     None => self.login.params.synced_to(&mut server.params),
                     Some((code, message)) => {
@@ -1605,7 +1615,7 @@ impl Session {
     /// Puts the server's prepared statements in a known state: none.
     async fn deallocate_all(&mut self, server: &mut ServerConn) -> bool {
         let timeout = login::internal_timeout(&self.shared);
-        match server.run_internal("DEALLOCATE ALL", timeout).await {
+        match Box::pin(server.run_internal("DEALLOCATE ALL", timeout)).await {
             Ok(r) if r.error.is_none() => {
                 server.statements.clear();
                 true
@@ -1619,10 +1629,7 @@ impl Session {
         let Some((sql, names)) = self.login.params.refresh_sql(&server.params) else {
             return true;
         };
-        match server
-            .run_internal(&sql, login::internal_timeout(&self.shared))
-            .await
-        {
+        match Box::pin(server.run_internal(&sql, login::internal_timeout(&self.shared))).await {
             Ok(r) if r.error.is_none() && r.rows.len() == 1 => {
                 self.login
                     .params
@@ -1641,8 +1648,14 @@ impl Session {
         }
     }
 
-    /// Sends the client a FATAL and ends the session.
-    async fn tell(&mut self, code: &str, message: &str) -> End {
+    /// Sends the client a FATAL and ends the session. Boxed, like every rare await of
+    /// the session: a future's size is that of its largest state, and the session's is
+    /// held for as long as the client is connected, idle or not.
+    fn tell<'a>(&'a mut self, code: &'a str, message: &'a str) -> BoxFuture<'a, End> {
+        Box::pin(self.tell_now(code, message))
+    }
+
+    async fn tell_now(&mut self, code: &str, message: &str) -> End {
         // What the server already said goes first.
         let mut ready = self.s_ready;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -1719,10 +1732,10 @@ impl Session {
     /// Brings a server whose client is gone back to idle: ends a COPY, syncs an open
     /// extended batch, cancels a running query, rolls back a transaction, and in session
     /// mode runs `server_reset_query`. `None` when that fails (the connection is closed).
-    async fn recover(&mut self, mut server: ServerConn) -> Option<ServerConn> {
+    async fn recover(&mut self, mut server: Box<ServerConn>) -> Option<Box<ServerConn>> {
         let timeout = login::internal_timeout(&self.shared);
         let pool = self.pool.clone();
-        let give_up = |server: ServerConn| {
+        let give_up = |server: Box<ServerConn>| {
             pool.discard(server);
             None
         };
@@ -1858,4 +1871,25 @@ impl From<ServerLost> for End {
     fn from(s: ServerLost) -> End {
         End::Told(s.0)
     }
+}
+
+#[cfg(test)]
+pub(super) fn print_sizes() {
+    use std::mem::size_of;
+    eprintln!("SIZE Session {}", size_of::<Session>());
+    eprintln!("SIZE LoggedIn {}", size_of::<LoggedIn>());
+    eprintln!(
+        "SIZE ClientParams {}",
+        size_of::<super::params::ClientParams>()
+    );
+    eprintln!("SIZE Stream {}", size_of::<Stream>());
+    eprintln!("SIZE ServerConn {}", size_of::<ServerConn>());
+    eprintln!("SIZE ClientStatements {}", size_of::<ClientStatements>());
+    eprintln!("SIZE Pipeline {}", size_of::<Pipeline>());
+    eprintln!(
+        "SIZE ClientEntry {}",
+        size_of::<crate::admin::registry::ClientEntry>()
+    );
+    eprintln!("SIZE ShutdownSignal {}", size_of::<ShutdownSignal>());
+    eprintln!("SIZE Scanner {}", size_of::<crate::protocol::Scanner>());
 }
