@@ -62,6 +62,8 @@ pub struct Shared {
     /// TLS configurations for clients and servers (swapped on reload).
     pub tls: Arc<crate::tls::Tls>,
     clients: AtomicU32,
+    /// The login parameter sets the clients of each pool share.
+    pub login_sets: params::LoginSets,
     /// Admin console state: client and server registries, PAUSE, reload source.
     pub admin: crate::admin::AdminState,
 }
@@ -124,6 +126,7 @@ impl Shared {
             metrics,
             tls,
             clients: AtomicU32::new(0),
+            login_sets: params::LoginSets::default(),
             admin: crate::admin::AdminState::default(),
         })
     }

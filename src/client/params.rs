@@ -42,13 +42,13 @@ const READ_ONLY: &[&str] = &[
 /// What every client of a pool starts from: the pool's login ParameterStatus set with
 /// lower-case names, and the names synced to servers for a client that set nothing
 /// (the tracked ones and the configured extras). Built once per (login set, extras) and
-/// shared by every client that logs in with them ([`LoginSet::shared`]), so a client
+/// shared by every client that logs in with them ([`LoginSets::get`]), so a client
 /// keeps only its differences from it.
 #[derive(Debug, Default)]
 pub struct LoginSet {
     /// The pool's set as servers reported it (names as spelled by the server).
     login: Arc<Vec<(String, String)>>,
-    /// `track_extra_params` as configured (lower-case), for [`LoginSet::shared`].
+    /// `track_extra_params` as configured (lower-case), for [`LoginSets::get`].
     extras: Vec<String>,
     /// Lower-case name -> value of the login set.
     values: HashMap<String, String>,
@@ -88,12 +88,22 @@ impl LoginSet {
         }
     }
 
+    fn is_synced(&self, k: &str) -> bool {
+        self.synced.binary_search_by(|s| s.as_str().cmp(k)).is_ok()
+    }
+}
+
+/// The [`LoginSet`]s clients hold, so that every client of a pool shares one (kept in
+/// `Shared`).
+#[derive(Default)]
+pub struct LoginSets(Mutex<Vec<Arc<LoginSet>>>);
+
+impl LoginSets {
     /// The set for clients of a pool whose servers report `login`, with `extras`
     /// configured: the one already made for them if any client still holds it.
-    pub fn shared(login: &Arc<Vec<(String, String)>>, extras: &[String]) -> Arc<LoginSet> {
-        static SETS: Mutex<Vec<Arc<LoginSet>>> = Mutex::new(Vec::new());
+    pub fn get(&self, login: &Arc<Vec<(String, String)>>, extras: &[String]) -> Arc<LoginSet> {
         let extras: Vec<String> = extras.iter().map(|e| e.to_ascii_lowercase()).collect();
-        let mut sets = SETS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sets = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = sets
             .iter()
             .find(|s| Arc::ptr_eq(&s.login, login) && s.extras == extras)
@@ -105,10 +115,6 @@ impl LoginSet {
         let set = Arc::new(LoginSet::build(login, extras));
         sets.push(set.clone());
         set
-    }
-
-    fn is_synced(&self, k: &str) -> bool {
-        self.synced.binary_search_by(|s| s.as_str().cmp(k)).is_ok()
     }
 }
 
@@ -137,15 +143,11 @@ fn fingerprint_key() -> &'static RandomState {
 }
 
 impl ClientParams {
-    /// `login` is the ParameterStatus set of the pool's servers; `startup` the client's
-    /// settings (startup packet and `options`), `extras` the configured extra names.
-    pub fn new(
-        login: &Arc<Vec<(String, String)>>,
-        startup: &[(String, String)],
-        extras: &[String],
-    ) -> Self {
+    /// `base` is the pool's login set ([`LoginSets::get`]); `startup` the client's
+    /// settings (startup packet and `options`).
+    pub fn new(base: Arc<LoginSet>, startup: &[(String, String)]) -> Self {
         let mut p = ClientParams {
-            base: LoginSet::shared(login, extras),
+            base,
             own: Vec::new(),
             synced: Vec::new(),
             fingerprint: 0,
@@ -399,6 +401,12 @@ mod tests {
             .clone()
     }
 
+    fn params(startup: &[(String, String)], extras: &[String]) -> ClientParams {
+        static SETS: OnceLock<LoginSets> = OnceLock::new();
+        let base = SETS.get_or_init(LoginSets::default).get(&login(), extras);
+        ClientParams::new(base, startup)
+    }
+
     fn server_of(login: &[(String, String)]) -> HashMap<String, String> {
         login
             .iter()
@@ -408,8 +416,8 @@ mod tests {
 
     #[test]
     fn clients_share_the_login_set_and_keep_only_their_differences() {
-        let a = ClientParams::new(&login(), &[], &["Pgtide.Route".into()]);
-        let b = ClientParams::new(&login(), &[], &["pgtide.route".into()]);
+        let a = params(&[], &["Pgtide.Route".into()]);
+        let b = params(&[], &["pgtide.route".into()]);
         assert!(Arc::ptr_eq(&a.base, &b.base));
         assert_eq!(a.own_len(), 0);
         assert_eq!(a.fingerprint(), b.fingerprint());
@@ -417,13 +425,12 @@ mod tests {
         assert_eq!(a.value("server_version"), Some("15"));
         assert_eq!(a.value("search_path"), None);
         // Other extras: another set, same values.
-        let c = ClientParams::new(&login(), &[], &[]);
+        let c = params(&[], &[]);
         assert!(!Arc::ptr_eq(&a.base, &c.base));
         assert_ne!(a.fingerprint(), c.fingerprint());
 
         // A startup value equal to the login set's is no difference; another one is.
-        let d = ClientParams::new(
-            &login(),
+        let d = params(
             &[
                 ("DateStyle".into(), "ISO, MDY".into()),
                 ("application_name".into(), "app".into()),
@@ -462,7 +469,7 @@ mod tests {
 
     #[test]
     fn refreshed_settings_are_kept_as_differences() {
-        let mut c = ClientParams::new(&login(), &[], &[]);
+        let mut c = params(&[], &[]);
         let mut server = server_of(&login());
         let (sql, names) = c.refresh_sql(&server).unwrap();
         assert_eq!(
@@ -500,12 +507,12 @@ mod tests {
             "{sql}"
         );
         assert!(sql.contains("set_config(E'my.opt', E'7', false)"), "{sql}");
-        let plain = ClientParams::new(&login(), &[], &[]);
+        let plain = params(&[], &[]);
         let sql = plain.sync_sql(&server).unwrap();
         assert!(sql.contains("RESET \"my.opt\""), "{sql}");
         assert!(sql.contains("RESET \"search_path\""), "{sql}");
         // A reported setting the server spells differently is taken from the server.
-        let mut d = ClientParams::new(&login(), &[("datestyle".into(), "iso,dmy".into())], &[]);
+        let mut d = params(&[("datestyle".into(), "iso,dmy".into())], &[]);
         let mut server = server_of(&login());
         assert!(d.sync_sql(&server).unwrap().contains("E'iso,dmy'"));
         server.insert("datestyle".into(), "ISO, DMY".into());
@@ -521,8 +528,7 @@ mod tests {
 
     #[test]
     fn sync_sets_differences_and_resets_foreign_settings() {
-        let c = ClientParams::new(
-            &login(),
+        let c = params(
             &[
                 ("application_name".into(), "app".into()),
                 ("extra_float_digits".into(), "3".into()),
@@ -545,7 +551,7 @@ mod tests {
         c2.synced_to(&mut server);
         assert_eq!(c2.sync_sql(&server), None);
         // Another client without those settings gets them reset.
-        let other = ClientParams::new(&login(), &[], &[]);
+        let other = params(&[], &[]);
         let sql = other.sync_sql(&server).unwrap();
         assert!(sql.contains("RESET \"extra_float_digits\""), "{sql}");
         assert!(

@@ -93,7 +93,7 @@ pub(super) async fn run(
     }
     shared.cancels.unregister(key);
     if log {
-        let (user, database) = (&session.login.user, &session.login.database);
+        let (user, database) = (session.login.user(), session.login.database());
         tracing::info!(%user, %database, reason = %end, "client disconnected");
     }
 }
@@ -1102,7 +1102,7 @@ impl Session {
                 outcome: Some(Outcome::Primary),
             })
         };
-        let Some(cluster) = self.shared.cluster(&self.login.database) else {
+        let Some(cluster) = self.shared.cluster(self.login.database()) else {
             return primary().map(|c| Choice { outcome: None, ..c });
         };
         if self.force_primary {
@@ -1130,7 +1130,7 @@ impl Session {
         let Some(settings) = self
             .shared
             .config()
-            .cluster_settings(&self.login.database, &self.login.user)
+            .cluster_settings(self.login.database(), self.login.user())
         else {
             return primary();
         };
@@ -1239,7 +1239,7 @@ impl Session {
                 }),
                 ReplicaFallback::Error => Err(format!(
                     "no replica of database \"{}\" is up and within max_replica_lag, and replica_fallback is \"error\"",
-                    self.login.database
+                    self.login.database()
                 )),
             };
         }
@@ -1270,7 +1270,7 @@ impl Session {
                 let load = |id: crate::cluster::HostId| {
                     let busy = self
                         .shared
-                        .pool_on(&self.login.database, &self.login.user, id.0)
+                        .pool_on(self.login.database(), self.login.user(), id.0)
                         .map_or(0, |p| {
                             let (total, idle, waiting) = p.counts();
                             total as usize - idle + waiting
@@ -1294,7 +1294,7 @@ impl Session {
         let is_replica = Some(pick) != cluster.primary();
         match self
             .shared
-            .pool_on(&self.login.database, &self.login.user, pick.0)
+            .pool_on(self.login.database(), self.login.user(), pick.0)
         {
             Some(pool) => Ok(Choice {
                 pool,
@@ -1320,14 +1320,14 @@ impl Session {
         use crate::config::Route as Override;
         use crate::router::classify::{transaction_mode, TxKind};
         if self.login.mode != PoolMode::Transaction
-            || !self.shared.clusters().contains_key(&self.login.database)
+            || !self.shared.clusters().contains_key(self.login.database())
         {
             return false;
         }
         let routed_by_text = self
             .shared
             .config()
-            .cluster_settings(&self.login.database, &self.login.user)
+            .cluster_settings(self.login.database(), self.login.user())
             .is_some_and(|s| s.routing.route == Override::Auto);
         if !routed_by_text || self.login.params.value("pgtide.route").is_some() {
             return false;
@@ -1388,7 +1388,7 @@ impl Session {
     /// A database whose monitor knows no primary (failover under way): wait up to
     /// `primary_wait_timeout` for one, then take its pool.
     async fn wait_for_primary(&mut self) {
-        let Some(cluster) = self.shared.cluster(&self.login.database) else {
+        let Some(cluster) = self.shared.cluster(self.login.database()) else {
             return;
         };
         if cluster.primary().is_some() {
@@ -1397,7 +1397,7 @@ impl Session {
         let wait = self
             .shared
             .config()
-            .cluster_settings(&self.login.database, &self.login.user)
+            .cluster_settings(self.login.database(), self.login.user())
             .map_or(Duration::ZERO, |s| s.routing.primary_wait_timeout);
         let mut changes = cluster.primary_changes();
         let _ = Box::pin(tokio::time::timeout(
@@ -1413,13 +1413,13 @@ impl Session {
     /// have not replayed it yet.
     async fn note_written_lsn(&mut self, server: &mut ServerConn) {
         // Cheap checks first: this runs at every release.
-        if !self.for_write || !self.shared.clusters().contains_key(&self.login.database) {
+        if !self.for_write || !self.shared.clusters().contains_key(self.login.database()) {
             return;
         }
         let on = self
             .shared
             .config()
-            .cluster_settings(&self.login.database, &self.login.user)
+            .cluster_settings(self.login.database(), self.login.user())
             .is_some_and(|s| s.routing.read_your_writes == crate::config::ReadYourWrites::Lsn);
         if !on {
             return;
