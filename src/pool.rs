@@ -143,6 +143,7 @@ struct Inner {
     /// Idle connections; the most recently used is at the back. Boxed: a connection
     /// moves between the pool and a session by pointer, and an idle session keeps only
     /// an empty `Option<Box<_>>` for it.
+    #[allow(clippy::vec_box)] // moved out and in by pointer, see above
     idle: Vec<Box<ServerConn>>,
     /// Open connections (idle, in use, and being opened).
     total: u32,
@@ -286,14 +287,8 @@ impl Pool {
         }
         let rx = {
             let mut inner = self.lock();
-            let reuse = Reuse::of(&inner);
-            while let Some(mut conn) = inner.idle.pop() {
-                if reuse.usable(&mut conn) {
-                    return Ok(conn);
-                }
-                inner.total -= 1;
-                self.db_limit.release();
-                drop_in_background(conn);
+            if let Some(conn) = self.take_idle(&mut inner) {
+                return Ok(conn);
             }
             if inner.total < inner.settings.pool_size && self.db_limit.try_acquire() {
                 inner.total += 1;
@@ -339,6 +334,28 @@ impl Pool {
                 }
             },
         }
+    }
+
+    /// An idle connection if one is usable now (and the database is not paused): the
+    /// checkout that needs no wait, without the future [`Self::checkout`] makes.
+    pub fn try_checkout(self: &Arc<Self>) -> Option<Box<ServerConn>> {
+        if self.hooks.gate.is_paused(&self.database) {
+            return None;
+        }
+        self.take_idle(&mut self.lock())
+    }
+
+    fn take_idle(&self, inner: &mut Inner) -> Option<Box<ServerConn>> {
+        let reuse = Reuse::of(inner);
+        while let Some(mut conn) = inner.idle.pop() {
+            if reuse.usable(&mut conn) {
+                return Some(conn);
+            }
+            inner.total -= 1;
+            self.db_limit.release();
+            drop_in_background(conn);
+        }
+        None
     }
 
     /// Opens a connection for a slot already counted in `total`, with retries and

@@ -691,21 +691,3 @@ mod trim_tests {
         assert!(!small.due(0));
     }
 }
-
-#[cfg(test)]
-mod size_probe {
-    use super::*;
-    #[tokio::test]
-    async fn print_sizes() {
-        let config = Arc::new(Config::default());
-        let tls = Arc::new(crate::tls::Tls::new(config.clone()).expect("tls"));
-        let shared = Shared::new(config, AuthFiles::default(), tls);
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let ctl = ShutdownController::new();
-        let signal = ctl.signal();
-        let f = session::run(c, &shared, signal, false);
-        eprintln!("SIZE session::run future {}", std::mem::size_of_val(&f));
-        session::print_sizes();
-    }
-}

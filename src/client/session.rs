@@ -44,12 +44,12 @@ pub(super) async fn run(
     over_limit: bool,
 ) {
     if signal.phase() != Phase::Running {
-        login::send_fatal(
+        Box::pin(login::send_fatal(
             &mut tcp,
             sqlstate::ADMIN_SHUTDOWN,
             "pgtide is shutting down",
             None,
-        )
+        ))
         .await;
         return;
     }
@@ -133,6 +133,8 @@ struct Session {
     /// so that waiting for shutdown does not register with the shared channel anew on
     /// every turn.
     phase_wait: Option<(Phase, PhaseWait)>,
+    /// The idle timeouts' timer, once one was needed (reset for each wait).
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Bytes from the client; `c2s[..c_ready]` is framed and goes to the server.
     c2s: BytesMut,
     c_scan: Scanner,
@@ -373,6 +375,7 @@ impl Session {
             login,
             signal,
             phase_wait: None,
+            timer: None,
             c2s: BytesMut::new(),
             c_scan: Scanner::new(max),
             c_ready: 0,
@@ -687,37 +690,71 @@ impl Session {
         let server = self.server.as_ref().map(|s| &s.stream);
         let want_client = !self.terminated && (self.c_ready == 0 || self.c2s.len() < HIGH_WATER);
         let want_server = server.is_some() && (self.s_ready == 0 || self.s2c.len() < HIGH_WATER);
+        let want_server_write = server.is_some_and(|s| self.c_ready > 0 || s.wants_flush());
         // Bytes that may go to the client now (an answer held for a retry does not).
         let client_bytes = if self.retry.is_some() {
             self.s_ready.min(self.retry_mark)
         } else {
             self.s_ready
         };
+        let want_client_write = client_bytes > 0 || self.client.wants_flush();
+        let mut timer = match timer {
+            Some(d) => {
+                // One timer per session, made the first time one is needed and reset
+                // for every wait after that.
+                let deadline = tokio::time::Instant::now() + d;
+                match &mut self.timer {
+                    Some(t) => t.as_mut().reset(deadline),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+                self.timer.as_mut()
+            }
+            None => None,
+        };
         let client = &self.client;
         let phase_wait = &mut self.phase_wait;
-        let entry = &self.login.entry;
-        tokio::select! {
-            biased;
-            _ = entry.killed() => Event::Killed,
-            _ = async { phase_wait.as_mut().expect("guarded").1.as_mut().await }, if phase != Phase::Now => Event::Phase,
-            r = async { server.expect("guarded").readable().await }, if want_server => {
-                let _ = r;
-                Event::ServerReadable
+        let killed = self.login.entry.killed();
+        let mut killed = std::pin::pin!(killed);
+        // Polled in place, in this order (first ready wins), rather than through a
+        // `select!` of one future per branch: a session's future is as large as its
+        // largest wait, and every connected client holds one.
+        std::future::poll_fn(|cx| {
+            use std::future::Future;
+            use std::task::Poll;
+            if killed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Killed);
             }
-            r = client.readable(), if want_client => {
-                let _ = r;
-                Event::ClientReadable
+            if phase != Phase::Now {
+                if let Some((_, w)) = phase_wait.as_mut() {
+                    if w.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Phase);
+                    }
+                }
             }
-            r = async { server.expect("guarded").writable().await }, if server.is_some_and(|s| self.c_ready > 0 || s.wants_flush()) => {
-                let _ = r;
-                Event::ServerWritable
+            if let Some(server) = server {
+                if want_server && server.poll_readable(cx).is_ready() {
+                    return Poll::Ready(Event::ServerReadable);
+                }
             }
-            r = client.writable(), if client_bytes > 0 || client.wants_flush() => {
-                let _ = r;
-                Event::ClientWritable
+            if want_client && client.poll_readable(cx).is_ready() {
+                return Poll::Ready(Event::ClientReadable);
             }
-            _ = async { tokio::time::sleep(timer.unwrap_or_default()).await }, if timer.is_some() => Event::Timeout,
-        }
+            if let Some(server) = server {
+                if want_server_write && server.poll_writable(cx).is_ready() {
+                    return Poll::Ready(Event::ServerWritable);
+                }
+            }
+            if want_client_write && client.poll_writable(cx).is_ready() {
+                return Poll::Ready(Event::ClientWritable);
+            }
+            if let Some(t) = timer.as_mut() {
+                if t.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timeout);
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Frames new client bytes and notes what they owe and change.
@@ -1439,6 +1476,45 @@ impl Session {
         }
     }
 
+    /// The checkout that waits (for a server to come back, or to be opened), ended by
+    /// shutdown or KILL; a replica that cannot be reached gives way to the primary.
+    async fn checkout(
+        &mut self,
+        wait: Duration,
+        outcome: &mut Option<Outcome>,
+    ) -> Result<Result<Box<ServerConn>, crate::pool::CheckoutError>, End> {
+        let mut signal = self.signal.clone();
+        let entry = &self.login.entry;
+        let mut r = tokio::select! {
+            r = self.pool.checkout(wait) => r,
+            _ = signal.reached(Phase::Now) => {
+                return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
+            }
+            _ = entry.killed() => return Err(self.killed().await),
+        };
+        if self.on_replica && matches!(r, Err(crate::pool::CheckoutError::Connect { .. })) {
+            // The replica went away before the monitor noticed: this read runs on the
+            // primary rather than failing the client.
+            tracing::warn!(
+                server = %self.pool.target().address(),
+                "replica unreachable; running the transaction on the primary"
+            );
+            self.pool = self.login.pool_for_primary(&self.shared);
+            self.on_replica = false;
+            self.replica_tx = false;
+            if *outcome == Some(Outcome::Replica) {
+                *outcome = Some(Outcome::Fallback);
+            }
+            r = tokio::select! {
+                r = self.pool.checkout(wait) => r,
+                _ = signal.reached(Phase::Now) => {
+                    return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
+                }
+            };
+        }
+        Ok(r)
+    }
+
     /// Checks out a server for the transaction the client has started, and brings the
     /// server's settings in line with the client's.
     async fn attach(&mut self) -> Result<(), End> {
@@ -1470,35 +1546,12 @@ impl Session {
         if !on_replica {
             self.wait_for_primary().await;
         }
-        let mut signal = self.signal.clone();
-        let entry = &self.login.entry;
-        let mut r = tokio::select! {
-            r = self.pool.checkout(wait) => r,
-            _ = signal.reached(Phase::Now) => {
-                return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
-            }
-            _ = entry.killed() => return Err(self.killed().await),
+        let r = match self.pool.try_checkout() {
+            Some(conn) => Ok(conn),
+            // Waiting for a server, or opening one: boxed, so that the session's future
+            // does not carry this state while the client is idle.
+            None => Box::pin(self.checkout(wait, &mut outcome)).await?,
         };
-        if self.on_replica && matches!(r, Err(crate::pool::CheckoutError::Connect { .. })) {
-            // The replica went away before the monitor noticed: this read runs on the
-            // primary rather than failing the client.
-            tracing::warn!(
-                server = %self.pool.target().address(),
-                "replica unreachable; running the transaction on the primary"
-            );
-            self.pool = self.login.pool_for_primary(&self.shared);
-            self.on_replica = false;
-            self.replica_tx = false;
-            if outcome == Some(Outcome::Replica) {
-                outcome = Some(Outcome::Fallback);
-            }
-            r = tokio::select! {
-                r = self.pool.checkout(wait) => r,
-                _ = signal.reached(Phase::Now) => {
-                    return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
-                }
-            };
-        }
         if let Some(o) = outcome.filter(|_| self.login.pool.metrics.collect) {
             let m = &self.login.pool.metrics.routing;
             match o {
@@ -1871,25 +1924,4 @@ impl From<ServerLost> for End {
     fn from(s: ServerLost) -> End {
         End::Told(s.0)
     }
-}
-
-#[cfg(test)]
-pub(super) fn print_sizes() {
-    use std::mem::size_of;
-    eprintln!("SIZE Session {}", size_of::<Session>());
-    eprintln!("SIZE LoggedIn {}", size_of::<LoggedIn>());
-    eprintln!(
-        "SIZE ClientParams {}",
-        size_of::<super::params::ClientParams>()
-    );
-    eprintln!("SIZE Stream {}", size_of::<Stream>());
-    eprintln!("SIZE ServerConn {}", size_of::<ServerConn>());
-    eprintln!("SIZE ClientStatements {}", size_of::<ClientStatements>());
-    eprintln!("SIZE Pipeline {}", size_of::<Pipeline>());
-    eprintln!(
-        "SIZE ClientEntry {}",
-        size_of::<crate::admin::registry::ClientEntry>()
-    );
-    eprintln!("SIZE ShutdownSignal {}", size_of::<ShutdownSignal>());
-    eprintln!("SIZE Scanner {}", size_of::<crate::protocol::Scanner>());
 }
