@@ -119,12 +119,12 @@ type Waiter = oneshot::Sender<Result<Handoff, Arc<ServerError>>>;
 /// out, disconnected) between the send and the receive, dropping the handoff puts the
 /// connection back into the pool instead of losing its slot.
 struct Handoff {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
 }
 
 impl Handoff {
-    fn take(mut self) -> ServerConn {
+    fn take(mut self) -> Box<ServerConn> {
         self.conn
             .take()
             .expect("a handoff holds its connection until taken")
@@ -140,8 +140,11 @@ impl Drop for Handoff {
 }
 
 struct Inner {
-    /// Idle connections; the most recently used is at the back.
-    idle: Vec<ServerConn>,
+    /// Idle connections; the most recently used is at the back. Boxed: a connection
+    /// moves between the pool and a session by pointer, and an idle session keeps only
+    /// an empty `Option<Box<_>>` for it.
+    #[allow(clippy::vec_box)] // moved out and in by pointer, see above
+    idle: Vec<Box<ServerConn>>,
     /// Open connections (idle, in use, and being opened).
     total: u32,
     /// Clients waiting for a connection, first come first served, with when they began.
@@ -275,20 +278,17 @@ impl Pool {
     ///
     /// While the pool's database is paused, waits first for `RESUME` (that wait does not
     /// count against `wait`).
-    pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<ServerConn, CheckoutError> {
+    pub async fn checkout(
+        self: &Arc<Self>,
+        wait: Duration,
+    ) -> Result<Box<ServerConn>, CheckoutError> {
         if self.hooks.gate.is_paused(&self.database) {
-            self.hooks.gate.wait_resumed(&self.database).await;
+            Box::pin(self.hooks.gate.wait_resumed(&self.database)).await;
         }
         let rx = {
             let mut inner = self.lock();
-            let reuse = Reuse::of(&inner);
-            while let Some(mut conn) = inner.idle.pop() {
-                if reuse.usable(&mut conn) {
-                    return Ok(conn);
-                }
-                inner.total -= 1;
-                self.db_limit.release();
-                drop_in_background(conn);
+            if let Some(conn) = self.take_idle(&mut inner) {
+                return Ok(conn);
             }
             if inner.total < inner.settings.pool_size && self.db_limit.try_acquire() {
                 inner.total += 1;
@@ -308,7 +308,9 @@ impl Pool {
             None => {
                 // The slot is given back if this future is dropped mid-connect.
                 let mut slot = Slot(Some(self.clone()));
-                match self.open().await {
+                // Boxed: opening is rare, and a waiting checkout is part of every
+                // client session's future (see `Session::tell`).
+                match Box::pin(self.open()).await {
                     Ok(conn) => {
                         slot.0 = None;
                         Ok(conn)
@@ -334,9 +336,31 @@ impl Pool {
         }
     }
 
+    /// An idle connection if one is usable now (and the database is not paused): the
+    /// checkout that needs no wait, without the future [`Self::checkout`] makes.
+    pub fn try_checkout(self: &Arc<Self>) -> Option<Box<ServerConn>> {
+        if self.hooks.gate.is_paused(&self.database) {
+            return None;
+        }
+        self.take_idle(&mut self.lock())
+    }
+
+    fn take_idle(&self, inner: &mut Inner) -> Option<Box<ServerConn>> {
+        let reuse = Reuse::of(inner);
+        while let Some(mut conn) = inner.idle.pop() {
+            if reuse.usable(&mut conn) {
+                return Some(conn);
+            }
+            inner.total -= 1;
+            self.db_limit.release();
+            drop_in_background(conn);
+        }
+        None
+    }
+
     /// Opens a connection for a slot already counted in `total`, with retries and
     /// exponential back-off.
-    async fn open(&self) -> Result<ServerConn, (u32, Arc<ServerError>)> {
+    async fn open(&self) -> Result<Box<ServerConn>, (u32, Arc<ServerError>)> {
         let _login = InState::new(&self.opening);
         let timeouts = self.lock().timeouts.clone();
         let attempts = timeouts.connect_retries + 1;
@@ -366,7 +390,7 @@ impl Pool {
                     };
                     conn.entry = Some(self.hooks.servers.register(id, entry));
                     let _ = self.login_params.set(login);
-                    return Ok(conn);
+                    return Ok(Box::new(conn));
                 }
                 Err(e) => {
                     self.metrics.server_connect_failures.inc();
@@ -393,7 +417,7 @@ impl Pool {
 
     /// Gives back an idle, clean connection: to the first waiter still waiting, or to the
     /// idle list.
-    pub fn checkin(self: &Arc<Self>, mut conn: ServerConn) {
+    pub fn checkin(self: &Arc<Self>, mut conn: Box<ServerConn>) {
         conn.last_used = Instant::now();
         if let Some(e) = &conn.entry {
             e.link.store(0, Ordering::Relaxed);
@@ -435,7 +459,7 @@ impl Pool {
 
     /// Closes a connection that must not be reused, and opens a replacement when clients
     /// are waiting for one.
-    pub fn discard(self: &Arc<Self>, conn: ServerConn) {
+    pub fn discard(self: &Arc<Self>, conn: Box<ServerConn>) {
         drop_in_background(conn);
         self.forget_one();
     }
@@ -623,7 +647,7 @@ impl Pool {
 
     /// Closes every idle connection (shutdown).
     pub fn close_idle(&self) {
-        let idle: Vec<ServerConn> = {
+        let idle: Vec<Box<ServerConn>> = {
             let mut inner = self.lock();
             let idle = std::mem::take(&mut inner.idle);
             inner.total -= idle.len() as u32;
@@ -640,7 +664,7 @@ impl Pool {
     /// Applies reloaded settings: a smaller `pool_size` closes surplus idle connections
     /// now (busy ones as they are released), a larger one lets waiting clients in.
     pub fn update(self: &Arc<Self>, settings: PoolSettings, timeouts: PoolTimeouts) {
-        let surplus: Vec<ServerConn> = {
+        let surplus: Vec<Box<ServerConn>> = {
             let mut inner = self.lock();
             inner.settings = settings;
             inner.timeouts = timeouts;
@@ -755,7 +779,7 @@ impl Reuse {
     }
 }
 
-fn drop_in_background(conn: ServerConn) {
+fn drop_in_background(conn: Box<ServerConn>) {
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
         handle.spawn(conn.terminate());
     }

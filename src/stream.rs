@@ -105,6 +105,21 @@ impl Stream {
         }
     }
 
+    /// [`Self::readable`] as a poll, for a wait that keeps no future per socket (the
+    /// waker goes to the socket's one reader slot: only the owning task may call it).
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Plain(s) => s.poll_read_ready(cx),
+            Stream::Tls(t) if t.buffered => Poll::Ready(Ok(())),
+            Stream::Tls(t) => t.io.get_ref().0.poll_read_ready(cx),
+        }
+    }
+
+    /// [`Self::writable`] as a poll (the socket's one writer slot).
+    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp().poll_write_ready(cx)
+    }
+
     /// Waits until a write may go out.
     pub async fn writable(&self) -> io::Result<()> {
         self.tcp().writable().await

@@ -33,8 +33,8 @@ pub struct Peer {
 
 /// A logged-in client, ready for its first query.
 pub(super) struct LoggedIn {
-    pub database: String,
-    pub user: String,
+    /// The pool of (database, user) the client logged in to; its names are the
+    /// client's (not copied per client).
     pub pool: Arc<Pool>,
     pub mode: PoolMode,
     pub params: ClientParams,
@@ -45,17 +45,25 @@ pub(super) struct LoggedIn {
 }
 
 impl LoggedIn {
+    pub fn database(&self) -> &str {
+        &self.pool.database
+    }
+
+    pub fn user(&self) -> &str {
+        &self.pool.user
+    }
+
     /// The pool of this client's (database, user) on the current primary (which may have
     /// changed since login).
     pub fn pool_for_primary(&self, shared: &Shared) -> Arc<Pool> {
-        if !self.pool.is_retired() && !shared.clusters().contains_key(&self.database) {
+        if !self.pool.is_retired() && !shared.clusters().contains_key(self.database()) {
             // One server (no cluster): its pool is the one this client logged in with,
             // found without the pools' lock and key allocations on every transaction
             // (unless a reload or KILL replaced it).
             return self.pool.clone();
         }
         shared
-            .pool(&self.database, &self.user)
+            .pool(self.database(), self.user())
             .unwrap_or_else(|| self.pool.clone())
     }
 }
@@ -468,12 +476,15 @@ async fn login_inner(
             }
         }
     };
-    let params = ClientParams::new(&login_params, &settings, &config.pgtide.track_extra_params);
+    let base = shared
+        .login_sets
+        .get(&login_params, &config.pgtide.track_extra_params);
+    let params = ClientParams::new(base, &settings);
     let (key_pid, key_secret, cancel) = shared.cancels.register();
 
     let mut b = BytesMut::with_capacity(512);
     backend::authentication_ok(&mut b);
-    for (k, v) in params.login_status(&login_params) {
+    for (k, v) in params.login_status() {
         backend::parameter_status(&mut b, k, v);
     }
     backend::backend_key_data(&mut b, key_pid, key_secret);
@@ -497,8 +508,6 @@ async fn login_inner(
         ),
     );
     Ok(LoggedIn {
-        database,
-        user,
         pool,
         mode,
         params,

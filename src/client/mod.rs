@@ -62,6 +62,8 @@ pub struct Shared {
     /// TLS configurations for clients and servers (swapped on reload).
     pub tls: Arc<crate::tls::Tls>,
     clients: AtomicU32,
+    /// The login parameter sets the clients of each pool share.
+    pub login_sets: params::LoginSets,
     /// Admin console state: client and server registries, PAUSE, reload source.
     pub admin: crate::admin::AdminState,
 }
@@ -124,6 +126,7 @@ impl Shared {
             metrics,
             tls,
             clients: AtomicU32::new(0),
+            login_sets: params::LoginSets::default(),
             admin: crate::admin::AdminState::default(),
         })
     }
@@ -549,13 +552,55 @@ fn spawn_client(stream: TcpStream, shared: &Arc<Shared>, signal: ShutdownSignal)
     });
 }
 
-/// Every second: reap idle and old server connections, keep `min_pool_size`.
+/// When to give freed memory back to the system after clients left: glibc's malloc
+/// keeps what sessions freed in its arenas (RSS stays at the peak), so after many
+/// clients have gone, the maintenance tick asks it to return the free pages.
+#[derive(Debug, Default)]
+struct TrimAfterExodus {
+    /// The most clients connected since the last trim.
+    peak: u32,
+}
+
+/// Clients that must have left since the peak before memory is trimmed: below this the
+/// memory is small and likely to be reused soon.
+const TRIM_AFTER_LEFT: u32 = 1000;
+
+impl TrimAfterExodus {
+    /// Called every tick with the clients connected now: true when it is time to trim
+    /// (at least [`TRIM_AFTER_LEFT`] clients and half of the peak have left).
+    fn due(&mut self, clients: u32) -> bool {
+        self.peak = self.peak.max(clients);
+        let left = self.peak - clients;
+        if left >= TRIM_AFTER_LEFT && left >= self.peak / 2 {
+            self.peak = clients;
+            return true;
+        }
+        false
+    }
+}
+
+/// Returns freed heap memory to the system (glibc; elsewhere nothing to do).
+fn trim_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists (under its locks).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Every second: reap idle and old server connections, keep `min_pool_size`, and give
+/// memory back after many clients left.
 async fn maintain(shared: Arc<Shared>, mut signal: ShutdownSignal) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trim = TrimAfterExodus::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                if trim.due(shared.clients.load(Ordering::Relaxed)) {
+                    // Off the runtime's threads: it may take milliseconds on a big heap.
+                    tokio::task::spawn_blocking(trim_memory);
+                }
                 for pool in shared.pools() {
                     pool.maintain();
                     // Clients held back by max_db_connections get a connection as soon
@@ -616,5 +661,33 @@ mod tests {
         // The pool's handle sees the new password.
         assert_eq!(secret.current().unwrap().plain(), Some("pw2"));
         assert!(!shared.is_static_user("carol"));
+    }
+}
+
+#[cfg(test)]
+mod trim_tests {
+    use super::*;
+
+    #[test]
+    fn trims_once_after_many_clients_left() {
+        let mut t = TrimAfterExodus::default();
+        assert!(!t.due(0));
+        assert!(!t.due(10_000));
+        // 900 left: not enough.
+        assert!(!t.due(9_100));
+        // Fewer than half left.
+        assert!(!t.due(6_000));
+        assert!(t.due(4_000), "6,000 of 10,000 left");
+        // Not again until clients come and go again.
+        assert!(!t.due(4_000));
+        assert!(!t.due(3_500));
+        assert!(t.due(1_000), "3,000 of 4,000 left");
+        // Counted from the last trim.
+        assert!(!t.due(500));
+        assert!(t.due(0), "1,000 more left");
+        // Small pools never trim.
+        let mut small = TrimAfterExodus::default();
+        assert!(!small.due(500));
+        assert!(!small.due(0));
     }
 }

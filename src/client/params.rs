@@ -10,7 +10,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::router::lexer::{any_statement, contains_ci, has_word};
 use crate::server::{quote_ident, quote_literal};
@@ -39,17 +39,99 @@ const READ_ONLY: &[&str] = &[
     "scram_iterations",
 ];
 
+/// What every client of a pool starts from: the pool's login ParameterStatus set with
+/// lower-case names, and the names synced to servers for a client that set nothing
+/// (the tracked ones and the configured extras). Built once per (login set, extras) and
+/// shared by every client that logs in with them ([`LoginSets::get`]), so a client
+/// keeps only its differences from it.
+#[derive(Debug, Default)]
+pub struct LoginSet {
+    /// The pool's set as servers reported it (names as spelled by the server).
+    login: Arc<Vec<(String, String)>>,
+    /// `track_extra_params` as configured (lower-case), for [`LoginSets::get`].
+    extras: Vec<String>,
+    /// Lower-case name -> value of the login set.
+    values: HashMap<String, String>,
+    /// Lower-case names of the login set, in its order: the reported parameters.
+    reported: Vec<String>,
+    /// Lower-case names synced to servers for every client, sorted.
+    synced: Vec<String>,
+    /// A keyed hash of `values` and `synced`.
+    hash: u64,
+}
+
+impl LoginSet {
+    fn build(login: &Arc<Vec<(String, String)>>, extras: Vec<String>) -> LoginSet {
+        let reported: Vec<String> = login.iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
+        let values: HashMap<String, String> = reported
+            .iter()
+            .zip(login.iter())
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect();
+        let mut synced: Vec<String> = TRACKED.iter().map(|s| s.to_string()).collect();
+        synced.extend(extras.iter().cloned());
+        synced.sort();
+        synced.dedup();
+        let mut h = fingerprint_key().build_hasher();
+        synced.hash(&mut h);
+        let mut sorted: Vec<(&String, &String)> = values.iter().collect();
+        sorted.sort_unstable();
+        sorted.hash(&mut h);
+        let hash = h.finish();
+        LoginSet {
+            login: login.clone(),
+            extras,
+            values,
+            reported,
+            synced,
+            hash,
+        }
+    }
+
+    fn is_synced(&self, k: &str) -> bool {
+        self.synced.binary_search_by(|s| s.as_str().cmp(k)).is_ok()
+    }
+}
+
+/// The [`LoginSet`]s clients hold, so that every client of a pool shares one (kept in
+/// `Shared`).
+#[derive(Default)]
+pub struct LoginSets(Mutex<Vec<Arc<LoginSet>>>);
+
+impl LoginSets {
+    /// The set for clients of a pool whose servers report `login`, with `extras`
+    /// configured: the one already made for them if any client still holds it.
+    pub fn get(&self, login: &Arc<Vec<(String, String)>>, extras: &[String]) -> Arc<LoginSet> {
+        let extras: Vec<String> = extras.iter().map(|e| e.to_ascii_lowercase()).collect();
+        let mut sets = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = sets
+            .iter()
+            .find(|s| Arc::ptr_eq(&s.login, login) && s.extras == extras)
+        {
+            return s.clone();
+        }
+        // Sets no client holds any more (their pool was retired, extras reloaded) go.
+        sets.retain(|s| Arc::strong_count(s) > 1);
+        let set = Arc::new(LoginSet::build(login, extras));
+        sets.push(set.clone());
+        set
+    }
+}
+
+/// A client's settings: the pool's [`LoginSet`] (shared), and what this client has
+/// differently. Most clients set nothing or one or two names, so an idle client holds
+/// two empty lists and a pointer.
 #[derive(Debug, Clone, Default)]
 pub struct ClientParams {
-    /// Lower-case name -> value the client should see.
-    values: HashMap<String, String>,
-    /// Lower-case names that are synced to servers.
-    synced: Vec<String>,
-    /// Lower-case names the server reports with ParameterStatus.
-    reported: Vec<String>,
-    /// A keyed hash of `values` and `synced`, renewed on every change: equal
-    /// fingerprints mean equal settings, so a server made to match one client matches
-    /// every client with the same settings without comparing them one by one.
+    base: Arc<LoginSet>,
+    /// Lower-case name -> the client's value where it differs from the login set
+    /// (`None`: the client has no value where the login set has one); sorted by name.
+    own: Vec<(Box<str>, Option<Box<str>>)>,
+    /// Lower-case names synced to servers besides the login set's, sorted.
+    synced: Vec<Box<str>>,
+    /// A keyed hash of the login set and the differences, renewed on every change:
+    /// equal fingerprints mean equal settings, so a server made to match one client
+    /// matches every client with the same settings without comparing them one by one.
     fingerprint: u64,
 }
 
@@ -61,40 +143,23 @@ fn fingerprint_key() -> &'static RandomState {
 }
 
 impl ClientParams {
-    /// `login` is the ParameterStatus set of the pool's servers; `startup` the client's
-    /// settings (startup packet and `options`), `extras` the configured extra names.
-    pub fn new(
-        login: &[(String, String)],
-        startup: &[(String, String)],
-        extras: &[String],
-    ) -> Self {
-        let mut values = HashMap::new();
-        let mut reported = Vec::new();
-        for (k, v) in login {
-            let k = k.to_ascii_lowercase();
-            reported.push(k.clone());
-            values.insert(k, v.clone());
-        }
-        let mut synced: Vec<String> = TRACKED.iter().map(|s| s.to_string()).collect();
-        for e in extras {
-            synced.push(e.to_ascii_lowercase());
-        }
+    /// `base` is the pool's login set ([`LoginSets::get`]); `startup` the client's
+    /// settings (startup packet and `options`).
+    pub fn new(base: Arc<LoginSet>, startup: &[(String, String)]) -> Self {
+        let mut p = ClientParams {
+            base,
+            own: Vec::new(),
+            synced: Vec::new(),
+            fingerprint: 0,
+        };
         for (k, v) in startup {
             let k = k.to_ascii_lowercase();
             if READ_ONLY.contains(&k.as_str()) {
                 continue;
             }
-            values.insert(k.clone(), v.clone());
-            synced.push(k);
+            p.set(&k, Some(v));
+            p.sync(&k);
         }
-        synced.sort();
-        synced.dedup();
-        let mut p = ClientParams {
-            values,
-            synced,
-            reported,
-            fingerprint: 0,
-        };
         p.refingerprint();
         p
     }
@@ -107,44 +172,74 @@ impl ClientParams {
 
     fn refingerprint(&mut self) {
         let mut h = fingerprint_key().build_hasher();
+        self.base.hash.hash(&mut h);
+        self.own.hash(&mut h);
         self.synced.hash(&mut h);
-        let mut values: Vec<(&String, &String)> = self.values.iter().collect();
-        values.sort_unstable();
-        values.hash(&mut h);
         self.fingerprint = h.finish();
+    }
+
+    /// Sets the client's value of `k` (lower-case), keeping only a difference from the
+    /// login set.
+    fn set(&mut self, k: &str, v: Option<&str>) {
+        let same = self.base.values.get(k).map(String::as_str) == v;
+        match self.own.binary_search_by(|(n, _)| (**n).cmp(k)) {
+            Ok(i) if same => {
+                self.own.remove(i);
+            }
+            Ok(i) => self.own[i].1 = v.map(Box::from),
+            Err(_) if same => {}
+            Err(i) => self.own.insert(i, (k.into(), v.map(Box::from))),
+        }
+    }
+
+    /// Makes `k` (lower-case) one of the names synced to servers.
+    fn sync(&mut self, k: &str) {
+        if self.base.is_synced(k) {
+            return;
+        }
+        if let Err(i) = self.synced.binary_search_by(|n| (**n).cmp(k)) {
+            self.synced.insert(i, k.into());
+        }
+    }
+
+    /// Every name synced to servers (the login set's, then the client's own).
+    fn synced_names(&self) -> impl Iterator<Item = &str> {
+        self.base
+            .synced
+            .iter()
+            .map(String::as_str)
+            .chain(self.synced.iter().map(|s| &**s))
     }
 
     /// The ParameterStatus set this client sees at login: the pool's, with the client's
     /// own values for the reported names it set.
-    pub fn login_status<'a>(
-        &'a self,
-        login: &'a [(String, String)],
-    ) -> impl Iterator<Item = (&'a str, &'a str)> {
-        login.iter().map(|(k, v)| {
-            let own = self.values.get(&k.to_ascii_lowercase()).map(String::as_str);
-            (k.as_str(), own.unwrap_or(v.as_str()))
-        })
+    pub fn login_status(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.base
+            .login
+            .iter()
+            .zip(&self.base.reported)
+            .map(|((k, v), lower)| (k.as_str(), self.value(lower).unwrap_or(v.as_str())))
     }
 
     fn is_reported(&self, k: &str) -> bool {
-        self.reported.iter().any(|r| r == k)
+        self.base.reported.iter().any(|r| r == k)
     }
 
     /// The client's current value of `name` (lower-case), if known.
     pub fn value(&self, name: &str) -> Option<&str> {
-        self.values.get(name).map(String::as_str)
+        match self.own.binary_search_by(|(n, _)| (**n).cmp(name)) {
+            Ok(i) => self.own[i].1.as_deref(),
+            Err(_) => self.base.values.get(name).map(String::as_str),
+        }
     }
 
     /// A ParameterStatus the client saw while it had a server.
     pub fn observe(&mut self, name: &str, value: &str) {
         let k = name.to_ascii_lowercase();
-        match self.values.get_mut(&k) {
-            Some(v) if v == value => return,
-            Some(v) => *v = value.to_string(),
-            None => {
-                self.values.insert(k, value.to_string());
-            }
+        if self.value(&k) == Some(value) {
+            return;
         }
+        self.set(&k, Some(value));
         self.refingerprint();
     }
 
@@ -152,9 +247,9 @@ impl ClientParams {
     /// or `None` when they match already.
     pub fn sync_sql(&self, server: &HashMap<String, String>) -> Option<String> {
         let mut sets = Vec::new();
-        for k in &self.synced {
-            if let Some(v) = self.values.get(k) {
-                if server.get(k) != Some(v) {
+        for k in self.synced_names() {
+            if let Some(v) = self.value(k) {
+                if server.get(k).map(String::as_str) != Some(v) {
                     sets.push(format!(
                         "set_config({}, {}, false)",
                         quote_literal(k),
@@ -165,7 +260,7 @@ impl ClientParams {
         }
         let mut resets = Vec::new();
         for k in server.keys() {
-            if !self.values.contains_key(k) && !READ_ONLY.contains(&k.as_str()) {
+            if self.value(k).is_none() && !READ_ONLY.contains(&k.as_str()) {
                 resets.push(format!("RESET {}", quote_ident(k)));
             }
         }
@@ -189,17 +284,23 @@ impl ClientParams {
     /// After `sync_sql` succeeded: the server now has the client's values. Reported
     /// values are taken from the server, which spells them canonically.
     pub fn synced_to(&mut self, server: &mut HashMap<String, String>) {
-        server.retain(|k, _| self.values.contains_key(k) || READ_ONLY.contains(&k.as_str()));
-        for k in &self.synced {
-            if let Some(v) = self.values.get_mut(k) {
-                if self.reported.iter().any(|r| r == k) {
+        server.retain(|k, _| self.value(k).is_some() || READ_ONLY.contains(&k.as_str()));
+        let mut canonical = Vec::new();
+        for k in self.synced_names() {
+            if let Some(v) = self.value(k) {
+                if self.is_reported(k) {
                     if let Some(sv) = server.get(k) {
-                        *v = sv.clone();
+                        if sv != v {
+                            canonical.push((k.to_string(), sv.clone()));
+                        }
                     }
-                } else {
-                    server.insert(k.clone(), v.clone());
+                } else if server.get(k).map(String::as_str) != Some(v) {
+                    server.insert(k.to_string(), v.to_string());
                 }
             }
+        }
+        for (k, v) in canonical {
+            self.set(&k, Some(&v));
         }
         self.refingerprint();
     }
@@ -208,11 +309,10 @@ impl ClientParams {
     /// in the order of its columns.
     pub fn refresh_sql(&self, server: &HashMap<String, String>) -> Option<(String, Vec<String>)> {
         let mut names: Vec<String> = self
-            .synced
-            .iter()
-            .chain(server.keys())
+            .synced_names()
+            .chain(server.keys().map(String::as_str))
             .filter(|k| !self.is_reported(k))
-            .cloned()
+            .map(str::to_string)
             .collect();
         names.sort();
         names.dedup();
@@ -236,19 +336,23 @@ impl ClientParams {
         for (k, v) in names.iter().zip(row) {
             match v {
                 Some(v) => {
-                    self.values.insert(k.clone(), v.clone());
+                    self.set(k, Some(v));
                     server.insert(k.clone(), v.clone());
-                    if !self.synced.contains(k) {
-                        self.synced.push(k.clone());
-                    }
+                    self.sync(k);
                 }
                 None => {
-                    self.values.remove(k);
+                    self.set(k, None);
                     server.remove(k);
                 }
             }
         }
         self.refingerprint();
+    }
+
+    /// Whether the client keeps anything of its own (for tests of the sharing).
+    #[cfg(test)]
+    fn own_len(&self) -> usize {
+        self.own.len() + self.synced.len()
     }
 }
 
@@ -284,28 +388,154 @@ mod tests {
         assert!(!may_change_settings(b"do $$ begin perform 1; end $$"));
     }
 
-    fn login() -> Vec<(String, String)> {
-        vec![
-            ("DateStyle".into(), "ISO, MDY".into()),
-            ("application_name".into(), "".into()),
-            ("server_version".into(), "15".into()),
-        ]
+    fn login() -> Arc<Vec<(String, String)>> {
+        static LOGIN: OnceLock<Arc<Vec<(String, String)>>> = OnceLock::new();
+        LOGIN
+            .get_or_init(|| {
+                Arc::new(vec![
+                    ("DateStyle".into(), "ISO, MDY".into()),
+                    ("application_name".into(), "".into()),
+                    ("server_version".into(), "15".into()),
+                ])
+            })
+            .clone()
+    }
+
+    fn params(startup: &[(String, String)], extras: &[String]) -> ClientParams {
+        static SETS: OnceLock<LoginSets> = OnceLock::new();
+        let base = SETS.get_or_init(LoginSets::default).get(&login(), extras);
+        ClientParams::new(base, startup)
+    }
+
+    fn server_of(login: &[(String, String)]) -> HashMap<String, String> {
+        login
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn clients_share_the_login_set_and_keep_only_their_differences() {
+        let a = params(&[], &["Pgtide.Route".into()]);
+        let b = params(&[], &["pgtide.route".into()]);
+        assert!(Arc::ptr_eq(&a.base, &b.base));
+        assert_eq!(a.own_len(), 0);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.value("datestyle"), Some("ISO, MDY"));
+        assert_eq!(a.value("server_version"), Some("15"));
+        assert_eq!(a.value("search_path"), None);
+        // Other extras: another set, same values.
+        let c = params(&[], &[]);
+        assert!(!Arc::ptr_eq(&a.base, &c.base));
+        assert_ne!(a.fingerprint(), c.fingerprint());
+
+        // A startup value equal to the login set's is no difference; another one is.
+        let d = params(
+            &[
+                ("DateStyle".into(), "ISO, MDY".into()),
+                ("application_name".into(), "app".into()),
+                ("server_version".into(), "99".into()),
+            ],
+            &[],
+        );
+        assert_eq!(d.own_len(), 1);
+        assert_eq!(d.value("application_name"), Some("app"));
+        assert_eq!(d.value("server_version"), Some("15"), "read-only: ignored");
+        let status: Vec<(&str, &str)> = d.login_status().collect();
+        assert_eq!(
+            status,
+            [
+                ("DateStyle", "ISO, MDY"),
+                ("application_name", "app"),
+                ("server_version", "15")
+            ]
+        );
+        assert_eq!(
+            d.sync_sql(&server_of(&login())).unwrap(),
+            "SELECT set_config(E'application_name', E'app', false)"
+        );
+
+        // Going back to the login set's value leaves nothing of its own, and the same
+        // fingerprint as a client that never changed it.
+        let mut e = d.clone();
+        e.observe("Application_Name", "");
+        assert_eq!(e.own_len(), 0);
+        assert_eq!(e.fingerprint(), c.fingerprint());
+        assert_eq!(e.sync_sql(&server_of(&login())), None);
+        e.observe("DateStyle", "German, DMY");
+        assert_eq!(e.value("datestyle"), Some("German, DMY"));
+        assert_ne!(e.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn refreshed_settings_are_kept_as_differences() {
+        let mut c = params(&[], &[]);
+        let mut server = server_of(&login());
+        let (sql, names) = c.refresh_sql(&server).unwrap();
+        assert_eq!(
+            names,
+            TRACKED
+                .iter()
+                .filter(|n| !matches!(**n, "datestyle" | "application_name"))
+                .map(|n| n.to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            sql.contains("current_setting(E'search_path', true)"),
+            "{sql}"
+        );
+        // The client ran SET search_path and SET my.opt: read back.
+        let mut names = names;
+        names.push("my.opt".into());
+        let mut row: Vec<Option<String>> = names.iter().map(|_| None).collect();
+        let sp = names.iter().position(|n| n == "search_path").unwrap();
+        row[sp] = Some("app, public".into());
+        *row.last_mut().unwrap() = Some("7".into());
+        let before = c.fingerprint();
+        c.refreshed(&names, &row, &mut server);
+        assert_ne!(c.fingerprint(), before);
+        assert_eq!(c.value("search_path"), Some("app, public"));
+        assert_eq!(c.value("my.opt"), Some("7"));
+        assert_eq!(server.get("my.opt").map(String::as_str), Some("7"));
+        assert_eq!(c.sync_sql(&server), None);
+        // A fresh server of the pool gets both; a client without them resets my.opt.
+        let sql = c.sync_sql(&server_of(&login())).unwrap();
+        assert!(
+            sql.contains("set_config(E'search_path', E'app, public', false)"),
+            "{sql}"
+        );
+        assert!(sql.contains("set_config(E'my.opt', E'7', false)"), "{sql}");
+        let plain = params(&[], &[]);
+        let sql = plain.sync_sql(&server).unwrap();
+        assert!(sql.contains("RESET \"my.opt\""), "{sql}");
+        assert!(sql.contains("RESET \"search_path\""), "{sql}");
+        // A reported setting the server spells differently is taken from the server.
+        let mut d = params(&[("datestyle".into(), "iso,dmy".into())], &[]);
+        let mut server = server_of(&login());
+        assert!(d.sync_sql(&server).unwrap().contains("E'iso,dmy'"));
+        server.insert("datestyle".into(), "ISO, DMY".into());
+        d.synced_to(&mut server);
+        assert_eq!(d.value("datestyle"), Some("ISO, DMY"));
+        assert_eq!(d.sync_sql(&server), None);
+        // A setting the server no longer has is gone for the client too.
+        let row: Vec<Option<String>> = names.iter().map(|_| None).collect();
+        c.refreshed(&names, &row, &mut server);
+        assert_eq!(c.value("my.opt"), None);
+        assert_eq!(c.value("search_path"), None);
     }
 
     #[test]
     fn sync_sets_differences_and_resets_foreign_settings() {
-        let c = ClientParams::new(
-            &login(),
+        let c = params(
             &[
                 ("application_name".into(), "app".into()),
                 ("extra_float_digits".into(), "3".into()),
             ],
             &[],
         );
-        let mut server: HashMap<String, String> = login()
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect();
+        let mut server = server_of(&login());
         let sql = c.sync_sql(&server).unwrap();
         assert!(
             sql.contains("set_config(E'application_name', E'app', false)"),
@@ -321,7 +551,7 @@ mod tests {
         c2.synced_to(&mut server);
         assert_eq!(c2.sync_sql(&server), None);
         // Another client without those settings gets them reset.
-        let other = ClientParams::new(&login(), &[], &[]);
+        let other = params(&[], &[]);
         let sql = other.sync_sql(&server).unwrap();
         assert!(sql.contains("RESET \"extra_float_digits\""), "{sql}");
         assert!(

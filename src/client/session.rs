@@ -44,16 +44,17 @@ pub(super) async fn run(
     over_limit: bool,
 ) {
     if signal.phase() != Phase::Running {
-        login::send_fatal(
+        Box::pin(login::send_fatal(
             &mut tcp,
             sqlstate::ADMIN_SHUTDOWN,
             "pgtide is shutting down",
             None,
-        )
+        ))
         .await;
         return;
     }
-    let (stream, logged_in) = match login::login(tcp, shared, over_limit).await {
+    // Boxed: the login's state is freed once it is done, not kept in this task's.
+    let (stream, logged_in) = match Box::pin(login::login(tcp, shared, over_limit)).await {
         Ok(l) => l,
         Err(NoSession::Done) | Err(NoSession::Refused) => return,
         Err(NoSession::Admin { stream: None, .. }) => return,
@@ -68,17 +69,22 @@ pub(super) async fn run(
                 database,
                 application_name,
             };
-            crate::admin::console::run(stream, shared.clone(), who, signal).await;
+            Box::pin(crate::admin::console::run(
+                stream,
+                shared.clone(),
+                who,
+                signal,
+            ))
+            .await;
             return;
         }
     };
     let key = logged_in.key_pid;
     let log = shared.config().pgtide.log_connections;
-    let (user, database) = (logged_in.user.clone(), logged_in.database.clone());
     let mut session = Session::new(stream, shared.clone(), logged_in, signal);
     session.login.pool.metrics.clients_idle.inc();
     let end = session.run().await;
-    session.finish(&end).await;
+    Box::pin(session.finish(&end)).await;
     session.flush_metrics();
     match session.state {
         ClientState::Idle => session.login.pool.metrics.clients_idle.dec(),
@@ -87,9 +93,13 @@ pub(super) async fn run(
     }
     shared.cancels.unregister(key);
     if log {
+        let (user, database) = (session.login.user(), session.login.database());
         tracing::info!(%user, %database, reason = %end, "client disconnected");
     }
 }
+
+/// A boxed future (rare awaits of the session: see [`Session::tell`]).
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// A wait for the shutdown phase to move on (see `Session::phase_wait`).
 type PhaseWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -123,6 +133,8 @@ struct Session {
     /// so that waiting for shutdown does not register with the shared channel anew on
     /// every turn.
     phase_wait: Option<(Phase, PhaseWait)>,
+    /// The idle timeouts' timer, once one was needed (reset for each wait).
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Bytes from the client; `c2s[..c_ready]` is framed and goes to the server.
     c2s: BytesMut,
     c_scan: Scanner,
@@ -131,7 +143,7 @@ struct Session {
     s2c: BytesMut,
     s_scan: Scanner,
     s_ready: usize,
-    server: Option<ServerConn>,
+    server: Option<Box<ServerConn>>,
     /// ReadyForQuery messages the server still owes.
     pending: u32,
     /// Extended-protocol messages were sent since the last Sync.
@@ -363,6 +375,7 @@ impl Session {
             login,
             signal,
             phase_wait: None,
+            timer: None,
             c2s: BytesMut::new(),
             c_scan: Scanner::new(max),
             c_ready: 0,
@@ -546,7 +559,7 @@ impl Session {
             self.retry = None;
         }
         if self.retry_to_primary && self.pending == 0 && self.server.is_some() {
-            return self.retry_on_primary().await;
+            return Box::pin(self.retry_on_primary()).await;
         }
         let writable = if self.retry.is_some() {
             self.s_ready.min(self.retry_mark)
@@ -677,37 +690,71 @@ impl Session {
         let server = self.server.as_ref().map(|s| &s.stream);
         let want_client = !self.terminated && (self.c_ready == 0 || self.c2s.len() < HIGH_WATER);
         let want_server = server.is_some() && (self.s_ready == 0 || self.s2c.len() < HIGH_WATER);
+        let want_server_write = server.is_some_and(|s| self.c_ready > 0 || s.wants_flush());
         // Bytes that may go to the client now (an answer held for a retry does not).
         let client_bytes = if self.retry.is_some() {
             self.s_ready.min(self.retry_mark)
         } else {
             self.s_ready
         };
+        let want_client_write = client_bytes > 0 || self.client.wants_flush();
+        let mut timer = match timer {
+            Some(d) => {
+                // One timer per session, made the first time one is needed and reset
+                // for every wait after that.
+                let deadline = tokio::time::Instant::now() + d;
+                match &mut self.timer {
+                    Some(t) => t.as_mut().reset(deadline),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+                self.timer.as_mut()
+            }
+            None => None,
+        };
         let client = &self.client;
         let phase_wait = &mut self.phase_wait;
-        let entry = &self.login.entry;
-        tokio::select! {
-            biased;
-            _ = entry.killed() => Event::Killed,
-            _ = async { phase_wait.as_mut().expect("guarded").1.as_mut().await }, if phase != Phase::Now => Event::Phase,
-            r = async { server.expect("guarded").readable().await }, if want_server => {
-                let _ = r;
-                Event::ServerReadable
+        let killed = self.login.entry.killed();
+        let mut killed = std::pin::pin!(killed);
+        // Polled in place, in this order (first ready wins), rather than through a
+        // `select!` of one future per branch: a session's future is as large as its
+        // largest wait, and every connected client holds one.
+        std::future::poll_fn(|cx| {
+            use std::future::Future;
+            use std::task::Poll;
+            if killed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Killed);
             }
-            r = client.readable(), if want_client => {
-                let _ = r;
-                Event::ClientReadable
+            if phase != Phase::Now {
+                if let Some((_, w)) = phase_wait.as_mut() {
+                    if w.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Phase);
+                    }
+                }
             }
-            r = async { server.expect("guarded").writable().await }, if server.is_some_and(|s| self.c_ready > 0 || s.wants_flush()) => {
-                let _ = r;
-                Event::ServerWritable
+            if let Some(server) = server {
+                if want_server && server.poll_readable(cx).is_ready() {
+                    return Poll::Ready(Event::ServerReadable);
+                }
             }
-            r = client.writable(), if client_bytes > 0 || client.wants_flush() => {
-                let _ = r;
-                Event::ClientWritable
+            if want_client && client.poll_readable(cx).is_ready() {
+                return Poll::Ready(Event::ClientReadable);
             }
-            _ = async { tokio::time::sleep(timer.unwrap_or_default()).await }, if timer.is_some() => Event::Timeout,
-        }
+            if let Some(server) = server {
+                if want_server_write && server.poll_writable(cx).is_ready() {
+                    return Poll::Ready(Event::ServerWritable);
+                }
+            }
+            if want_client_write && client.poll_writable(cx).is_ready() {
+                return Poll::Ready(Event::ClientWritable);
+            }
+            if let Some(t) = timer.as_mut() {
+                if t.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timeout);
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Frames new client bytes and notes what they owe and change.
@@ -1092,7 +1139,7 @@ impl Session {
                 outcome: Some(Outcome::Primary),
             })
         };
-        let Some(cluster) = self.shared.cluster(&self.login.database) else {
+        let Some(cluster) = self.shared.cluster(self.login.database()) else {
             return primary().map(|c| Choice { outcome: None, ..c });
         };
         if self.force_primary {
@@ -1120,7 +1167,7 @@ impl Session {
         let Some(settings) = self
             .shared
             .config()
-            .cluster_settings(&self.login.database, &self.login.user)
+            .cluster_settings(self.login.database(), self.login.user())
         else {
             return primary();
         };
@@ -1229,7 +1276,7 @@ impl Session {
                 }),
                 ReplicaFallback::Error => Err(format!(
                     "no replica of database \"{}\" is up and within max_replica_lag, and replica_fallback is \"error\"",
-                    self.login.database
+                    self.login.database()
                 )),
             };
         }
@@ -1260,7 +1307,7 @@ impl Session {
                 let load = |id: crate::cluster::HostId| {
                     let busy = self
                         .shared
-                        .pool_on(&self.login.database, &self.login.user, id.0)
+                        .pool_on(self.login.database(), self.login.user(), id.0)
                         .map_or(0, |p| {
                             let (total, idle, waiting) = p.counts();
                             total as usize - idle + waiting
@@ -1284,7 +1331,7 @@ impl Session {
         let is_replica = Some(pick) != cluster.primary();
         match self
             .shared
-            .pool_on(&self.login.database, &self.login.user, pick.0)
+            .pool_on(self.login.database(), self.login.user(), pick.0)
         {
             Some(pool) => Ok(Choice {
                 pool,
@@ -1310,14 +1357,14 @@ impl Session {
         use crate::config::Route as Override;
         use crate::router::classify::{transaction_mode, TxKind};
         if self.login.mode != PoolMode::Transaction
-            || !self.shared.clusters().contains_key(&self.login.database)
+            || !self.shared.clusters().contains_key(self.login.database())
         {
             return false;
         }
         let routed_by_text = self
             .shared
             .config()
-            .cluster_settings(&self.login.database, &self.login.user)
+            .cluster_settings(self.login.database(), self.login.user())
             .is_some_and(|s| s.routing.route == Override::Auto);
         if !routed_by_text || self.login.params.value("pgtide.route").is_some() {
             return false;
@@ -1378,7 +1425,7 @@ impl Session {
     /// A database whose monitor knows no primary (failover under way): wait up to
     /// `primary_wait_timeout` for one, then take its pool.
     async fn wait_for_primary(&mut self) {
-        let Some(cluster) = self.shared.cluster(&self.login.database) else {
+        let Some(cluster) = self.shared.cluster(self.login.database()) else {
             return;
         };
         if cluster.primary().is_some() {
@@ -1387,10 +1434,14 @@ impl Session {
         let wait = self
             .shared
             .config()
-            .cluster_settings(&self.login.database, &self.login.user)
+            .cluster_settings(self.login.database(), self.login.user())
             .map_or(Duration::ZERO, |s| s.routing.primary_wait_timeout);
         let mut changes = cluster.primary_changes();
-        let _ = tokio::time::timeout(wait, changes.wait_for(|p| p.is_some())).await;
+        let _ = Box::pin(tokio::time::timeout(
+            wait,
+            changes.wait_for(|p| p.is_some()),
+        ))
+        .await;
         self.pool = self.login.pool_for_primary(&self.shared);
     }
 
@@ -1399,21 +1450,20 @@ impl Session {
     /// have not replayed it yet.
     async fn note_written_lsn(&mut self, server: &mut ServerConn) {
         // Cheap checks first: this runs at every release.
-        if !self.for_write || !self.shared.clusters().contains_key(&self.login.database) {
+        if !self.for_write || !self.shared.clusters().contains_key(self.login.database()) {
             return;
         }
         let on = self
             .shared
             .config()
-            .cluster_settings(&self.login.database, &self.login.user)
+            .cluster_settings(self.login.database(), self.login.user())
             .is_some_and(|s| s.routing.read_your_writes == crate::config::ReadYourWrites::Lsn);
         if !on {
             return;
         }
         let timeout = login::internal_timeout(&self.shared);
-        if let Ok(r) = server
-            .run_internal("SELECT pg_current_wal_insert_lsn()", timeout)
-            .await
+        if let Ok(r) =
+            Box::pin(server.run_internal("SELECT pg_current_wal_insert_lsn()", timeout)).await
         {
             let lsn = r
                 .rows
@@ -1424,6 +1474,45 @@ impl Session {
                 self.written_lsn = Some(self.written_lsn.map_or(lsn.0, |w| w.max(lsn.0)));
             }
         }
+    }
+
+    /// The checkout that waits (for a server to come back, or to be opened), ended by
+    /// shutdown or KILL; a replica that cannot be reached gives way to the primary.
+    async fn checkout(
+        &mut self,
+        wait: Duration,
+        outcome: &mut Option<Outcome>,
+    ) -> Result<Result<Box<ServerConn>, crate::pool::CheckoutError>, End> {
+        let mut signal = self.signal.clone();
+        let entry = &self.login.entry;
+        let mut r = tokio::select! {
+            r = self.pool.checkout(wait) => r,
+            _ = signal.reached(Phase::Now) => {
+                return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
+            }
+            _ = entry.killed() => return Err(self.killed().await),
+        };
+        if self.on_replica && matches!(r, Err(crate::pool::CheckoutError::Connect { .. })) {
+            // The replica went away before the monitor noticed: this read runs on the
+            // primary rather than failing the client.
+            tracing::warn!(
+                server = %self.pool.target().address(),
+                "replica unreachable; running the transaction on the primary"
+            );
+            self.pool = self.login.pool_for_primary(&self.shared);
+            self.on_replica = false;
+            self.replica_tx = false;
+            if *outcome == Some(Outcome::Replica) {
+                *outcome = Some(Outcome::Fallback);
+            }
+            r = tokio::select! {
+                r = self.pool.checkout(wait) => r,
+                _ = signal.reached(Phase::Now) => {
+                    return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
+                }
+            };
+        }
+        Ok(r)
     }
 
     /// Checks out a server for the transaction the client has started, and brings the
@@ -1457,35 +1546,12 @@ impl Session {
         if !on_replica {
             self.wait_for_primary().await;
         }
-        let mut signal = self.signal.clone();
-        let entry = &self.login.entry;
-        let mut r = tokio::select! {
-            r = self.pool.checkout(wait) => r,
-            _ = signal.reached(Phase::Now) => {
-                return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
-            }
-            _ = entry.killed() => return Err(self.killed().await),
+        let r = match self.pool.try_checkout() {
+            Some(conn) => Ok(conn),
+            // Waiting for a server, or opening one: boxed, so that the session's future
+            // does not carry this state while the client is idle.
+            None => Box::pin(self.checkout(wait, &mut outcome)).await?,
         };
-        if self.on_replica && matches!(r, Err(crate::pool::CheckoutError::Connect { .. })) {
-            // The replica went away before the monitor noticed: this read runs on the
-            // primary rather than failing the client.
-            tracing::warn!(
-                server = %self.pool.target().address(),
-                "replica unreachable; running the transaction on the primary"
-            );
-            self.pool = self.login.pool_for_primary(&self.shared);
-            self.on_replica = false;
-            self.replica_tx = false;
-            if outcome == Some(Outcome::Replica) {
-                outcome = Some(Outcome::Fallback);
-            }
-            r = tokio::select! {
-                r = self.pool.checkout(wait) => r,
-                _ = signal.reached(Phase::Now) => {
-                    return Err(self.tell(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down").await);
-                }
-            };
-        }
         if let Some(o) = outcome.filter(|_| self.login.pool.metrics.collect) {
             let m = &self.login.pool.metrics.routing;
             match o {
@@ -1544,10 +1610,7 @@ impl Session {
         }
         if let Some(sql) = sync {
             server.params_match = None;
-            match server
-                .run_internal(&sql, login::internal_timeout(&self.shared))
-                .await
-            {
+            match Box::pin(server.run_internal(&sql, login::internal_timeout(&self.shared))).await {
                 Ok(r) => match r.error {
                     None => self.login.params.synced_to(&mut server.params),
                     Some((code, message)) => {
@@ -1605,7 +1668,7 @@ impl Session {
     /// Puts the server's prepared statements in a known state: none.
     async fn deallocate_all(&mut self, server: &mut ServerConn) -> bool {
         let timeout = login::internal_timeout(&self.shared);
-        match server.run_internal("DEALLOCATE ALL", timeout).await {
+        match Box::pin(server.run_internal("DEALLOCATE ALL", timeout)).await {
             Ok(r) if r.error.is_none() => {
                 server.statements.clear();
                 true
@@ -1619,10 +1682,7 @@ impl Session {
         let Some((sql, names)) = self.login.params.refresh_sql(&server.params) else {
             return true;
         };
-        match server
-            .run_internal(&sql, login::internal_timeout(&self.shared))
-            .await
-        {
+        match Box::pin(server.run_internal(&sql, login::internal_timeout(&self.shared))).await {
             Ok(r) if r.error.is_none() && r.rows.len() == 1 => {
                 self.login
                     .params
@@ -1641,8 +1701,14 @@ impl Session {
         }
     }
 
-    /// Sends the client a FATAL and ends the session.
-    async fn tell(&mut self, code: &str, message: &str) -> End {
+    /// Sends the client a FATAL and ends the session. Boxed, like every rare await of
+    /// the session: a future's size is that of its largest state, and the session's is
+    /// held for as long as the client is connected, idle or not.
+    fn tell<'a>(&'a mut self, code: &'a str, message: &'a str) -> BoxFuture<'a, End> {
+        Box::pin(self.tell_now(code, message))
+    }
+
+    async fn tell_now(&mut self, code: &str, message: &str) -> End {
         // What the server already said goes first.
         let mut ready = self.s_ready;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -1719,10 +1785,10 @@ impl Session {
     /// Brings a server whose client is gone back to idle: ends a COPY, syncs an open
     /// extended batch, cancels a running query, rolls back a transaction, and in session
     /// mode runs `server_reset_query`. `None` when that fails (the connection is closed).
-    async fn recover(&mut self, mut server: ServerConn) -> Option<ServerConn> {
+    async fn recover(&mut self, mut server: Box<ServerConn>) -> Option<Box<ServerConn>> {
         let timeout = login::internal_timeout(&self.shared);
         let pool = self.pool.clone();
-        let give_up = |server: ServerConn| {
+        let give_up = |server: Box<ServerConn>| {
             pool.discard(server);
             None
         };
