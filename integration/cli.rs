@@ -1038,3 +1038,49 @@ fn sighup_reloads_the_tls_certificates_and_keeps_clients() {
         child.stderr_text()
     );
 }
+
+/// The runtime's worker threads of the running binary (tokio names them).
+fn worker_threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+/// `worker_threads` sets how many threads serve clients.
+#[test]
+fn worker_threads_sets_the_runtime_threads() {
+    let db = harness::fresh_database("cli_workers");
+    for workers in [1u32, 3] {
+        let mut config = harness::config_for(&db);
+        config.pgtide.worker_threads = workers;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pgtide.toml");
+        std::fs::write(&file, toml::to_string(&config).unwrap()).unwrap();
+        let listen = free_addr();
+        let mut cmd = Command::new(PGTIDE);
+        cmd.env_remove("DATABASE_URL")
+            .env_remove("TOKIO_WORKER_THREADS")
+            .arg("--config")
+            .arg(&file)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--metrics-listen")
+            .arg("");
+        let mut child = ChildGuard::spawn(cmd, "pgtide --config", false);
+        child.wait_accepting(listen);
+        // Counted before any login: tokio gives its blocking-pool threads (DNS lookups,
+        // spawn_blocking) the same name, and they are started on demand.
+        assert_eq!(
+            worker_threads_of(child.child.id()),
+            workers as usize,
+            "worker_threads = {workers}"
+        );
+        let url = format!("postgres://{}@{listen}/{db}", harness::APP_USER);
+        let (ok, out, err) = psql_url(&url, Some(harness::APP_PASSWORD), "SELECT 41 + 1");
+        assert!(ok && out == "42", "{out}\n{err}");
+        child.signal(libc::SIGTERM);
+        assert!(child.wait_timeout(TIMEOUT).is_some());
+    }
+}

@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         }) => route(sql, write_functions, *no_hints),
         Some(Command::Demo) => {
             init_logging(cli.log_format);
-            let rt = runtime();
+            let rt = runtime(0);
             match rt.block_on(pgtide::demo::run_demo(
                 cli.listen,
                 cli.metrics_listen.clone(),
@@ -157,7 +157,7 @@ fn main() -> ExitCode {
                     listen: cli.listen,
                     metrics_listen: cli.metrics_listen.clone(),
                 });
-            runtime().block_on(serve(config, source))
+            runtime(config.pgtide.worker_threads).block_on(serve(config, source))
         }
     }
 }
@@ -208,8 +208,13 @@ fn route(sql: &str, write_functions: &[String], no_hints: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// The runtime: `workers` threads, or (0) one per CPU core.
+fn runtime(workers: u32) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        builder.worker_threads(workers as usize);
+    }
+    builder
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime")

@@ -149,6 +149,10 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
             n.server_tls_cert_file = o.server_tls_cert_file.clone();
             n.server_tls_key_file = o.server_tls_key_file.clone();
         }
+        if o.worker_threads != n.worker_threads {
+            restart.push("worker_threads".into());
+            n.worker_threads = o.worker_threads;
+        }
         if o.collect_metrics != n.collect_metrics {
             restart.push("collect_metrics".into());
             n.collect_metrics = o.collect_metrics;

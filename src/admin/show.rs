@@ -451,6 +451,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "prepared_statement_cache_size",
     "prepared_statement_cache_bytes",
     "collect_metrics",
+    "worker_threads",
     "auth_query_cache_ttl",
     "auth_failure_threshold",
     "auth_failure_delay",

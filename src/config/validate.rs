@@ -148,6 +148,7 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("min_pool_size", Kind::U32),
     ("max_db_connections", Kind::U32),
     ("max_client_conn", Kind::U32),
+    ("worker_threads", Kind::U32),
     ("query_wait_timeout", Kind::Duration),
     ("server_connect_timeout", Kind::Duration),
     ("server_connect_retries", Kind::U32),
@@ -651,6 +652,15 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
     }
     if g.max_client_conn == 0 {
         push("pgtide.max_client_conn".into(), "must be at least 1".into());
+    }
+    if g.worker_threads > 1024 {
+        push(
+            "pgtide.worker_threads".into(),
+            format!(
+                "{} is too many; use 0 (one per CPU core) or 1 to 1024",
+                g.worker_threads
+            ),
+        );
     }
     if !(MIN_MESSAGE_SIZE..=MAX_MESSAGE_SIZE).contains(&g.max_message_size) {
         push(
