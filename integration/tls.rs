@@ -935,6 +935,35 @@ async fn tls_only_server(certs: &Certs) -> Arc<pgtide::demo::LocalCluster> {
     panic!("the server did not start TLS: {last}");
 }
 
+/// A client login through a pgtide whose connections to the server at `host:port` use
+/// `mode` with `ca_file`; the pooler is returned too, to keep it running.
+async fn login_through_server_tls(
+    host: &str,
+    port: u16,
+    mode: ServerSslMode,
+    ca_file: &Path,
+) -> (
+    pgtide::Pooler,
+    Result<tokio_postgres::Client, tokio_postgres::Error>,
+) {
+    let pooler = harness::start_pgtide(config_for_server(host, port, mode, ca_file)).await;
+    let url = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, "tlsdb");
+    let login = harness::connect(&url).await;
+    (pooler, login)
+}
+
+/// A login refused with 08006 whose message says `why`.
+fn assert_server_unreachable(
+    login: Result<tokio_postgres::Client, tokio_postgres::Error>,
+    what: &str,
+    why: &str,
+) {
+    let e = login.map(|_| ()).expect_err(what);
+    let d = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(d.code().code(), "08006", "{d:?}");
+    assert!(d.message().contains(why), "{}", d.message());
+}
+
 fn config_for_server(host: &str, port: u16, mode: ServerSslMode, ca_file: &Path) -> Config {
     let mut config = harness::config_for("tlsdb");
     *config.databases.get_mut("tlsdb").expect("tlsdb") = Database {
@@ -1041,72 +1070,34 @@ async fn pgtide_to_a_tls_only_server_with_verify_full() {
     // verify-full against another CA: the client hears why.
     let other = Ca::new("someone else");
     let other_file = write(certs.dir.path(), "other-ca.pem", &other.pem());
-    let pooler = harness::start_pgtide(config_for_server(
-        "localhost",
-        port,
-        ServerSslMode::VerifyFull,
-        &other_file,
-    ))
-    .await;
-    let url = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, "tlsdb");
-    let e = harness::connect(&url)
-        .await
-        .map(|_| ())
-        .expect_err("a server certificate from another CA was accepted");
-    let d = e.as_db_error().expect("an ErrorResponse");
-    assert_eq!(d.code().code(), "08006", "{d:?}");
-    assert!(
-        d.message().contains("TLS handshake with the server failed"),
-        "{}",
-        d.message()
+    let (_pooler, login) =
+        login_through_server_tls("localhost", port, ServerSslMode::VerifyFull, &other_file).await;
+    assert_server_unreachable(
+        login,
+        "a server certificate from another CA was accepted",
+        "TLS handshake with the server failed",
     );
 
     // The certificate names localhost, not 127.0.0.1: verify-full to 127.0.0.1 fails,
     // verify-ca (no host name check) works.
-    let pooler = harness::start_pgtide(config_for_server(
-        "127.0.0.1",
-        port,
-        ServerSslMode::VerifyFull,
-        &certs.ca_file,
-    ))
-    .await;
-    let url = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, "tlsdb");
-    let e = harness::connect(&url)
-        .await
-        .map(|_| ())
-        .expect_err("a server certificate for another host name was accepted");
-    let d = e.as_db_error().expect("an ErrorResponse");
-    assert_eq!(d.code().code(), "08006", "{d:?}");
-    assert!(
-        d.message().contains("not valid for name"),
-        "{}",
-        d.message()
+    let (_pooler, login) =
+        login_through_server_tls("127.0.0.1", port, ServerSslMode::VerifyFull, &certs.ca_file)
+            .await;
+    assert_server_unreachable(
+        login,
+        "a server certificate for another host name was accepted",
+        "not valid for name",
     );
-    let pooler = harness::start_pgtide(config_for_server(
-        "127.0.0.1",
-        port,
-        ServerSslMode::VerifyCa,
-        &certs.ca_file,
-    ))
-    .await;
-    let url = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, "tlsdb");
-    let c = harness::connect(&url)
-        .await
-        .expect("verify-ca ignores the host name");
+    let (pooler, login) =
+        login_through_server_tls("127.0.0.1", port, ServerSslMode::VerifyCa, &certs.ca_file).await;
+    let c = login.expect("verify-ca ignores the host name");
     assert_eq!(one(&c, "SELECT 'verify-ca'").await, "verify-ca");
     drop(pooler);
 
     // disable to a hostssl-only server: the server's own refusal reaches the client.
-    let pooler = harness::start_pgtide(config_for_server(
-        "localhost",
-        port,
-        ServerSslMode::Disable,
-        &certs.ca_file,
-    ))
-    .await;
-    let url = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, "tlsdb");
-    let e = harness::connect(&url)
-        .await
+    let (_pooler, login) =
+        login_through_server_tls("localhost", port, ServerSslMode::Disable, &certs.ca_file).await;
+    let e = login
         .map(|_| ())
         .expect_err("pgtide reached a hostssl-only server without TLS");
     assert!(e.as_db_error().is_some(), "{e}");
