@@ -36,6 +36,18 @@ fn encryption(peer: &Peer) -> &'static str {
     }
 }
 
+/// Refuses the login with FATAL 28000 (an hba rule, a missing or wrong certificate).
+async fn refuse(stream: &mut Stream, message: &str) -> NoSession {
+    send_fatal(
+        stream,
+        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+        message,
+        None,
+    )
+    .await;
+    NoSession::Refused
+}
+
 /// Authenticates `user` for `database`. On error the client has been told why (FATAL).
 pub(super) async fn authenticate(
     stream: &mut Stream,
@@ -58,14 +70,7 @@ pub(super) async fn authenticate(
                     "no pg_hba.conf entry for host \"{host}\", user \"{user}\", database \"{database}\", {}",
                     encryption(peer)
                 );
-                send_fatal(
-                    stream,
-                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                    &m,
-                    None,
-                )
-                .await;
-                return Err(NoSession::Refused);
+                return Err(refuse(stream, &m).await);
             };
             match rule.method {
                 HbaMethod::Reject => {
@@ -74,14 +79,7 @@ pub(super) async fn authenticate(
                         "pg_hba.conf rejects connection for host \"{host}\", user \"{user}\", database \"{database}\", {}",
                         encryption(peer)
                     );
-                    send_fatal(
-                        stream,
-                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                        &m,
-                        None,
-                    )
-                    .await;
-                    return Err(NoSession::Refused);
+                    return Err(refuse(stream, &m).await);
                 }
                 HbaMethod::Cert => Method::Cert,
                 HbaMethod::Trust => Method::Trust,
@@ -106,14 +104,7 @@ pub(super) async fn authenticate(
         };
         shared.failed_logins.record_failure(host);
         shared.metrics.auth_failures.inc();
-        send_fatal(
-            stream,
-            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-            &m,
-            None,
-        )
-        .await;
-        return Err(NoSession::Refused);
+        return Err(refuse(stream, &m).await);
     }
 
     // 2. The credential.
