@@ -196,10 +196,10 @@ async fn metrics_agree_with_pgbench_and_parse() {
     assert!(sample(&after, "pgtide_server_connects_total", &db) >= 1.0);
     assert!(after.keys().any(|k| k.starts_with("pgtide_build_info{")));
     assert!(after.contains_key("pgtide_auth_failures_total"));
-    // pgbench has left: every client and server of the pool is idle again.
-    let state = |name: &str, labels: &str| {
-        after
-            .iter()
+    // pgbench has left: every client and server of the pool is idle again, once pgtide has
+    // seen the clients go and the servers' resets (the `used` state) have run.
+    let state = |s: &HashMap<String, f64>, name: &str, labels: &str| {
+        s.iter()
             .filter(|(k, _)| {
                 k.starts_with(&format!("{name}{{"))
                     && k.contains(&format!("database=\"{db}\""))
@@ -208,16 +208,24 @@ async fn metrics_agree_with_pgbench_and_parse() {
             .map(|(_, v)| *v)
             .sum::<f64>()
     };
-    assert_eq!(state("pgtide_clients", "state=\"active\""), 0.0);
-    assert_eq!(state("pgtide_clients", "state=\"waiting\""), 0.0);
-    assert_eq!(state("pgtide_servers", "state=\"active\""), 0.0);
-    let idle = state("pgtide_servers", "state=\"idle\"");
+    until("the pool is quiet", || async {
+        let s = scrape(maddr).await;
+        ["active", "waiting"]
+            .iter()
+            .all(|st| state(&s, "pgtide_clients", &format!("state=\"{st}\"")) == 0.0)
+            && ["active", "used", "login"]
+                .iter()
+                .all(|st| state(&s, "pgtide_servers", &format!("state=\"{st}\"")) == 0.0)
+    })
+    .await;
+    let after = scrape(maddr).await;
+    let idle = state(&after, "pgtide_servers", "state=\"idle\"");
     assert!(
         (1.0..=4.0).contains(&idle),
         "pool_size 4: {idle} idle servers"
     );
     assert!(
-        state("pgtide_longest_wait_seconds", "") == 0.0,
+        state(&after, "pgtide_longest_wait_seconds", "") == 0.0,
         "nobody waits"
     );
 }
@@ -397,16 +405,6 @@ async fn readyz_follows_the_primary() {
         ))
         .copied()
     };
-    // Polls every 100 ms for up to 60 s until `done` holds.
-    async fn until<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
-        for _ in 0..600 {
-            if done().await {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        panic!("timed out waiting until {what}");
-    }
     until("ready at start", || async {
         get(maddr, "/readyz").await.0 == 200
     })
@@ -446,6 +444,17 @@ async fn readyz_follows_the_primary() {
     assert_eq!(host_up(&scrape(maddr).await, pport), Some(1.0));
 }
 
+/// Polls every 100 ms for up to 60 s until `done` holds.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    for _ in 0..600 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// `collect_metrics = false`: the endpoint still answers, the sessions count nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collect_metrics_off_counts_nothing() {
@@ -475,8 +484,12 @@ async fn collect_metrics_off_counts_nothing() {
         !after.keys().any(|k| k.starts_with("pgtide_errors_total{")),
         "no error counted"
     );
-    // Scrape-time gauges still work: the server connection is there.
-    assert!(after.iter().any(|(k, v)| k.starts_with("pgtide_servers{")
-        && k.contains("state=\"idle\"")
-        && *v >= 1.0));
+    // Scrape-time gauges still work: the server connection is there, idle once the reset
+    // that follows the client's departure has run (it is `used` until then).
+    until("the server connection is idle", || async {
+        scrape(maddr).await.iter().any(|(k, v)| {
+            k.starts_with("pgtide_servers{") && k.contains("state=\"idle\"") && *v >= 1.0
+        })
+    })
+    .await;
 }
