@@ -58,6 +58,8 @@ pub struct LoginSet {
     synced: Vec<String>,
     /// A keyed hash of `values` and `synced`.
     hash: u64,
+    /// `values["search_path"]`, looked up once: every tracked Parse and Query reads it.
+    search_path: Option<String>,
 }
 
 impl LoginSet {
@@ -78,7 +80,9 @@ impl LoginSet {
         sorted.sort_unstable();
         sorted.hash(&mut h);
         let hash = h.finish();
+        let search_path = values.get("search_path").cloned();
         LoginSet {
+            search_path,
             login: login.clone(),
             extras,
             values,
@@ -230,6 +234,14 @@ impl ClientParams {
         match self.own.binary_search_by(|(n, _)| (**n).cmp(name)) {
             Ok(i) => self.own[i].1.as_deref(),
             Err(_) => self.base.values.get(name).map(String::as_str),
+        }
+    }
+
+    /// `value("search_path")` without hashing the name (read for every tracked message).
+    pub fn search_path(&self) -> Option<&str> {
+        match self.own.binary_search_by(|(n, _)| (**n).cmp("search_path")) {
+            Ok(i) => self.own[i].1.as_deref(),
+            Err(_) => self.base.search_path.as_deref(),
         }
     }
 
@@ -412,6 +424,26 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect()
+    }
+
+    #[test]
+    fn search_path_reads_what_value_reads() {
+        // Servers that report search_path (PostgreSQL 18) put it in the login set.
+        let sets = LoginSets::default();
+        let reported = Arc::new(vec![(
+            "search_path".to_string(),
+            "\"$user\", public".to_string(),
+        )]);
+        let mut a = ClientParams::new(sets.get(&reported, &[]), &[]);
+        assert_eq!(a.search_path(), Some("\"$user\", public"));
+        a.observe("search_path", "app");
+        assert_eq!(a.search_path(), Some("app"));
+        assert_eq!(a.search_path(), a.value("search_path"));
+        // PostgreSQL 15 does not report it: the client's startup value, or nothing.
+        assert_eq!(params(&[], &[]).search_path(), None);
+        let b = params(&[("search_path".into(), "s1".into())], &[]);
+        assert_eq!(b.search_path(), Some("s1"));
+        assert_eq!(b.search_path(), b.value("search_path"));
     }
 
     #[test]

@@ -786,11 +786,7 @@ impl Session {
                         body,
                         &mut self.statements,
                         &self.shared.statements,
-                        self.login
-                            .params
-                            .value("search_path")
-                            .unwrap_or("")
-                            .as_bytes(),
+                        self.login.params.search_path().unwrap_or("").as_bytes(),
                     )
                 });
                 if let Some(answer) = local {
@@ -900,12 +896,7 @@ impl Session {
                 pipeline: &mut self.pipeline,
                 cache: &self.shared.statements,
                 max_per_server: self.shared.config().pgtide.max_prepared_statements as usize,
-                search_path: self
-                    .login
-                    .params
-                    .value("search_path")
-                    .unwrap_or("")
-                    .as_bytes(),
+                search_path: self.login.params.search_path().unwrap_or("").as_bytes(),
                 to_client: &mut to_client,
             };
             prepared::on_client_message(t, &self.c2s[start + 5..*end], &mut cx)
