@@ -1756,11 +1756,16 @@ impl Session {
                 let _ = tokio::time::timeout(Duration::from_secs(1), self.client.send(&b)).await;
             }
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            tokio::io::AsyncWriteExt::shutdown(&mut self.client),
-        )
-        .await;
+        // A plain client that left has nothing more to read or be told: dropping the
+        // socket sends the FIN (a shutdown first would be one more syscall per
+        // connection). TLS sends its close_notify; an error ends with everything sent.
+        if !matches!(end, End::ClientLeft) || self.client.is_tls() {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::io::AsyncWriteExt::shutdown(&mut self.client),
+            )
+            .await;
+        }
         let Some(server) = self.server.take() else {
             return;
         };
