@@ -46,6 +46,11 @@ impl ShutdownController {
         }
     }
 
+    /// The phase and its changes, for a task that must not hold up [`wait`](Self::wait).
+    pub fn phases(&self) -> watch::Receiver<Phase> {
+        self.tx.subscribe()
+    }
+
     pub fn sender(&self) -> watch::Sender<Phase> {
         self.tx.clone()
     }

@@ -124,7 +124,9 @@ pub struct ClientEntry {
     /// Id of the server connection this client uses (0: none).
     pub link: AtomicU64,
     killed: AtomicBool,
-    kill: Notify,
+    /// Wakes the client's session: `KILL`, and every change of the shutdown phase
+    /// ([`ClientEntry::wake`]), so that a session needs no wait of its own for those.
+    wake: Notify,
 }
 
 impl ClientEntry {
@@ -148,7 +150,7 @@ impl ClientEntry {
             wait_since_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
             killed: AtomicBool::new(false),
-            kill: Notify::new(),
+            wake: Notify::new(),
         }
     }
 
@@ -188,19 +190,31 @@ impl ClientEntry {
     /// Asks the client's session to end (`KILL`).
     pub fn kill(&self) {
         self.killed.store(true, Ordering::Release);
-        self.kill.notify_waiters();
-        self.kill.notify_one();
+        self.wake.notify_waiters();
+        self.wake.notify_one();
     }
 
     pub fn is_killed(&self) -> bool {
         self.killed.load(Ordering::Acquire)
     }
 
+    /// Wakes whatever waits in [`woken_when`](Self::woken_when) to look again (the
+    /// shutdown phase moved on).
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+
     /// Resolves once [`kill`](Self::kill) has been called.
     pub async fn killed(&self) {
+        self.woken_when(|| self.is_killed()).await
+    }
+
+    /// Resolves once `done` is true, looking each time the entry is killed or woken
+    /// ([`wake`](Self::wake)): what `done` reads must be set before either is called.
+    pub async fn woken_when(&self, done: impl Fn() -> bool) {
         loop {
-            let notified = self.kill.notified();
-            if self.is_killed() {
+            let notified = self.wake.notified();
+            if done() {
                 return;
             }
             notified.await;

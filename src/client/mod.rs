@@ -507,6 +507,7 @@ pub async fn accept_loop(
 ) {
     let mut signal = controller.signal();
     let maintenance = tokio::spawn(maintain(shared.clone(), controller.signal()));
+    let waker = tokio::spawn(wake_clients(shared.clone(), controller.phases()));
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -533,6 +534,7 @@ pub async fn accept_loop(
     drop(signal);
     controller.wait().await;
     timer.abort();
+    waker.abort();
     let _ = maintenance.await;
     for pool in shared.pools() {
         pool.close_idle();
@@ -541,15 +543,41 @@ pub async fn accept_loop(
     tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
+/// Wakes every logged-in client's session when the shutdown phase moves on: a session
+/// waits for its client, its server, and its registry entry's wake-up (which KILL also
+/// uses), not for the phase itself. Holds no [`ShutdownSignal`]: shutdown does not wait
+/// for it.
+async fn wake_clients(shared: Arc<Shared>, mut phases: tokio::sync::watch::Receiver<Phase>) {
+    while phases.changed().await.is_ok() {
+        let phase = *phases.borrow_and_update();
+        for (_, client) in shared.admin.clients.snapshot() {
+            client.wake();
+        }
+        if phase == Phase::Now {
+            return;
+        }
+    }
+}
+
 fn spawn_client(stream: TcpStream, shared: &Arc<Shared>, signal: ShutdownSignal) {
-    let shared = shared.clone();
     let n = shared.clients.fetch_add(1, Ordering::AcqRel) + 1;
     let over_limit = n > shared.config().pgtide.max_client_conn;
-    tokio::spawn(async move {
-        let _ = stream.set_nodelay(true);
-        session::run(stream, &shared, signal, over_limit).await;
-        shared.clients.fetch_sub(1, Ordering::AcqRel);
-    });
+    tokio::spawn(session::run(
+        stream,
+        ClientSlot(shared.clone()),
+        signal,
+        over_limit,
+    ));
+}
+
+/// One client counted in [`Shared::client_count`]; dropping it (when the client's task
+/// ends) counts the client out.
+struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// When to give freed memory back to the system after clients left: glibc's malloc

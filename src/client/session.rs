@@ -36,13 +36,17 @@ const RETRY_MAX: usize = 256 * 1024;
 const HIGH_WATER: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Runs one client connection from its first byte to its end.
+/// Runs one client connection from its first byte to its end. This is the client's
+/// task (spawned as it is, no wrapping future): what it holds while the client is idle is
+/// what an idle client costs.
 pub(super) async fn run(
     mut tcp: TcpStream,
-    shared: &Arc<Shared>,
+    slot: super::ClientSlot,
     signal: ShutdownSignal,
     over_limit: bool,
 ) {
+    let _ = tcp.set_nodelay(true);
+    let shared = &slot.0;
     if signal.phase() != Phase::Running {
         Box::pin(login::send_fatal(
             &mut tcp,
@@ -54,8 +58,10 @@ pub(super) async fn run(
         return;
     }
     // Boxed: the login's state is freed once it is done, not kept in this task's.
-    let (stream, logged_in) = match Box::pin(login::login(tcp, shared, over_limit)).await {
-        Ok(l) => l,
+    let session = match Box::pin(login::login(tcp, shared, over_limit)).await {
+        // Moved into the session in this arm: a binding that outlived the match would
+        // keep its own copy in the task's future for the client's whole life.
+        Ok((stream, logged_in)) => Session::new(stream, shared.clone(), logged_in, signal),
         Err(NoSession::Done) | Err(NoSession::Refused) => return,
         Err(NoSession::Admin { stream: None, .. }) => return,
         Err(NoSession::Admin {
@@ -79,30 +85,41 @@ pub(super) async fn run(
             return;
         }
     };
-    let key = logged_in.key_pid;
-    let log = shared.config().pgtide.log_connections;
-    let mut session = Session::new(stream, shared.clone(), logged_in, signal);
-    session.login.pool.metrics.clients_idle.inc();
-    let end = session.run().await;
-    Box::pin(session.finish(&end)).await;
-    session.flush_metrics();
-    match session.state {
-        ClientState::Idle => session.login.pool.metrics.clients_idle.dec(),
-        ClientState::Waiting => session.login.pool.metrics.clients_waiting.dec(),
-        ClientState::Active => session.login.pool.metrics.clients_active.dec(),
-    }
-    shared.cancels.unregister(key);
-    if log {
-        let (user, database) = (session.login.user(), session.login.database());
-        tracing::info!(%user, %database, reason = %end, "client disconnected");
+    // A task of its own: this one's future (the arguments above, the login's result)
+    // is freed, and the client holds only the session and its turn's state.
+    tokio::spawn(serve(session, slot));
+}
+
+/// The logged-in client's transactions, until the session ends. Not an `async fn`: its
+/// arguments would be copied into the future's own locals (two sessions per client); an
+/// `async` block uses what it captured in place.
+#[allow(clippy::manual_async_fn)]
+fn serve(
+    mut session: Session,
+    slot: super::ClientSlot,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        session.login.pool.metrics.clients_idle.inc();
+        let end = session.run().await;
+        Box::pin(session.finish(&end)).await;
+        session.flush_metrics();
+        match session.state {
+            ClientState::Idle => session.login.pool.metrics.clients_idle.dec(),
+            ClientState::Waiting => session.login.pool.metrics.clients_waiting.dec(),
+            ClientState::Active => session.login.pool.metrics.clients_active.dec(),
+        }
+        session.shared.cancels.unregister(session.login.key_pid);
+        if session.shared.config().pgtide.log_connections {
+            let (user, database) = (session.login.user(), session.login.database());
+            tracing::info!(%user, %database, reason = %end, "client disconnected");
+        }
+        // Counted out last, after the session's server went back.
+        drop(slot);
     }
 }
 
 /// A boxed future (rare awaits of the session: see [`Session::tell`]).
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-
-/// A wait for the shutdown phase to move on (see `Session::phase_wait`).
-type PhaseWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Why a session ended.
 enum End {
@@ -128,11 +145,9 @@ struct Session {
     shared: Arc<Shared>,
     client: Stream,
     login: LoggedIn,
+    /// The shutdown phase; its changes wake the session through `login.entry` (see
+    /// [`wake_clients`](super::wake_clients)).
     signal: ShutdownSignal,
-    /// Resolves when the phase moves on from the one it was made for: kept across waits,
-    /// so that waiting for shutdown does not register with the shared channel anew on
-    /// every turn.
-    phase_wait: Option<(Phase, PhaseWait)>,
     /// The idle timeouts' timer, once one was needed (reset for each wait).
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Bytes from the client; `c2s[..c_ready]` is framed and goes to the server.
@@ -161,13 +176,12 @@ struct Session {
     settings_changed: bool,
     /// The client sent Terminate.
     terminated: bool,
-    /// The server sent a FATAL error (it is going away): its message.
-    server_fatal: Option<String>,
     /// Transaction mode with prepared-statement tracking: every message is matched with
     /// its answer through `pipeline`, and named statements are mapped.
     tracked: bool,
-    statements: ClientStatements,
-    pipeline: Pipeline,
+    /// Its named statements and the answers it waits for: made on the first message
+    /// that is tracked, so that a client that has not run anything does not carry it.
+    prepared: Option<Box<Prepared>>,
     /// A message may have deallocated every statement on the server (DISCARD ALL,
     /// DEALLOCATE ALL): make the server's set known again before it is released.
     dealloc_pending: bool,
@@ -185,6 +199,29 @@ struct Session {
     /// The current server is a replica chosen for an explicit read-only transaction:
     /// everything until its end goes there.
     replica_tx: bool,
+    /// State most sessions never use (routing to replicas, retries, a server's FATAL):
+    /// made on first use, so that an idle client does not carry it.
+    rare: Option<Box<Rare>>,
+    bytes_in: u64,
+    bytes_out: u64,
+    tx_started: Option<Instant>,
+    req_started: Option<Instant>,
+    did_work: bool,
+}
+
+/// A tracked session's prepared-statement state (`Session::prepared`).
+#[derive(Default)]
+struct Prepared {
+    statements: ClientStatements,
+    pipeline: Pipeline,
+}
+
+/// The [`Session`]'s rarely used state (`Session::rare`); every field's default is
+/// "nothing going on".
+#[derive(Default)]
+struct Rare {
+    /// The server sent a FATAL error (it is going away): its message.
+    server_fatal: Option<String>,
     /// read_your_writes = lsn: the WAL position of this client's last transaction on the
     /// primary; its reads go only to replicas that have replayed it.
     written_lsn: Option<u64>,
@@ -205,11 +242,6 @@ struct Session {
     /// CommandComplete and a ReadyForQuery: `hide_begin_reply`) hidden.
     deferred_begin: Option<Vec<u8>>,
     hide_begin_reply: u8,
-    bytes_in: u64,
-    bytes_out: u64,
-    tx_started: Option<Instant>,
-    req_started: Option<Instant>,
-    did_work: bool,
 }
 
 /// Where a transaction runs, as [`Session::choose_pool`] decides.
@@ -223,6 +255,22 @@ struct Choice {
     write: bool,
     /// For the routing metrics (databases with several hosts only).
     outcome: Option<Outcome>,
+}
+
+/// What is left of an attach after its synchronous part ([`Session::attach_now`]).
+enum Attaching {
+    /// The server is attached.
+    Done,
+    /// No server for this client: the FATAL's code and message.
+    Refuse(std::borrow::Cow<'static, str>, String),
+    /// Wait for the monitor to find a primary (if `wait_primary`), then for a server.
+    Wait {
+        wait_primary: bool,
+        outcome: Option<Outcome>,
+        waiting_since: Instant,
+    },
+    /// A server was checked out; these statements bring its settings in line first.
+    Sync(Box<ServerConn>, String),
 }
 
 /// A routing decision, as the `pgtide_routing_decisions_total` counter names it.
@@ -374,7 +422,6 @@ impl Session {
             client,
             login,
             signal,
-            phase_wait: None,
             timer: None,
             c2s: BytesMut::new(),
             c_scan: Scanner::new(max),
@@ -391,30 +438,49 @@ impl Session {
             tx_status: status::IDLE,
             settings_changed: false,
             terminated: false,
-            server_fatal: None,
             tracked,
-            statements: ClientStatements::default(),
-            pipeline: Pipeline::default(),
+            prepared: None,
             dealloc_pending: false,
             need_attach: false,
             state: ClientState::Idle,
             pool,
             on_replica: false,
             replica_tx: false,
-            written_lsn: None,
-            for_write: false,
-            retry: None,
-            retry_mark: 0,
-            retry_to_primary: false,
-            force_primary: false,
-            deferred_begin: None,
-            hide_begin_reply: 0,
+            rare: None,
             bytes_in: 0,
             bytes_out: 0,
             tx_started: None,
             req_started: None,
             did_work: false,
         }
+    }
+
+    /// The rarely used state, made now if need be.
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    /// An answer held back for a retry on the primary: where it starts in `s2c`.
+    fn retry_mark(&self) -> Option<usize> {
+        self.rare
+            .as_ref()
+            .filter(|r| r.retry.is_some())
+            .map(|r| r.retry_mark)
+    }
+
+    /// The text of the client's prepared statement `name`.
+    fn statement_text(&self, name: &[u8]) -> Option<&[u8]> {
+        self.prepared.as_ref()?.statements.text_of(name)
+    }
+
+    fn deferred_begin(&self) -> bool {
+        self.rare
+            .as_ref()
+            .is_some_and(|r| r.deferred_begin.is_some())
+    }
+
+    fn hide_begin_reply(&self) -> bool {
+        self.rare.as_ref().is_some_and(|r| r.hide_begin_reply > 0)
     }
 
     fn set_state(&mut self, state: ClientState) {
@@ -445,12 +511,14 @@ impl Session {
         }
         m.bytes_received.inc_by(std::mem::take(&mut self.bytes_in));
         m.bytes_sent.inc_by(std::mem::take(&mut self.bytes_out));
-        m.prepared_hits
-            .inc_by(std::mem::take(&mut self.pipeline.hits));
-        m.prepared_prepares
-            .inc_by(std::mem::take(&mut self.pipeline.prepares));
-        m.prepared_evictions
-            .inc_by(std::mem::take(&mut self.pipeline.evictions));
+        if let Some(p) = self.prepared.as_mut() {
+            let pipeline = &mut p.pipeline;
+            m.prepared_hits.inc_by(std::mem::take(&mut pipeline.hits));
+            m.prepared_prepares
+                .inc_by(std::mem::take(&mut pipeline.prepares));
+            m.prepared_evictions
+                .inc_by(std::mem::take(&mut pipeline.evictions));
+        }
     }
 
     /// True when the server may go back to the pool (or be reset) as it is.
@@ -477,7 +545,9 @@ impl Session {
     /// then wait for the next event.
     async fn step(&mut self) -> Result<(), End> {
         self.scan_client()?;
-        match self.signal.phase() {
+        // The phase this turn acts on: the wait below ends at once if it has moved on.
+        let phase = self.signal.phase();
+        match phase {
             Phase::Running => {}
             Phase::Draining => {
                 let idle = match self.server {
@@ -501,7 +571,7 @@ impl Session {
         }
         if self.server.is_none()
             && (self.c_ready > 0 || self.need_attach)
-            && self.deferred_begin.is_none()
+            && !self.deferred_begin()
             && self.begin_can_wait()
         {
             let msg = self.c2s.split().to_vec();
@@ -519,16 +589,19 @@ impl Session {
             let at = self.s_ready;
             splice(&mut self.s2c, at..at, &b);
             self.s_ready += b.len();
-            self.deferred_begin = Some(msg);
+            self.rare().deferred_begin = Some(msg);
             return Ok(());
         }
         if self.server.is_none() && (self.c_ready > 0 || self.need_attach) {
-            self.attach().await?;
+            match self.attach_now() {
+                Attaching::Done => {}
+                next => Box::pin(self.attach_rest(next)).await?,
+            }
             if std::mem::take(&mut self.need_attach) {
                 // Frame (and map) the messages that waited for the server.
                 self.scan_client()?;
             }
-            if let Some(begin) = self.deferred_begin.take() {
+            if let Some(begin) = self.rare.as_mut().and_then(|r| r.deferred_begin.take()) {
                 // The BEGIN pgtide answered goes first; its reply is hidden.
                 let len = begin.len();
                 let mut with_begin = BytesMut::with_capacity(len + self.c2s.len());
@@ -541,7 +614,7 @@ impl Session {
                     let mut end = len;
                     self.track_client_message(tag::QUERY, 0, &mut end);
                 }
-                self.hide_begin_reply = 2;
+                self.rare().hide_begin_reply = 2;
             }
         }
         if self.c_ready > 0 && self.server.is_some() && self.login.pool.metrics.collect {
@@ -554,30 +627,31 @@ impl Session {
                 return Err(self.server_lost(&e.to_string()).await_told(self).await);
             }
         }
-        if self.retry.is_some() && self.s2c.len() - self.retry_mark > RETRY_MAX {
-            // Too much to hold back: the client gets the replica's answer as it comes.
-            self.retry = None;
+        if let Some(rare) = self.rare.as_mut() {
+            if rare.retry.is_some() && self.s2c.len() - rare.retry_mark > RETRY_MAX {
+                // Too much to hold back: the client gets the replica's answer as it comes.
+                rare.retry = None;
+            }
+            if rare.retry_to_primary && self.pending == 0 && self.server.is_some() {
+                return Box::pin(self.retry_on_primary()).await;
+            }
         }
-        if self.retry_to_primary && self.pending == 0 && self.server.is_some() {
-            return Box::pin(self.retry_on_primary()).await;
-        }
-        let writable = if self.retry.is_some() {
-            self.s_ready.min(self.retry_mark)
-        } else {
-            self.s_ready
+        let writable = match self.retry_mark() {
+            Some(mark) => self.s_ready.min(mark),
+            None => self.s_ready,
         };
         if writable > 0 || self.client.wants_flush() {
             let mut ready = writable;
             let r = write_some(&mut self.client, &mut self.s2c, &mut ready);
             let written = writable - ready;
             self.s_ready -= written;
-            if self.retry.is_some() {
-                self.retry_mark -= written;
+            if let Some(rare) = self.rare.as_mut().filter(|r| r.retry.is_some()) {
+                rare.retry_mark -= written;
             }
             self.bytes_out += written as u64;
             r.map_err(|e| End::ClientError(e.to_string()))?;
         }
-        if let Some(msg) = self.server_fatal.take() {
+        if let Some(msg) = self.rare.as_mut().and_then(|r| r.server_fatal.take()) {
             return Err(self.server_lost(&msg).await_told(self).await);
         }
         if self.server.is_some() && self.login.mode == PoolMode::Transaction && self.server_idle() {
@@ -603,7 +677,7 @@ impl Session {
             put_spare(std::mem::take(&mut self.s2c));
         }
 
-        match self.wait().await {
+        match self.wait(phase).await {
             Event::ClientReadable => match read_some(&mut self.client, &mut self.c2s) {
                 Ok(Some(0)) => Err(End::ClientLeft),
                 Ok(n) => {
@@ -625,11 +699,8 @@ impl Session {
                     Err(e) => Err(self.server_lost(&e.to_string()).await_told(self).await),
                 }
             }
-            Event::Phase => {
-                // Done: the next wait makes one for the new phase.
-                self.phase_wait = None;
-                Ok(())
-            }
+            // The next turn acts on the new phase.
+            Event::Phase => Ok(()),
             Event::ServerWritable | Event::ClientWritable => Ok(()),
             Event::Killed => Err(self.killed().await),
             Event::Timeout => {
@@ -661,8 +732,8 @@ impl Session {
         .await
     }
 
-    /// Waits for the next thing to do.
-    async fn wait(&mut self) -> Event {
+    /// Waits for the next thing to do; `phase` is the shutdown phase the caller acted on.
+    async fn wait(&mut self, phase: Phase) -> Event {
         let timer = {
             // Read once per wait, not held across it (a reload may swap the config).
             let config = self.shared.config();
@@ -677,25 +748,14 @@ impl Session {
                 Some(_) => None,
             }
         };
-        let phase = self.signal.phase();
-        if phase != Phase::Now && self.phase_wait.as_ref().is_none_or(|(p, _)| *p != phase) {
-            let mut signal = self.signal.clone();
-            let next = match phase {
-                Phase::Running => Phase::Draining,
-                _ => Phase::Now,
-            };
-            let wait: PhaseWait = Box::pin(async move { signal.reached(next).await });
-            self.phase_wait = Some((phase, wait));
-        }
         let server = self.server.as_ref().map(|s| &s.stream);
         let want_client = !self.terminated && (self.c_ready == 0 || self.c2s.len() < HIGH_WATER);
         let want_server = server.is_some() && (self.s_ready == 0 || self.s2c.len() < HIGH_WATER);
         let want_server_write = server.is_some_and(|s| self.c_ready > 0 || s.wants_flush());
         // Bytes that may go to the client now (an answer held for a retry does not).
-        let client_bytes = if self.retry.is_some() {
-            self.s_ready.min(self.retry_mark)
-        } else {
-            self.s_ready
+        let client_bytes = match self.retry_mark() {
+            Some(mark) => self.s_ready.min(mark),
+            None => self.s_ready,
         };
         let want_client_write = client_bytes > 0 || self.client.wants_flush();
         let mut timer = match timer {
@@ -712,24 +772,24 @@ impl Session {
             None => None,
         };
         let client = &self.client;
-        let phase_wait = &mut self.phase_wait;
-        let killed = self.login.entry.killed();
-        let mut killed = std::pin::pin!(killed);
+        // KILL and a change of the shutdown phase wake the session through its registry
+        // entry: one wait for both, and none allocated per session.
+        let entry = &self.login.entry;
+        let signal = &self.signal;
+        let woken = entry.woken_when(|| entry.is_killed() || signal.phase() != phase);
+        let mut woken = std::pin::pin!(woken);
         // Polled in place, in this order (first ready wins), rather than through a
         // `select!` of one future per branch: a session's future is as large as its
         // largest wait, and every connected client holds one.
         std::future::poll_fn(|cx| {
             use std::future::Future;
             use std::task::Poll;
-            if killed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Event::Killed);
-            }
-            if phase != Phase::Now {
-                if let Some((_, w)) = phase_wait.as_mut() {
-                    if w.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Event::Phase);
-                    }
-                }
+            if woken.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(if entry.is_killed() {
+                    Event::Killed
+                } else {
+                    Event::Phase
+                });
             }
             if let Some(server) = server {
                 if want_server && server.poll_readable(cx).is_ready() {
@@ -784,7 +844,7 @@ impl Session {
                     prepared::answer_without_server(
                         frame.tag,
                         body,
-                        &mut self.statements,
+                        &mut self.prepared.get_or_insert_with(Box::default).statements,
                         &self.shared.statements,
                         self.login.params.search_path().unwrap_or("").as_bytes(),
                     )
@@ -867,11 +927,13 @@ impl Session {
                 }
                 _ => {}
             }
-            if let Some(kept) = self.retry.as_mut() {
-                if frame.body.is_some() && kept.len() < RETRY_MAX {
-                    kept.extend_from_slice(&self.c2s[start..pos]);
-                } else {
-                    self.retry = None;
+            if let Some(rare) = self.rare.as_mut() {
+                if let Some(kept) = rare.retry.as_mut() {
+                    if frame.body.is_some() && kept.len() < RETRY_MAX {
+                        kept.extend_from_slice(&self.c2s[start..pos]);
+                    } else {
+                        rare.retry = None;
+                    }
                 }
             }
             if self.tracked && counted && owes_answer(frame.tag) {
@@ -889,11 +951,12 @@ impl Session {
             return;
         };
         let mut to_client = Vec::new();
+        let p = self.prepared.get_or_insert_with(Box::default);
         let (action, effects) = {
             let mut cx = prepared::Ctx {
-                client: &mut self.statements,
+                client: &mut p.statements,
                 server: &mut server.statements,
-                pipeline: &mut self.pipeline,
+                pipeline: &mut p.pipeline,
                 cache: &self.shared.statements,
                 max_per_server: self.shared.config().pgtide.max_prepared_statements as usize,
                 search_path: self.login.params.search_path().unwrap_or("").as_bytes(),
@@ -918,7 +981,7 @@ impl Session {
         let mut pos = self.s_ready;
         pos += self.s_scan.resume(&self.s2c[pos..]);
         // CommandComplete is looked at whole while a BEGIN's reply is to be hidden.
-        let whole = if self.tracked || self.hide_begin_reply > 0 {
+        let whole = if self.tracked || self.hide_begin_reply() {
             server_whole_tracked
         } else {
             server_whole
@@ -932,7 +995,7 @@ impl Session {
                     // The server broke framing: nothing more it sends can be trusted.
                     self.s2c.truncate(start);
                     pos = start;
-                    self.server_fatal = Some(format!("invalid data from the server: {e}"));
+                    self.rare().server_fatal = Some(format!("invalid data from the server: {e}"));
                     break;
                 }
             };
@@ -965,8 +1028,10 @@ impl Session {
                     let f = backend::parse_error_fields(body);
                     error_code = Some(f.code.to_string());
                     self.login.pool.metrics.error(f.code);
-                    if f.code == "25006" && self.retry.is_some() {
-                        self.retry_to_primary = true;
+                    if f.code == "25006" {
+                        if let Some(rare) = self.rare.as_mut().filter(|r| r.retry.is_some()) {
+                            rare.retry_to_primary = true;
+                        }
                     }
                     if self.login.pool.metrics.collect {
                         self.login.pool.metrics.queries.inc();
@@ -976,7 +1041,7 @@ impl Session {
                         let msg = format!("{} (SQLSTATE {})", f.message, f.code);
                         self.s2c.truncate(start);
                         pos = start;
-                        self.server_fatal = Some(msg);
+                        self.rare().server_fatal = Some(msg);
                         break;
                     }
                 }
@@ -984,27 +1049,29 @@ impl Session {
                     // Syncs the client sent after the message that started this COPY
                     // (and before it ended it) are swallowed by the server.
                     self.pending = self.pending.saturating_sub(self.copy_window_syncs);
-                    self.pipeline.drop_syncs(self.copy_window_syncs);
+                    if let Some(p) = self.prepared.as_mut() {
+                        p.pipeline.drop_syncs(self.copy_window_syncs);
+                    }
                     self.copy_window_syncs = 0;
                     self.copy_in = self.copy_window_open;
                 }
                 _ => {}
             }
-            if self.hide_begin_reply > 0
-                && matches!(t, tag::COMMAND_COMPLETE | tag::READY_FOR_QUERY)
+            if self.hide_begin_reply() && matches!(t, tag::COMMAND_COMPLETE | tag::READY_FOR_QUERY)
             {
                 // The reply to the BEGIN pgtide already answered.
-                self.hide_begin_reply -= 1;
+                self.rare().hide_begin_reply -= 1;
                 let mut after = Vec::new();
                 if self.tracked {
                     if let Some(server) = self.server.as_mut() {
+                        let p = self.prepared.get_or_insert_with(Box::default);
                         prepared::on_server_message(
                             t,
                             None,
                             prepared::ServerCtx {
-                                pipeline: &mut self.pipeline,
+                                pipeline: &mut p.pipeline,
                                 server: &mut server.statements,
-                                client: &mut self.statements,
+                                client: &mut p.statements,
                                 cache: &self.shared.statements,
                                 after: &mut after,
                             },
@@ -1019,13 +1086,14 @@ impl Session {
             if self.tracked {
                 if let Some(server) = self.server.as_mut() {
                     let mut after = Vec::new();
+                    let p = self.prepared.get_or_insert_with(Box::default);
                     let hide = prepared::on_server_message(
                         t,
                         error_code.as_deref(),
                         prepared::ServerCtx {
-                            pipeline: &mut self.pipeline,
+                            pipeline: &mut p.pipeline,
                             server: &mut server.statements,
-                            client: &mut self.statements,
+                            client: &mut p.statements,
                             cache: &self.shared.statements,
                             after: &mut after,
                         },
@@ -1087,7 +1155,7 @@ impl Session {
                     let name = crate::protocol::cstr(body)
                         .and_then(|(_, rest)| crate::protocol::cstr(rest))
                         .map(|(n, _)| n);
-                    if let Some(sql) = name.and_then(|n| self.statements.text_of(n)) {
+                    if let Some(sql) = name.and_then(|n| self.statement_text(n)) {
                         texts.push(sql);
                     }
                 }
@@ -1106,7 +1174,7 @@ impl Session {
             tag::PARSE => frontend::parse_statement(body).map(|(_, sql)| sql),
             tag::BIND => crate::protocol::cstr(body)
                 .and_then(|(_, rest)| crate::protocol::cstr(rest))
-                .and_then(|(n, _)| self.statements.text_of(n)),
+                .and_then(|(n, _)| self.statement_text(n)),
             _ => None,
         };
         let opts = ClassifyOptions {
@@ -1133,14 +1201,14 @@ impl Session {
         let Some(cluster) = self.shared.cluster(self.login.database()) else {
             return primary().map(|c| Choice { outcome: None, ..c });
         };
-        if self.force_primary {
+        if self.rare.as_ref().is_some_and(|r| r.force_primary) {
             return primary().map(|c| Choice {
                 write: true,
                 outcome: Some(Outcome::RetriedPrimary),
                 ..c
             });
         }
-        let deferred_read_only = self.deferred_begin.is_some() && {
+        let deferred_read_only = self.deferred_begin() && {
             // The transaction pgtide began: read-only if its first statement says so.
             let (texts, _) = self.pending_texts();
             texts
@@ -1171,7 +1239,7 @@ impl Session {
                 Some("primary" | "replica")
             );
         let route = match (r.route, self.login.params.value("pgtide.route")) {
-            _ if self.deferred_begin.is_some() => {
+            _ if self.deferred_begin() => {
                 explicit = true;
                 if deferred_read_only {
                     Route::Replica
@@ -1241,7 +1309,7 @@ impl Session {
             });
         }
         let mut replicas = cluster.replicas_within(r.max_replica_lag_bytes, r.max_replica_lag);
-        if let Some(lsn) = self.written_lsn {
+        if let Some(lsn) = self.rare.as_ref().and_then(|r| r.written_lsn) {
             // Read your writes: only replicas seen to have replayed the client's last write.
             let usable = replicas.len();
             replicas.retain(|id| {
@@ -1390,27 +1458,38 @@ impl Session {
     /// the client: drop the answer, give the replica back, and send the request again,
     /// to the primary.
     async fn retry_on_primary(&mut self) -> Result<(), End> {
-        self.retry_to_primary = false;
-        if !self.server_idle() {
+        let idle = self.server_idle();
+        let rare = self.rare();
+        rare.retry_to_primary = false;
+        if !idle {
             // The replica is not idle (say, its answer is still arriving): no retry; the
             // client gets the replica's answer, error included.
-            self.retry = None;
+            rare.retry = None;
             return Ok(());
         }
-        let Some(kept) = self.retry.take() else {
+        let Some(kept) = rare.retry.take() else {
             return Ok(());
         };
+        let mark = rare.retry_mark;
         tracing::debug!("a replica refused a write (25006); running it on the primary");
-        self.s2c.truncate(self.retry_mark);
-        self.s_ready = self.retry_mark;
+        self.s2c.truncate(mark);
+        self.s_ready = mark;
         self.release().await;
         let mut again = kept;
         again.extend_from_slice(&self.c2s[self.c_ready..]);
         self.c2s = again;
         self.c_ready = 0;
         self.c_scan = Scanner::new(self.shared.config().pgtide.max_message_size);
-        self.force_primary = true;
+        self.rare().force_primary = true;
         Ok(())
+    }
+
+    /// The client's database has a monitor that knows no primary (failover under way).
+    fn primary_unknown(&self) -> bool {
+        self.shared
+            .clusters()
+            .get(self.login.database())
+            .is_some_and(|c| c.primary().is_none())
     }
 
     /// A database whose monitor knows no primary (failover under way): wait up to
@@ -1441,7 +1520,9 @@ impl Session {
     /// have not replayed it yet.
     async fn note_written_lsn(&mut self, server: &mut ServerConn) {
         // Cheap checks first: this runs at every release.
-        if !self.for_write || !self.shared.clusters().contains_key(self.login.database()) {
+        if !self.rare.as_ref().is_some_and(|r| r.for_write)
+            || !self.shared.clusters().contains_key(self.login.database())
+        {
             return;
         }
         let on = self
@@ -1462,7 +1543,8 @@ impl Session {
                 .and_then(|row| row.first().cloned().flatten())
                 .and_then(|t| crate::cluster::Lsn::parse(&t));
             if let Some(lsn) = lsn {
-                self.written_lsn = Some(self.written_lsn.map_or(lsn.0, |w| w.max(lsn.0)));
+                let rare = self.rare();
+                rare.written_lsn = Some(rare.written_lsn.map_or(lsn.0, |w| w.max(lsn.0)));
             }
         }
     }
@@ -1507,9 +1589,11 @@ impl Session {
     }
 
     /// Checks out a server for the transaction the client has started, and brings the
-    /// server's settings in line with the client's.
-    async fn attach(&mut self) -> Result<(), End> {
-        let wait = self.shared.config().pgtide.query_wait_timeout.0;
+    /// server's settings in line with the client's: as far as it can without waiting.
+    /// The usual attach (an idle server whose settings match) ends here; the rest
+    /// ([`Self::attach_rest`]) is boxed by the caller, so that the session's future does
+    /// not carry the attach's state while the client is idle.
+    fn attach_now(&mut self) -> Attaching {
         self.set_state(ClientState::Waiting);
         let waiting_since = Instant::now();
         let Choice {
@@ -1517,32 +1601,104 @@ impl Session {
             replica: on_replica,
             replica_tx,
             write,
-            mut outcome,
+            outcome,
         } = match self.choose_pool() {
             Ok(p) => p,
             Err(msg) => {
-                return Err(self
-                    .tell(sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION, &msg)
-                    .await);
+                return Attaching::Refuse(
+                    sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION.into(),
+                    msg,
+                );
             }
         };
         self.pool = pool;
         self.on_replica = on_replica;
         self.replica_tx = replica_tx;
-        self.for_write = write;
-        self.force_primary = false;
-        self.retry_to_primary = false;
-        self.retry = (on_replica && !replica_tx).then(BytesMut::new);
-        self.retry_mark = self.s2c.len();
-        if !on_replica {
-            self.wait_for_primary().await;
+        let retry = on_replica && !replica_tx;
+        if write || retry || self.rare.is_some() {
+            // Routed databases only: a plain pool's transactions leave `rare` unmade.
+            let mark = self.s2c.len();
+            let rare = self.rare();
+            rare.for_write = write;
+            rare.force_primary = false;
+            rare.retry_to_primary = false;
+            rare.retry = retry.then(BytesMut::new);
+            rare.retry_mark = mark;
         }
-        let r = match self.pool.try_checkout() {
-            Some(conn) => Ok(conn),
-            // Waiting for a server, or opening one: boxed, so that the session's future
-            // does not carry this state while the client is idle.
-            None => Box::pin(self.checkout(wait, &mut outcome)).await?,
-        };
+        let wait_primary = !on_replica && self.primary_unknown();
+        if !wait_primary {
+            if let Some(conn) = self.pool.try_checkout() {
+                return self.checked_out(Ok(conn), outcome, waiting_since);
+            }
+        }
+        Attaching::Wait {
+            wait_primary,
+            outcome,
+            waiting_since,
+        }
+    }
+
+    /// What [`Self::attach_now`] left: waiting for a primary or a server, applying
+    /// settings, or telling the client why it gets no server.
+    async fn attach_rest(&mut self, mut next: Attaching) -> Result<(), End> {
+        loop {
+            next = match next {
+                Attaching::Done => return Ok(()),
+                Attaching::Refuse(code, msg) => return Err(self.tell(&code, &msg).await),
+                Attaching::Wait {
+                    wait_primary,
+                    mut outcome,
+                    waiting_since,
+                } => {
+                    if wait_primary {
+                        self.wait_for_primary().await;
+                    }
+                    let wait = self.shared.config().pgtide.query_wait_timeout.0;
+                    let r = match self.pool.try_checkout() {
+                        Some(conn) => Ok(conn),
+                        // Waiting for a server, or opening one.
+                        None => self.checkout(wait, &mut outcome).await?,
+                    };
+                    self.checked_out(r, outcome, waiting_since)
+                }
+                Attaching::Sync(mut server, sql) => {
+                    let timeout = login::internal_timeout(&self.shared);
+                    match Box::pin(server.run_internal(&sql, timeout)).await {
+                        Ok(r) => match r.error {
+                            None => {
+                                self.login.params.synced_to(&mut server.params);
+                                self.attached(server);
+                                Attaching::Done
+                            }
+                            Some((code, message)) => {
+                                self.pool.checkin(server);
+                                let msg = format!(
+                                    "invalid run-time parameter for this session: {message}"
+                                );
+                                Attaching::Refuse(code.into(), msg)
+                            }
+                        },
+                        Err(e) => {
+                            self.pool.discard(server);
+                            let msg = format!(
+                                "server connection failed while applying session settings: {e}"
+                            );
+                            Attaching::Refuse(sqlstate::CONNECTION_FAILURE.into(), msg)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The checkout's result: counted, linked for SHOW CLIENTS / SERVERS, and attached
+    /// unless the server's settings must be brought in line first.
+    fn checked_out(
+        &mut self,
+        r: Result<Box<ServerConn>, crate::pool::CheckoutError>,
+        outcome: Option<Outcome>,
+        waiting_since: Instant,
+    ) -> Attaching {
         if let Some(o) = outcome.filter(|_| self.login.pool.metrics.collect) {
             let m = &self.login.pool.metrics.routing;
             match o {
@@ -1576,16 +1732,14 @@ impl Session {
                 s
             }
             Err(e @ crate::pool::CheckoutError::Exhausted { .. }) => {
-                return Err(self
-                    .tell(sqlstate::TOO_MANY_CONNECTIONS, &e.to_string())
-                    .await);
+                return Attaching::Refuse(sqlstate::TOO_MANY_CONNECTIONS.into(), e.to_string());
             }
             Err(e) => {
                 let msg = format!(
                     "pgtide could not connect to the server {}: {e}",
                     self.pool.target().address()
                 );
-                return Err(self.tell(sqlstate::CONNECTION_FAILURE, &msg).await);
+                return Attaching::Refuse(sqlstate::CONNECTION_FAILURE.into(), msg);
             }
         };
         // The same settings as the last client that found this server matching: nothing
@@ -1596,32 +1750,24 @@ impl Session {
             Some(f) if f == fingerprint => None,
             _ => self.login.params.sync_sql(&server.params),
         };
-        if sync.is_none() {
-            server.params_match = Some(fingerprint);
-        }
-        if let Some(sql) = sync {
-            server.params_match = None;
-            match Box::pin(server.run_internal(&sql, login::internal_timeout(&self.shared))).await {
-                Ok(r) => match r.error {
-                    None => self.login.params.synced_to(&mut server.params),
-                    Some((code, message)) => {
-                        self.pool.checkin(server);
-                        let msg = format!("invalid run-time parameter for this session: {message}");
-                        return Err(self.tell(&code, &msg).await);
-                    }
-                },
-                Err(e) => {
-                    self.pool.discard(server);
-                    let msg =
-                        format!("server connection failed while applying session settings: {e}");
-                    return Err(self.tell(sqlstate::CONNECTION_FAILURE, &msg).await);
-                }
+        match sync {
+            None => {
+                server.params_match = Some(fingerprint);
+                self.attached(server);
+                Attaching::Done
+            }
+            Some(sql) => {
+                server.params_match = None;
+                Attaching::Sync(server, sql)
             }
         }
+    }
+
+    /// The server is the client's for this transaction.
+    fn attached(&mut self, server: Box<ServerConn>) {
         self.login.cancel.attach(server.cancel.clone());
         self.tx_status = status::IDLE;
         self.server = Some(server);
-        Ok(())
     }
 
     /// Gives the idle server back to the pool, after reading back settings the
@@ -1632,13 +1778,15 @@ impl Session {
         };
         self.set_state(ClientState::Idle);
         self.flush_metrics();
-        self.retry = None;
+        if let Some(rare) = self.rare.as_mut() {
+            rare.retry = None;
+        }
         self.login.cancel.detach().await;
-        if !self.pipeline.is_empty() {
+        if let Some(p) = self.prepared.as_mut().filter(|p| !p.pipeline.is_empty()) {
             // Every answer came back, yet the bookkeeping says otherwise: do not trust
             // this connection's statement set.
-            tracing::warn!(pipeline = ?self.pipeline, "answers left unmatched at release; closing the server connection");
-            self.pipeline = Pipeline::default();
+            tracing::warn!(pipeline = ?p.pipeline, "answers left unmatched at release; closing the server connection");
+            p.pipeline = Pipeline::default();
             self.pool.discard(server);
             return;
         }
@@ -1730,7 +1878,9 @@ impl Session {
         self.pending = 0;
         self.unsynced = false;
         self.copy_in = false;
-        self.pipeline = Pipeline::default();
+        if let Some(p) = self.prepared.as_mut() {
+            p.pipeline = Pipeline::default();
+        }
         self.c_ready = 0;
         self.c2s.clear();
         self.c_scan = Scanner::new(self.shared.config().pgtide.max_message_size);
@@ -1788,7 +1938,10 @@ impl Session {
             pool.discard(server);
             None
         };
-        if self.c_scan.mid_message() || self.c_ready > 0 || self.server_fatal.is_some() {
+        if self.c_scan.mid_message()
+            || self.c_ready > 0
+            || self.rare.as_ref().is_some_and(|r| r.server_fatal.is_some())
+        {
             // Part of a message went out, or unsent client bytes: the server's state
             // cannot be completed safely.
             return give_up(server);
@@ -1854,8 +2007,14 @@ impl Session {
             }
             // Parses whose answers were drained unread may or may not have prepared
             // their statements: start the server's set afresh.
-            let unsure = !self.pipeline.is_empty() || server.statements.has_unconfirmed();
-            self.pipeline = Pipeline::default();
+            let unsure = self
+                .prepared
+                .as_ref()
+                .is_some_and(|p| !p.pipeline.is_empty())
+                || server.statements.has_unconfirmed();
+            if let Some(p) = self.prepared.as_mut() {
+                p.pipeline = Pipeline::default();
+            }
             if (std::mem::take(&mut self.dealloc_pending) || unsure)
                 && !self.deallocate_all(&mut server).await
             {
@@ -1919,5 +2078,51 @@ impl ServerLost {
 impl From<ServerLost> for End {
     fn from(s: ServerLost) -> End {
         End::Told(s.0)
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    //! What an idle client's task holds: tokio allocates a task at the size of its
+    //! future's largest state, so these sizes are memory per connected client.
+    use super::*;
+    use std::mem::size_of;
+
+    /// The size of what `f` returns (the future of an `async fn`, unpolled).
+    fn ret1<A, R>(_: impl FnOnce(A) -> R) -> usize {
+        size_of::<R>()
+    }
+    fn ret2<A, B, R>(_: impl FnOnce(A, B) -> R) -> usize {
+        size_of::<R>()
+    }
+
+    #[test]
+    fn an_idle_session_holds_one_session_and_its_wait() {
+        let session = size_of::<Session>();
+        let serve = ret2::<Session, super::super::ClientSlot, _>(serve);
+        let run = ret1::<&'static mut Session, _>(Session::run);
+        let step = ret1::<&'static mut Session, _>(Session::step);
+        let wait = ret2::<&'static mut Session, Phase, _>(Session::wait);
+        let attach_rest = ret2::<&'static mut Session, Attaching, _>(Session::attach_rest);
+        let release = ret1::<&'static mut Session, _>(Session::release);
+        eprintln!(
+            "Session {session}, task future {serve}, Session::run {run}, step {step}, \
+             wait {wait}, release {release}, attach_rest (boxed) {attach_rest}, \
+             Rare (boxed) {}, Prepared (boxed) {}",
+            size_of::<Rare>(),
+            size_of::<Prepared>()
+        );
+        // One copy of the session (an `async fn` argument would add a second).
+        assert!(
+            serve < 2 * session,
+            "task future {serve} B, session {session} B"
+        );
+        assert!(serve <= session + run + 64);
+        // A turn's largest state is the idle wait: the attach's waiting part is boxed.
+        assert!(
+            step <= wait.max(release) + 64,
+            "step {step} B, wait {wait} B"
+        );
+        assert!(attach_rest > step);
     }
 }
