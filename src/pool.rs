@@ -647,16 +647,37 @@ impl Pool {
 
     /// Closes every idle connection (shutdown).
     pub fn close_idle(&self) {
+        for conn in self.take_all_idle() {
+            drop_in_background(conn);
+        }
+    }
+
+    /// Closes every idle connection and returns once the server has closed each of them
+    /// (`PAUSE`: PostgreSQL can be restarted as soon as it returns).
+    pub async fn close_idle_and_wait(&self) {
+        let closing: Vec<_> = self
+            .take_all_idle()
+            .into_iter()
+            .map(|conn| tokio::spawn(conn.terminate()))
+            .collect();
+        for c in closing {
+            let _ = c.await;
+        }
+    }
+
+    /// Takes the idle connections out of the pool and gives up their slots.
+    #[allow(clippy::vec_box)] // the pool's own boxes, moved by pointer (see `Inner::idle`)
+    fn take_all_idle(&self) -> Vec<Box<ServerConn>> {
         let idle: Vec<Box<ServerConn>> = {
             let mut inner = self.lock();
             let idle = std::mem::take(&mut inner.idle);
             inner.total -= idle.len() as u32;
             idle
         };
-        for conn in idle {
+        for _ in &idle {
             self.db_limit.release();
-            drop_in_background(conn);
         }
+        idle
     }
 }
 

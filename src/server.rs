@@ -340,11 +340,20 @@ impl ServerConn {
         self.stream.is_quiet()
     }
 
-    /// Says goodbye politely; errors are ignored (the connection is going away anyway).
+    /// Says goodbye politely and waits (up to 1 s) until the server has closed its end:
+    /// a backend closes its socket only after it has left `pg_stat_activity`, so once
+    /// this returns PostgreSQL no longer counts the connection. Errors are ignored (the
+    /// connection is going away anyway).
     pub async fn terminate(mut self) {
         let mut out = BytesMut::with_capacity(5);
         frontend::terminate(&mut out);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.send(&out)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            self.stream.send(&out).await?;
+            let mut sink = [0u8; 256];
+            while tokio::io::AsyncReadExt::read(&mut self.stream, &mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
     }
 }
 

@@ -396,7 +396,7 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<(), CommandErro
         let busy: u32 = pools.iter().map(|p| p.busy()).sum();
         if busy == 0 {
             for p in &pools {
-                p.close_idle();
+                p.close_idle_and_wait().await;
             }
             // A connection checked in between the count and the close is idle too.
             if pools.iter().all(|p| p.counts().0 == 0) {
