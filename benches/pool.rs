@@ -10,7 +10,11 @@
 //! - `checkout_checkin/one_task`: one task on a current-thread runtime, checkout then
 //!   checkin, in a loop;
 //! - `checkout_checkin/contended_4_tasks`: four tasks on a two-worker runtime doing the
-//!   same on one pool of 4 connections (the pool's lock is shared).
+//!   same on one pool of 4 connections (the pool's lock is shared);
+//! - `checkout_checkin/waiting_8_tasks_2_conns`: eight tasks on a current-thread runtime
+//!   (no cross-thread wake-ups to blur the pool's own cost), one pool of 2 connections, each task holding its connection over one yield: most
+//!   checkouts wait in line and are served by another task's checkin (the wait, the
+//!   hand-over and the wake-up of the waiting task).
 //!
 //! Run with `cargo bench --bench pool`.
 
@@ -153,6 +157,47 @@ fn bench(c: &mut Criterion) {
                     h.await.expect("task");
                 }
                 // Time per checkout+checkin, whichever task did it.
+                start.elapsed() * iters as u32 / (per_task * tasks as u64) as u32
+            })
+        })
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (tasks, conns) = (8usize, 2);
+    let p = rt.block_on(async {
+        let p = pool(fake_server().await, conns);
+        let mut held = Vec::new();
+        for _ in 0..conns {
+            held.push(p.checkout(wait).await.expect("first checkouts connect"));
+        }
+        for conn in held {
+            p.checkin(conn);
+        }
+        p
+    });
+    g.bench_function("waiting_8_tasks_2_conns", |b| {
+        b.iter_custom(|iters| {
+            let per_task = iters.div_ceil(tasks as u64);
+            rt.block_on(async {
+                let start = Instant::now();
+                let handles: Vec<_> = (0..tasks)
+                    .map(|_| {
+                        let p = p.clone();
+                        tokio::spawn(async move {
+                            for _ in 0..per_task {
+                                let conn = p.checkout(wait).await.expect("checkout");
+                                tokio::task::yield_now().await;
+                                p.checkin(conn);
+                            }
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    h.await.expect("task");
+                }
                 start.elapsed() * iters as u32 / (per_task * tasks as u64) as u32
             })
         })

@@ -640,6 +640,138 @@ async fn query_wait_timeout_message_names_the_setting() {
     assert!(!msg.contains("could not connect"), "{msg}");
 }
 
+// 6c ─ the line for a server: first come, first served; a client that vanished while in
+// line does not cost the pool its connection; each waiter's query_wait_timeout counts
+// from when it got in line.
+
+/// `cl_waiting` of `db`'s pool, read from the admin console.
+async fn cl_waiting(console: &Client, db: &str) -> u32 {
+    let rows = within("SHOW POOLS", console.simple_query("SHOW POOLS"))
+        .await
+        .expect("SHOW POOLS");
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) if r.get("database") == Some(db) => {
+                r.get("cl_waiting").and_then(|v| v.parse().ok())
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+async fn until_waiting(console: &Client, db: &str, n: u32) {
+    eventually(&format!("{n} clients waiting"), || async {
+        cl_waiting(console, db).await == n
+    })
+    .await;
+}
+
+/// The admin console of the pgtide at `addr` (app is made an admin user).
+async fn console(addr: SocketAddr) -> (Client, Driver) {
+    try_connect(addr, "app", "apppass", "pgtide")
+        .await
+        .expect("admin console")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_in_arrival_order_and_one_that_vanished_leaves_no_hole() {
+    let db = harness::fresh_database("pool_fifo");
+    let mut cfg = harness::config_for(&db);
+    cfg.pgtide.pool_size = 1;
+    cfg.pgtide.admin_users = vec![harness::APP_USER.to_string()];
+    let pooler = harness::start_pgtide(cfg).await;
+    let addr = pooler.local_addr();
+    let (admin, _dadmin) = console(addr).await;
+
+    let (a, _da) = app(addr, &db).await;
+    exec(&a, "CREATE TABLE arrivals (n serial, who text)").await;
+    exec(&a, "BEGIN").await;
+    one(&a, "SELECT 1").await;
+    // b, c and d get in line in this order while a holds the only server, then e, which
+    // vanishes while it waits.
+    let mut waiting = Vec::new();
+    for (who, n) in [("b", 1), ("c", 2), ("d", 3)] {
+        let (client, driver) = app(addr, &db).await;
+        let task = tokio::spawn(async move {
+            let sql = format!("INSERT INTO arrivals (who) VALUES ('{who}')");
+            client.simple_query(&sql).await.map(|_| ())
+        });
+        until_waiting(&admin, &db, n).await;
+        waiting.push((who, task, driver));
+    }
+    let (e, e_driver) = app(addr, &db).await;
+    let e_task = tokio::spawn(async move { e.simple_query("SELECT 'e'").await.map(|_| ()) });
+    until_waiting(&admin, &db, 4).await;
+    e_task.abort();
+    e_driver.abort();
+    exec(&a, "COMMIT").await;
+    for (who, task, _driver) in waiting {
+        within(who, task)
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("{who}: {e}"));
+    }
+    assert_eq!(
+        row(&a, "SELECT string_agg(who, ',' ORDER BY n) FROM arrivals").await,
+        vec![Some("b,c,d".to_string())]
+    );
+    // The one connection is still the pool's: a new client gets it at once.
+    let (d, _dd) = app(addr, &db).await;
+    assert_eq!(one(&d, "SELECT 'd'").await, "d");
+    assert_eq!(cl_waiting(&admin, &db).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_waiter_times_out_after_its_own_query_wait_timeout() {
+    let db = harness::fresh_database("pool_qwait_each");
+    let mut cfg = harness::config_for(&db);
+    cfg.pgtide.pool_size = 1;
+    cfg.pgtide.query_wait_timeout = ConfigDuration::secs(2);
+    cfg.pgtide.admin_users = vec![harness::APP_USER.to_string()];
+    let pooler = harness::start_pgtide(cfg).await;
+    let addr = pooler.local_addr();
+    let (admin, _dadmin) = console(addr).await;
+    let (a, _da) = app(addr, &db).await;
+    exec(&a, "BEGIN").await;
+    // b gets in line, then c a second later: each must get 53300 no sooner than 2 s and
+    // well within 2 s + 3 s after it began to wait (c's deadline is later than the one
+    // pgtide's timer was first set for).
+    let mut tasks = Vec::new();
+    for (n, who) in [(1, "b"), (2, "c")] {
+        let (client, driver) = app(addr, &db).await;
+        let began = Instant::now();
+        let task = tokio::spawn(async move {
+            let r = client.simple_query("SELECT 1").await;
+            (r, began.elapsed(), driver)
+        });
+        until_waiting(&admin, &db, n).await;
+        tasks.push((who, task));
+        if n == 1 {
+            sleep(Duration::from_secs(1)).await;
+        }
+    }
+    for (who, task) in tasks {
+        let (r, waited, driver) = within(who, task).await.expect("task");
+        let err = r.expect_err("the only server stays busy");
+        assert_eq!(
+            failure_code(&err, driver).await,
+            Some(SqlState::TOO_MANY_CONNECTIONS),
+            "{who}: {err}"
+        );
+        assert!(
+            waited >= Duration::from_secs(2),
+            "{who} timed out before query_wait_timeout: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(5),
+            "{who} waited far past query_wait_timeout: {waited:?}"
+        );
+    }
+    assert_eq!(cl_waiting(&admin, &db).await, 0);
+    exec(&a, "COMMIT").await;
+    assert_eq!(one(&a, "SELECT 'a'").await, "a");
+}
+
 // 7 ─ graceful shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_lets_transactions_finish() {
