@@ -420,6 +420,12 @@ log_disconnections = 0
             # may name an older build.
             metrics = 'metrics_listen = ""'
             what = "metrics counted, no endpoint"
+        # WORKER_THREADS / COMPARE_WORKER_THREADS: pgtide's worker_threads (unset: the
+        # build's default), e.g. to compare the one-thread runtime with the multi-thread one.
+        workers = os.environ.get("COMPARE_WORKER_THREADS" if name == "pgtide-b" else "WORKER_THREADS", "")
+        if workers:
+            metrics += f"\nworker_threads = {int(workers)}"
+            what += f"; worker_threads={int(workers)}"
         if tls:
             metrics += (f'\nclient_tls_sslmode = "require"\nclient_tls_cert_file = "{tls[0]}"\n'
                         f'client_tls_key_file = "{tls[1]}"')

@@ -1071,11 +1071,20 @@ fn worker_threads_sets_the_runtime_threads() {
         let mut child = ChildGuard::spawn(cmd, "pgtide --config", false);
         child.wait_accepting(listen);
         // Counted before any login: tokio gives its blocking-pool threads (DNS lookups,
-        // spawn_blocking) the same name, and they are started on demand.
+        // spawn_blocking) the same name, and they are started on demand. One thread is
+        // the current-thread runtime: the main thread runs it, no worker thread.
+        let expected = if workers == 1 { 0 } else { workers as usize };
         assert_eq!(
             worker_threads_of(child.child.id()),
-            workers as usize,
+            expected,
             "worker_threads = {workers}"
+        );
+        assert_eq!(
+            std::fs::read_dir(format!("/proc/{}/task", child.child.id()))
+                .expect("the process's threads")
+                .count(),
+            expected + 1,
+            "worker_threads = {workers}: the main thread and the workers, nothing else"
         );
         let url = format!("postgres://{}@{listen}/{db}", harness::APP_USER);
         let (ok, out, err) = psql_url(&url, Some(harness::APP_PASSWORD), "SELECT 41 + 1");

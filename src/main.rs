@@ -208,12 +208,20 @@ fn route(sql: &str, write_functions: &[String], no_hints: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The runtime: `workers` threads, or (0) one per CPU core.
+/// The runtime. `workers = 1`: one thread runs everything (tokio's current-thread
+/// runtime: one event loop, like PgBouncer's; measured the cheapest per transaction on a
+/// small machine shared with PostgreSQL, see benches/README.md). Otherwise the
+/// multi-thread runtime with `workers` worker threads, or (0) one per CPU core.
 fn runtime(workers: u32) -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        builder.worker_threads(workers as usize);
-    }
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers as usize);
+        }
+        b
+    };
     builder
         .enable_all()
         .build()

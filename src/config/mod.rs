@@ -299,7 +299,8 @@ pub struct General {
     pub max_db_connections: u32,
     /// Client connections pgtide accepts in total; further clients get 53300.
     pub max_client_conn: u32,
-    /// Threads of the runtime that serves clients; 0 = one per CPU core. Needs a restart.
+    /// Threads of the runtime that serves clients: 1 = one event loop on one thread (the
+    /// default), 0 = one per CPU core. Needs a restart.
     pub worker_threads: u32,
     /// How long a client may wait in the queue for a server connection.
     pub query_wait_timeout: ConfigDuration,
@@ -437,7 +438,7 @@ impl Default for General {
             min_pool_size: 0,
             max_db_connections: 0,
             max_client_conn: 10_000,
-            worker_threads: 0,
+            worker_threads: 1,
             query_wait_timeout: ConfigDuration::secs(120),
             server_connect_timeout: ConfigDuration::secs(5),
             server_connect_retries: 3,
