@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tokio::sync::Notify;
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
 
 /// Microseconds since the Unix epoch, now.
 pub fn now_us() -> u64 {
@@ -126,7 +128,8 @@ pub struct ClientEntry {
     killed: AtomicBool,
     /// Wakes the client's session: `KILL`, and every change of the shutdown phase
     /// ([`ClientEntry::wake`]), so that a session needs no wait of its own for those.
-    wake: Notify,
+    /// One waker: only the client's own task waits on its entry.
+    wake: AtomicWaker,
 }
 
 impl ClientEntry {
@@ -150,7 +153,7 @@ impl ClientEntry {
             wait_since_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
             killed: AtomicBool::new(false),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
         }
     }
 
@@ -190,34 +193,34 @@ impl ClientEntry {
     /// Asks the client's session to end (`KILL`).
     pub fn kill(&self) {
         self.killed.store(true, Ordering::Release);
-        self.wake.notify_waiters();
-        self.wake.notify_one();
+        self.wake.wake();
     }
 
     pub fn is_killed(&self) -> bool {
         self.killed.load(Ordering::Acquire)
     }
 
-    /// Wakes whatever waits in [`woken_when`](Self::woken_when) to look again (the
+    /// Wakes the task waiting in [`poll_woken`](Self::poll_woken) to look again (the
     /// shutdown phase moved on).
     pub fn wake(&self) {
-        self.wake.notify_waiters();
+        self.wake.wake();
     }
 
     /// Resolves once [`kill`](Self::kill) has been called.
     pub async fn killed(&self) {
-        self.woken_when(|| self.is_killed()).await
+        std::future::poll_fn(|cx| self.poll_woken(cx, || self.is_killed())).await
     }
 
-    /// Resolves once `done` is true, looking each time the entry is killed or woken
-    /// ([`wake`](Self::wake)): what `done` reads must be set before either is called.
-    pub async fn woken_when(&self, done: impl Fn() -> bool) {
-        loop {
-            let notified = self.wake.notified();
-            if done() {
-                return;
-            }
-            notified.await;
+    /// Ready when `done` is true; otherwise the task is woken at the next
+    /// [`kill`](Self::kill) or [`wake`](Self::wake) to look again. What `done` reads must
+    /// be set before either is called (the waker is registered before `done` is read,
+    /// so a wake between the two is not lost). Only the client's own task may wait here.
+    pub fn poll_woken(&self, cx: &mut Context<'_>, done: impl Fn() -> bool) -> Poll<()> {
+        self.wake.register(cx.waker());
+        if done() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }

@@ -776,15 +776,16 @@ impl Session {
         // entry: one wait for both, and none allocated per session.
         let entry = &self.login.entry;
         let signal = &self.signal;
-        let woken = entry.woken_when(|| entry.is_killed() || signal.phase() != phase);
-        let mut woken = std::pin::pin!(woken);
         // Polled in place, in this order (first ready wins), rather than through a
         // `select!` of one future per branch: a session's future is as large as its
         // largest wait, and every connected client holds one.
         std::future::poll_fn(|cx| {
             use std::future::Future;
             use std::task::Poll;
-            if woken.as_mut().poll(cx).is_ready() {
+            if entry
+                .poll_woken(cx, || entry.is_killed() || signal.phase() != phase)
+                .is_ready()
+            {
                 return Poll::Ready(if entry.is_killed() {
                     Event::Killed
                 } else {
