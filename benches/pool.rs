@@ -125,48 +125,29 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let tasks = 4;
-    let p = rt.block_on(async {
-        let p = pool(fake_server().await, tasks);
-        let mut held = Vec::new();
-        for _ in 0..tasks {
-            held.push(p.checkout(wait).await.expect("first checkouts connect"));
-        }
-        for conn in held {
-            p.checkin(conn);
-        }
-        p
-    });
-    g.bench_function("contended_4_tasks", |b| {
-        b.iter_custom(|iters| {
-            let per_task = iters.div_ceil(tasks as u64);
-            rt.block_on(async {
-                let start = Instant::now();
-                let handles: Vec<_> = (0..tasks)
-                    .map(|_| {
-                        let p = p.clone();
-                        tokio::spawn(async move {
-                            for _ in 0..per_task {
-                                let conn = p.checkout(wait).await.expect("checkout");
-                                p.checkin(conn);
-                            }
-                        })
-                    })
-                    .collect();
-                for h in handles {
-                    h.await.expect("task");
-                }
-                // Time per checkout+checkin, whichever task did it.
-                start.elapsed() * iters as u32 / (per_task * tasks as u64) as u32
-            })
-        })
-    });
+    tasks_on_one_pool(&mut g, "contended_4_tasks", &rt, 4, 4, false);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let (tasks, conns) = (8usize, 2);
+    tasks_on_one_pool(&mut g, "waiting_8_tasks_2_conns", &rt, 8, 2, true);
+    g.finish();
+}
+
+/// `tasks` tasks on `rt` doing checkout then checkin in a loop on one pool of `conns`
+/// connections (opened before the clock starts); `hold`: each keeps its connection over
+/// one yield, so that others queue. Reports the time per checkout + checkin, whichever
+/// task did it.
+fn tasks_on_one_pool(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+    tasks: usize,
+    conns: u32,
+    hold: bool,
+) {
+    let wait = Duration::from_secs(5);
     let p = rt.block_on(async {
         let p = pool(fake_server().await, conns);
         let mut held = Vec::new();
@@ -178,7 +159,7 @@ fn bench(c: &mut Criterion) {
         }
         p
     });
-    g.bench_function("waiting_8_tasks_2_conns", |b| {
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let per_task = iters.div_ceil(tasks as u64);
             rt.block_on(async {
@@ -189,7 +170,9 @@ fn bench(c: &mut Criterion) {
                         tokio::spawn(async move {
                             for _ in 0..per_task {
                                 let conn = p.checkout(wait).await.expect("checkout");
-                                tokio::task::yield_now().await;
+                                if hold {
+                                    tokio::task::yield_now().await;
+                                }
                                 p.checkin(conn);
                             }
                         })
@@ -202,7 +185,6 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
-    g.finish();
 }
 
 criterion_group!(benches, bench);
