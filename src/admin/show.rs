@@ -225,6 +225,20 @@ fn all_databases(shared: &Shared) -> Vec<String> {
     dbs
 }
 
+/// The seven totals of one database, in the order SHOW STATS and SHOW STATS_TOTALS give
+/// them (transactions, queries, bytes received and sent, transaction, query and wait time).
+fn total_cells(t: &super::Totals) -> [Option<String>; 7] {
+    [
+        s(t.xact_count),
+        s(t.query_count),
+        s(t.received),
+        s(t.sent),
+        s(t.xact_time),
+        s(t.query_time),
+        s(t.wait_time),
+    ]
+}
+
 fn stats(shared: &Shared) -> ResultSet {
     let totals = super::totals(shared);
     let avgs = super::averages(shared);
@@ -248,15 +262,9 @@ fn stats(shared: &Shared) -> ResultSet {
     for db in all_databases(shared) {
         let t = totals.get(&db).copied().unwrap_or_default();
         let a = avgs.get(&db).copied().unwrap_or_default();
-        r.push(vec![
-            s(&db),
-            s(t.xact_count),
-            s(t.query_count),
-            s(t.received),
-            s(t.sent),
-            s(t.xact_time),
-            s(t.query_time),
-            s(t.wait_time),
+        let mut row = vec![s(&db)];
+        row.extend(total_cells(&t));
+        row.extend([
             s(a.xact_count),
             s(a.query_count),
             s(a.recv),
@@ -265,6 +273,7 @@ fn stats(shared: &Shared) -> ResultSet {
             s(a.query_time),
             s(a.wait_time),
         ]);
+        r.push(row);
     }
     r
 }
@@ -283,16 +292,9 @@ fn stats_totals(shared: &Shared) -> ResultSet {
     ]);
     for db in all_databases(shared) {
         let t = totals.get(&db).copied().unwrap_or_default();
-        r.push(vec![
-            s(&db),
-            s(t.xact_count),
-            s(t.query_count),
-            s(t.received),
-            s(t.sent),
-            s(t.xact_time),
-            s(t.query_time),
-            s(t.wait_time),
-        ]);
+        let mut row = vec![s(&db)];
+        row.extend(total_cells(&t));
+        r.push(row);
     }
     r
 }
