@@ -14,9 +14,7 @@ use tokio::net::TcpSocket;
 
 use crate::harness::{self, connect, primary_port, psql, tcp_connect_string, to};
 
-#[allow(clippy::duplicate_mod)]
-#[path = "rawpg.rs"]
-mod rawpg;
+use crate::rawpg;
 use rawpg::{startup, Msg, RawPg, PROTOCOL_3_0};
 
 /// A role name unique to this test process and `db`.

@@ -13,6 +13,7 @@ mod pgbench;
 mod pooling;
 mod prepared;
 mod protocol;
+mod rawpg;
 mod routing;
 mod smoke;
 mod tls;

@@ -16,9 +16,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::harness::{self, APP_PASSWORD, APP_USER};
 use crate::harness::{setup, to};
 // The raw client is shared with protocol.rs, which includes the same file.
-#[allow(clippy::duplicate_mod)]
-#[path = "rawpg.rs"]
-mod rawpg;
+use crate::rawpg;
 use rawpg::{bind, execute, parse, query, sync, tags, Msg, RawPg};
 
 /// 100 / $1, with a volatile term so that a zero divisor fails in Execute (a custom plan

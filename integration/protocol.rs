@@ -14,8 +14,7 @@ use tokio_postgres::{AsyncMessage, SimpleQueryMessage};
 
 use crate::harness::{self, APP_PASSWORD, APP_USER};
 use crate::harness::{setup, to};
-#[path = "rawpg.rs"]
-mod rawpg;
+use crate::rawpg;
 use rawpg::{tags, RawPg};
 
 const TRUST: &str = "pgtide_trust";

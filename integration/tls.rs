@@ -19,9 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::harness::{self, to, APP_PASSWORD, APP_USER};
 
-#[allow(clippy::duplicate_mod)]
-#[path = "rawpg.rs"]
-mod rawpg;
+use crate::rawpg;
 
 // --- certificates ------------------------------------------------------------------------
 
