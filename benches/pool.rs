@@ -104,7 +104,7 @@ fn bench(c: &mut Criterion) {
     let p = rt.block_on(async {
         let p = pool(fake_server().await, 1);
         let conn = p.checkout(wait).await.expect("first checkout connects");
-        p.checkin(conn);
+        conn.checkin();
         p
     });
     g.bench_function("one_task", |b| {
@@ -113,7 +113,7 @@ fn bench(c: &mut Criterion) {
                 let start = Instant::now();
                 for _ in 0..iters {
                     let conn = p.checkout(wait).await.expect("checkout");
-                    p.checkin(conn);
+                    conn.checkin();
                 }
                 start.elapsed()
             })
@@ -155,7 +155,7 @@ fn tasks_on_one_pool(
             held.push(p.checkout(wait).await.expect("first checkouts connect"));
         }
         for conn in held {
-            p.checkin(conn);
+            conn.checkin();
         }
         p
     });
@@ -173,7 +173,7 @@ fn tasks_on_one_pool(
                                 if hold {
                                     tokio::task::yield_now().await;
                                 }
-                                p.checkin(conn);
+                                conn.checkin();
                             }
                         })
                     })

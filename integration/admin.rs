@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use pgtide::config::ConfigSource;
 use pgtide::config::{Config, ConfigDuration, User};
-use pgtide::reload::ConfigSource;
 
 use crate::harness::{self, tcp_connect_string, to};
 

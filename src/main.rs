@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use pgtide::config::Config;
+use pgtide::config::{Config, ConfigSource, Overrides};
 
 #[derive(Parser)]
 #[command(name = "pgtide", version, about = "A PostgreSQL connection pooler")]
@@ -76,6 +76,18 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The `[pgtide]` keys `file` sets that only a restart applies.
+fn restart_keys_set_in(file: &std::path::Path) -> Vec<&'static str> {
+    let table: toml::Table = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_default();
+    let set = table.get("pgtide").and_then(|v| v.as_table());
+    pgtide::config::keys::restart_keys()
+        .filter(|k| set.is_some_and(|t| t.contains_key(*k)))
+        .collect()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
@@ -87,6 +99,13 @@ fn main() -> ExitCode {
             Ok(config) => match pgtide::tls::Tls::new(std::sync::Arc::new(config)) {
                 Ok(_) => {
                     println!("{}: OK", file.display());
+                    let restart = restart_keys_set_in(file);
+                    if !restart.is_empty() {
+                        println!(
+                            "a reload does not change these settings it sets (they need a restart): {}",
+                            restart.join(", ")
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -142,21 +161,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if let Some(listen) = cli.listen {
-                config.pgtide.listen = listen;
-            }
-            if let Some(m) = &cli.metrics_listen {
-                config.pgtide.metrics_listen = m.clone();
-            }
+            let overrides = Overrides {
+                listen: cli.listen,
+                metrics_listen: cli.metrics_listen.clone(),
+            };
+            overrides.apply(&mut config);
             // SIGHUP and RELOAD read the file again, with the same overrides.
-            let source = cli
-                .config
-                .as_ref()
-                .map(|path| pgtide::reload::ConfigSource {
-                    path: path.clone(),
-                    listen: cli.listen,
-                    metrics_listen: cli.metrics_listen.clone(),
-                });
+            let source = cli.config.as_ref().map(|path| ConfigSource {
+                path: path.clone(),
+                overrides,
+            });
             runtime(config.pgtide.worker_threads).block_on(serve(config, source))
         }
     }
@@ -228,7 +242,7 @@ fn runtime(workers: u32) -> tokio::runtime::Runtime {
         .expect("cannot start the tokio runtime")
 }
 
-async fn serve(config: Config, source: Option<pgtide::reload::ConfigSource>) -> ExitCode {
+async fn serve(config: Config, source: Option<ConfigSource>) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let listen = config.pgtide.listen;
     let pooler = match pgtide::start_from(config, source).await {

@@ -12,66 +12,30 @@
 //! The `auth_file` and `auth_hba_file` are read again too; a file that does not load
 //! refuses the reload like an invalid config.
 //!
-//! What needs a restart: `listen`, `metrics_listen`, the prepared-statement cache
-//! sizes, `auth_query_cache_ttl` and the failed-login slowdown settings; a change to them
+//! What needs a restart is the table in [`crate::config::keys`]; a change to such a key
 //! is reported and the running value stays.
 //!
 //! An invalid file changes nothing: the reason is logged and returned.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::auth::sources::AuthFiles;
-use crate::client::Shared;
-use crate::cluster::Cluster;
-use crate::config::{Config, ConfigError};
-
-/// Where the running configuration came from, and the command-line overrides to apply
-/// again on every reload.
-#[derive(Clone, Debug)]
-pub struct ConfigSource {
-    pub path: PathBuf,
-    pub listen: Option<SocketAddr>,
-    pub metrics_listen: Option<String>,
-}
-
-impl ConfigSource {
-    /// A source with no command-line overrides.
-    pub fn file(path: impl Into<PathBuf>) -> ConfigSource {
-        ConfigSource {
-            path: path.into(),
-            listen: None,
-            metrics_listen: None,
-        }
-    }
-
-    /// Reads and validates the file and applies the overrides.
-    pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut config = Config::from_file(&self.path)?;
-        if let Some(l) = self.listen {
-            config.pgtide.listen = l;
-        }
-        if let Some(m) = &self.metrics_listen {
-            config.pgtide.metrics_listen = m.clone();
-        }
-        Ok(config)
-    }
-}
+use crate::config::{keys, Config};
+use crate::shared::{pool_timeouts, Shared};
 
 /// Reads the configuration file again and applies it. `Ok` describes what changed; `Err`
 /// says why nothing was applied.
 pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
     // Certificates and keys are read again in every mode (a file that cannot be used
     // keeps the previous certificates in force; the error is logged).
-    let tls = shared.tls.reload();
-    let Some(source) = shared.admin.source() else {
+    let tls = shared.tls().reload();
+    let Some(source) = shared.source() else {
         let msg = "pgtide runs in zero-config mode (--upstream / DATABASE_URL): there is no configuration file to reload (TLS files were read again)".to_string();
         tracing::warn!("reload: {msg}");
         return Err(msg);
     };
-    let _one_at_a_time = shared.admin.reload_lock.lock().await;
+    let _one_at_a_time = shared.reload_lock().lock().await;
     let loaded = source
         .load()
         .and_then(|c| crate::auth::sources::AuthFiles::load(&c).map(|files| (c, files)));
@@ -96,88 +60,7 @@ pub async fn reload(shared: &Arc<Shared>) -> Result<String, String> {
         }
     };
     let old = shared.config().clone();
-    let mut restart = Vec::new();
-    {
-        let (o, n) = (&old.pgtide, &mut new.pgtide);
-        if o.listen != n.listen {
-            restart.push(format!("listen ({} -> {})", o.listen, n.listen));
-            n.listen = o.listen;
-        }
-        if o.metrics_listen != n.metrics_listen {
-            restart.push(format!(
-                "metrics_listen ({:?} -> {:?})",
-                o.metrics_listen, n.metrics_listen
-            ));
-            n.metrics_listen = o.metrics_listen.clone();
-        }
-        if o.prepared_statement_cache_size != n.prepared_statement_cache_size {
-            restart.push("prepared_statement_cache_size".into());
-            n.prepared_statement_cache_size = o.prepared_statement_cache_size;
-        }
-        if o.prepared_statement_cache_bytes != n.prepared_statement_cache_bytes {
-            restart.push("prepared_statement_cache_bytes".into());
-            n.prepared_statement_cache_bytes = o.prepared_statement_cache_bytes;
-        }
-        // The TLS holder was built from these; the files themselves are read again below.
-        let client_tls = |g: &crate::config::General| {
-            (
-                g.client_tls_sslmode,
-                g.client_tls_cert_file.clone(),
-                g.client_tls_key_file.clone(),
-                g.client_tls_ca_file.clone(),
-            )
-        };
-        if client_tls(o) != client_tls(n) {
-            restart.push("client_tls_* settings".into());
-            n.client_tls_sslmode = o.client_tls_sslmode;
-            n.client_tls_cert_file = o.client_tls_cert_file.clone();
-            n.client_tls_key_file = o.client_tls_key_file.clone();
-            n.client_tls_ca_file = o.client_tls_ca_file.clone();
-        }
-        let server_tls = |g: &crate::config::General| {
-            (
-                g.server_tls_sslmode,
-                g.server_tls_ca_file.clone(),
-                g.server_tls_cert_file.clone(),
-                g.server_tls_key_file.clone(),
-            )
-        };
-        if server_tls(o) != server_tls(n) {
-            restart.push("server_tls_* settings".into());
-            n.server_tls_sslmode = o.server_tls_sslmode;
-            n.server_tls_ca_file = o.server_tls_ca_file.clone();
-            n.server_tls_cert_file = o.server_tls_cert_file.clone();
-            n.server_tls_key_file = o.server_tls_key_file.clone();
-        }
-        if o.worker_threads != n.worker_threads {
-            restart.push("worker_threads".into());
-            n.worker_threads = o.worker_threads;
-        }
-        if o.collect_metrics != n.collect_metrics {
-            restart.push("collect_metrics".into());
-            n.collect_metrics = o.collect_metrics;
-        }
-        if o.auth_query_cache_ttl != n.auth_query_cache_ttl {
-            restart.push("auth_query_cache_ttl".into());
-            n.auth_query_cache_ttl = o.auth_query_cache_ttl;
-        }
-        if (
-            o.auth_failure_threshold,
-            o.auth_failure_delay,
-            o.auth_failure_delay_max,
-        ) != (
-            n.auth_failure_threshold,
-            n.auth_failure_delay,
-            n.auth_failure_delay_max,
-        ) {
-            restart.push(
-                "auth_failure_threshold / auth_failure_delay / auth_failure_delay_max".into(),
-            );
-            n.auth_failure_threshold = o.auth_failure_threshold;
-            n.auth_failure_delay = o.auth_failure_delay;
-            n.auth_failure_delay_max = o.auth_failure_delay_max;
-        }
-    }
+    let restart = keys::keep_restart_settings(&old.pgtide, &mut new.pgtide);
     let changes = describe_changes(&old, &new);
     // Deriving SCRAM verifiers of new passwords is CPU work: off the async workers.
     let on = shared.clone();
@@ -213,76 +96,51 @@ fn apply(shared: &Arc<Shared>, old: &Config, new: Config, files: AuthFiles) {
     // Verifiers of new or changed passwords are derived now, not during a login.
     for (user, u) in &new.users {
         if let Some(p) = &u.password {
-            shared.credentials.get(user, p);
+            shared.credentials().cache.get(user, p);
         }
     }
     let new = Arc::new(new);
     shared.store_config(new.clone());
-    shared.credentials.retain(|user, configured| {
-        new.users
-            .get(user)
-            .and_then(|u| u.password.as_deref())
-            .is_some_and(|p| p == configured)
-            || files
-                .users
-                .as_ref()
-                .and_then(|l| l.get(user).flatten())
-                .is_some_and(|p| p == configured)
-    });
     // auth_file and auth_hba_file: later logins use the new contents, and pools whose
     // user's password changed log in to servers with the new one.
-    let old_file_users = crate::client::file_users(&shared.auth_files());
+    let old_file_users = shared.credentials().file_users();
     shared.set_auth_files(files);
-    let file_users = crate::client::file_users(&shared.auth_files());
+    shared.credentials().retain_configured(&new);
+    let file_users = shared.credentials().file_users();
 
     // Clusters: kept when nothing about their hosts or monitoring changed.
-    let current = shared.clusters();
-    let mut clusters = HashMap::new();
-    for (name, d) in &new.databases {
-        if d.host_list().len() < 2 {
-            continue;
-        }
-        let unchanged = current.get(name).is_some_and(|_| {
-            old.cluster_settings(name, "").map(|s| (s.hosts, s.health))
-                == new.cluster_settings(name, "").map(|s| (s.hosts, s.health))
-                && monitor_login(old, name) == monitor_login(&new, name)
-                && old_file_users == file_users
-        });
-        let cluster = match current.get(name) {
-            Some(c) if unchanged => Some(c.clone()),
-            _ => Cluster::from_config(
-                &new,
-                name,
-                shared.salted.clone(),
-                &file_users,
-                shared.tls.server(name),
-            ),
-        };
-        if let Some(c) = cluster {
-            clusters.insert(name.clone(), c);
-        }
-    }
-    drop(current);
-    shared.replace_clusters(clusters);
-
-    // Pools: resized in place when their server side is the same, else replaced.
-    shared.retire_pools(|(db, user, host), pool| {
-        let same = (shared.is_static_user(user) || new.auth_query(db).is_some())
-            && shared
-                .pool_target(&new, db, user, *host)
-                .is_some_and(|(t, _)| {
-                    let o = pool.target();
-                    t.host == o.host
-                        && t.port == o.port
-                        && t.dbname == o.dbname
-                        && password(old, user) == password(&new, user)
-                });
-        !same
+    shared.rebuild_clusters(&new, |name| {
+        old.cluster_settings(name, "").map(|s| (s.hosts, s.health))
+            == new.cluster_settings(name, "").map(|s| (s.hosts, s.health))
+            && monitor_login(old, name) == monitor_login(&new, name)
+            && old_file_users == file_users
     });
-    for pool in shared.pools() {
-        if let Some((_, timeouts)) = shared.pool_target(&new, &pool.database, &pool.user, 0) {
-            pool.update(new.pool_settings(&pool.database, &pool.user), timeouts);
-        }
+
+    // Pools: updated in place when their server side is the same, else replaced.
+    shared.retire_sets(|set| {
+        let (db, user) = (set.database.as_str(), set.user.as_str());
+        let known = shared.is_static_user(user) || new.auth_query(db).is_some();
+        let same_servers = shared.pool_spec(&new, db, user).is_some_and(|spec| {
+            let now = set.targets();
+            spec.targets.len() == now.len()
+                && spec
+                    .targets
+                    .iter()
+                    .zip(&now)
+                    .all(|(t, o)| t.host == o.host && t.port == o.port && t.dbname == o.dbname)
+        });
+        !(known && same_servers && password(old, user) == password(&new, user))
+    });
+    for set in shared.pool_sets() {
+        let routing = new
+            .cluster_settings(&set.database, &set.user)
+            .filter(|s| s.hosts.len() > 1)
+            .map(|s| s.routing);
+        set.update(
+            new.pool_settings(&set.database, &set.user),
+            pool_timeouts(&new),
+            routing,
+        );
     }
     for db in new.databases.keys() {
         if let Some(limit) = shared.db_limit(db) {
@@ -291,7 +149,7 @@ fn apply(shared: &Arc<Shared>, old: &Config, new: Config, files: AuthFiles) {
     }
 
     // Clients of a removed database or user have nothing left to run on.
-    for (_, c) in shared.admin.clients.snapshot() {
+    for (_, c) in shared.clients().snapshot() {
         if crate::admin::is_admin_database(&c.database) {
             if !new.pgtide.admin_users.contains(&c.user) {
                 c.kill();

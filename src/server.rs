@@ -92,6 +92,18 @@ impl fmt::Display for ServerError {
 
 impl std::error::Error for ServerError {}
 
+impl ServerError {
+    /// Worth another attempt after a pause: the network failed or timed out, or the
+    /// server is starting, shutting down or out of connection slots.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ServerError::Io(_) | ServerError::Timeout => true,
+            ServerError::Rejected { code, .. } => crate::protocol::sqlstate::is_transient(code),
+            _ => false,
+        }
+    }
+}
+
 impl From<io::Error> for ServerError {
     fn from(e: io::Error) -> Self {
         ServerError::Io(e)
@@ -114,7 +126,7 @@ pub struct ServerConn {
     /// Last known value of each run-time parameter, keyed by lower-case name: those the
     /// server reported with ParameterStatus and those pgtide set or read itself.
     pub params: HashMap<String, String>,
-    /// The [`ClientParams::fingerprint`](crate::client::params::ClientParams::fingerprint)
+    /// The [`ClientParams::fingerprint`](crate::params::ClientParams::fingerprint)
     /// of settings `params` was found to match; `None` after any change to `params`.
     pub params_match: Option<u64>,
     pub created: Instant,
@@ -123,7 +135,7 @@ pub struct ServerConn {
     pub statements: crate::prepared::ServerStatements,
     max_message: u32,
     /// This connection's entry in the registry `SHOW SERVERS` reads (set by the pool).
-    pub entry: Option<crate::admin::registry::Registration<crate::admin::registry::ServerEntry>>,
+    pub entry: Option<crate::registry::Registration<crate::registry::ServerEntry>>,
 }
 
 /// Parameters reported at login, in the order the server sent them, with their
@@ -423,33 +435,4 @@ async fn start_tls(mut tcp: TcpStream, host: &str, tls: &ServerTls) -> Result<St
             "unexpected answer {other:#04x} to SSLRequest"
         ))),
     }
-}
-
-/// Quotes a string as an SQL escape-string literal (`E'...'`), which reads the same
-/// whatever `standard_conforming_strings` the connection has.
-pub fn quote_literal(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 3);
-    out.push_str("E'");
-    for c in s.chars() {
-        if c == '\'' || c == '\\' {
-            out.push(c);
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
-
-/// Quotes a string as an SQL identifier.
-pub fn quote_ident(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
 }

@@ -20,6 +20,8 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
+use crate::protocol::backend::{self, Severity};
+use crate::protocol::ScanError;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -265,6 +267,64 @@ fn read_draining(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
         (None, Err(e)) => Err(e),
         (None, Ok(())) => Err(io::ErrorKind::WouldBlock.into()),
     }
+}
+
+/// Why [`read_message`] returned no message.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The peer went away (EOF) or the socket failed.
+    Io(io::Error),
+    /// The length field is below 4 or above the limit: the peer is not speaking the
+    /// protocol.
+    Frame(ScanError),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> Self {
+        ReadError::Io(e)
+    }
+}
+
+/// Reads exactly one tagged message (tag, length, body) and nothing past it, so that
+/// what follows stays in the socket for whoever reads next. A length field below 4 or
+/// above `max_len` is refused before anything is allocated for the body.
+pub async fn read_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max_len: u32,
+) -> Result<(u8, Vec<u8>), ReadError> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    let (tag, len) = (
+        header[0],
+        u32::from_be_bytes([header[1], header[2], header[3], header[4]]),
+    );
+    if len < 4 {
+        return Err(ReadError::Frame(ScanError::BadLength { tag, len }));
+    }
+    if len > max_len {
+        return Err(ReadError::Frame(ScanError::TooLarge {
+            tag,
+            len,
+            max: max_len,
+        }));
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    stream.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// Writes an ErrorResponse of severity FATAL (the connection is about to close); a
+/// failure to write it is ignored.
+pub async fn send_fatal<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    code: &str,
+    message: &str,
+    hint: Option<&str>,
+) {
+    let mut b = BytesMut::with_capacity(128 + message.len());
+    backend::error_response(&mut b, Severity::Fatal, code, message, None, hint);
+    let _ = stream.write_all(&b).await;
+    let _ = stream.flush().await;
 }
 
 #[cfg(test)]

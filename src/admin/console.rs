@@ -5,15 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::stream::Stream;
+use crate::stream::{ReadError, Stream};
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use super::registry::{ClientEntry, Registration};
 use super::show::{self, ResultSet};
-use crate::client::Shared;
 use crate::protocol::backend::{self, Severity};
 use crate::protocol::{put_message, sqlstate, status, tag};
+use crate::registry::{ClientEntry, Registration};
+use crate::shared::Shared;
 use crate::shutdown::{Phase, ShutdownSignal};
 
 /// SQLSTATE for an admin command the console does not know.
@@ -50,8 +50,8 @@ pub async fn run(
         database,
         application_name,
     } = login;
-    let id = shared.admin.clients.next_id();
-    let entry: Registration<ClientEntry> = shared.admin.clients.register(
+    let id = shared.clients().next_id();
+    let entry: Registration<ClientEntry> = shared.clients().register(
         id,
         ClientEntry::new(
             &user,
@@ -82,13 +82,13 @@ pub async fn run(
     if stream.write_all(&b).await.is_err() {
         return;
     }
-    let max = shared.config().pgtide.max_message_size as usize;
+    let max = shared.config().pgtide.max_message_size;
     // After an extended-protocol message: skip until Sync, as PostgreSQL does after an
     // error.
     let mut skipping = false;
     loop {
         let msg = tokio::select! {
-            m = read_message(&mut stream, max) => m,
+            m = crate::stream::read_message(&mut stream, max) => m,
             _ = entry.killed() => {
                 fatal(&mut stream, sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command").await;
                 return;
@@ -99,10 +99,11 @@ pub async fn run(
             }
         };
         let (t, body) = match msg {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(e) => {
-                fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &e).await;
+            Ok(m) => m,
+            // The client went away.
+            Err(ReadError::Io(_)) => return,
+            Err(ReadError::Frame(e)) => {
+                fatal(&mut stream, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;
                 return;
             }
         };
@@ -174,26 +175,7 @@ pub async fn run(
 }
 
 async fn fatal(stream: &mut Stream, code: &str, message: &str) {
-    let mut b = BytesMut::new();
-    backend::fatal(&mut b, code, message);
-    let _ = stream.write_all(&b).await;
-}
-
-/// Reads one message: `Ok(None)` at end of stream.
-async fn read_message(stream: &mut Stream, max: usize) -> Result<Option<(u8, Vec<u8>)>, String> {
-    let mut head = [0u8; 5];
-    if stream.read_exact(&mut head).await.is_err() {
-        return Ok(None);
-    }
-    let len = crate::protocol::be_i32(&head[1..]);
-    if len < 4 || len as usize - 4 > max {
-        return Err(format!("invalid message length {len}"));
-    }
-    let mut body = vec![0u8; len as usize - 4];
-    if stream.read_exact(&mut body).await.is_err() {
-        return Ok(None);
-    }
-    Ok(Some((head[0], body)))
+    crate::stream::send_fatal(stream, code, message, None).await;
 }
 
 fn write_reply(out: &mut BytesMut, reply: Reply) {
@@ -326,7 +308,6 @@ async fn execute(shared: &Arc<Shared>, sql: &str) -> Result<Reply, CommandError>
         "RESUME" => {
             let db = one_db(args)?;
             shared
-                .admin
                 .gate()
                 .resume(db.as_deref())
                 .map_err(|m| (sqlstate::INVALID_PARAMETER_VALUE, m))?;
@@ -361,7 +342,7 @@ async fn execute(shared: &Arc<Shared>, sql: &str) -> Result<Reply, CommandError>
         "SHUTDOWN" => {
             no_args(args)?;
             tracing::info!("SHUTDOWN from the admin console");
-            shared.admin.shutdown();
+            shared.shutdown();
             Ok(Reply::Done("SHUTDOWN".into()))
         }
         _ => Err((
@@ -378,7 +359,6 @@ async fn execute(shared: &Arc<Shared>, sql: &str) -> Result<Reply, CommandError>
 /// then closes their idle servers, so that PostgreSQL can be restarted.
 async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<(), CommandError> {
     shared
-        .admin
         .gate()
         .pause(db)
         .map_err(|m| (sqlstate::INVALID_PARAMETER_VALUE, m))?;
@@ -419,13 +399,13 @@ async fn pause(shared: &Arc<Shared>, db: Option<&str>) -> Result<(), CommandErro
 /// `KILL db`: disconnects the database's clients and closes its servers.
 fn kill(shared: &Arc<Shared>, db: &str) {
     let mut n = 0;
-    for (_, c) in shared.admin.clients.snapshot() {
+    for (_, c) in shared.clients().snapshot() {
         if c.database == db {
             c.kill();
             n += 1;
         }
     }
-    shared.retire_pools(|(d, _, _), _| d == db);
+    shared.retire_sets(|set| set.database == db);
     tracing::info!(
         database = db,
         clients = n,

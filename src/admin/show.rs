@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
-use super::registry::{now_us, ClientState};
-use crate::client::Shared;
+use crate::registry::{now_us, ClientState};
+use crate::shared::Shared;
 
 /// A column's type as RowDescription announces it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,7 +130,7 @@ fn pools(shared: &Shared) -> ResultSet {
     let config = shared.config();
     // Servers linked to a client, per (database, user).
     let mut linked: HashMap<(String, String), u64> = HashMap::new();
-    for (_, e) in shared.admin.hooks.servers.snapshot() {
+    for (_, e) in shared.servers().snapshot() {
         if e.link.load(Ordering::Relaxed) != 0 {
             *linked
                 .entry((e.database.clone(), e.user.clone()))
@@ -146,7 +146,7 @@ fn pools(shared: &Shared) -> ResultSet {
         row.mode = pool.settings().pool_mode.to_string();
     }
     let now = now_us();
-    for (_, c) in shared.admin.clients.snapshot() {
+    for (_, c) in shared.clients().snapshot() {
         if super::is_admin_database(&c.database) {
             continue;
         }
@@ -227,7 +227,7 @@ fn all_databases(shared: &Shared) -> Vec<String> {
 
 /// The seven totals of one database, in the order SHOW STATS and SHOW STATS_TOTALS give
 /// them (transactions, queries, bytes received and sent, transaction, query and wait time).
-fn total_cells(t: &super::Totals) -> [Option<String>; 7] {
+fn total_cells(t: &crate::metrics::stats::Totals) -> [Option<String>; 7] {
     [
         s(t.xact_count),
         s(t.query_count),
@@ -240,8 +240,8 @@ fn total_cells(t: &super::Totals) -> [Option<String>; 7] {
 }
 
 fn stats(shared: &Shared) -> ResultSet {
-    let totals = super::totals(shared);
-    let avgs = super::averages(shared);
+    let totals = shared.totals();
+    let avgs = shared.averages();
     let mut r = ResultSet::new(&[
         ("database", T),
         ("total_xact_count", I),
@@ -279,7 +279,7 @@ fn stats(shared: &Shared) -> ResultSet {
 }
 
 fn stats_totals(shared: &Shared) -> ResultSet {
-    let totals = super::totals(shared);
+    let totals = shared.totals();
     let mut r = ResultSet::new(&[
         ("database", T),
         ("xact_count", I),
@@ -330,11 +330,9 @@ fn ptr(id: u64) -> Option<String> {
 
 fn servers(shared: &Shared) -> ResultSet {
     let mut r = ResultSet::new(CONNECTION_COLUMNS);
-    for (id, e) in shared.admin.hooks.servers.snapshot() {
+    for (id, e) in shared.servers().snapshot() {
         let link = e.link.load(Ordering::Relaxed);
-        let client = (link != 0)
-            .then(|| shared.admin.clients.get(link))
-            .flatten();
+        let client = (link != 0).then(|| shared.clients().get(link)).flatten();
         r.push(vec![
             s("S"),
             s(&e.user),
@@ -366,7 +364,7 @@ fn servers(shared: &Shared) -> ResultSet {
 fn clients(shared: &Shared) -> ResultSet {
     let mut r = ResultSet::new(CONNECTION_COLUMNS);
     let now = now_us();
-    for (id, c) in shared.admin.clients.snapshot() {
+    for (id, c) in shared.clients().snapshot() {
         let wait = c.waiting_us(now);
         let state = match c.state() {
             ClientState::Waiting => "waiting",
@@ -398,7 +396,7 @@ fn clients(shared: &Shared) -> ResultSet {
 
 fn databases(shared: &Shared) -> ResultSet {
     let config = shared.config();
-    let gate = shared.admin.gate();
+    let gate = shared.gate();
     let mut r = ResultSet::new(&[
         ("name", T),
         ("host", T),
@@ -446,28 +444,6 @@ fn databases(shared: &Shared) -> ResultSet {
     r
 }
 
-/// Settings that a reload does not change.
-pub const RESTART_ONLY: &[&str] = &[
-    "listen",
-    "metrics_listen",
-    "prepared_statement_cache_size",
-    "prepared_statement_cache_bytes",
-    "collect_metrics",
-    "worker_threads",
-    "auth_query_cache_ttl",
-    "auth_failure_threshold",
-    "auth_failure_delay",
-    "auth_failure_delay_max",
-    "client_tls_sslmode",
-    "client_tls_cert_file",
-    "client_tls_key_file",
-    "client_tls_ca_file",
-    "server_tls_sslmode",
-    "server_tls_ca_file",
-    "server_tls_cert_file",
-    "server_tls_key_file",
-];
-
 fn config_value(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => s.clone(),
@@ -476,14 +452,9 @@ fn config_value(v: &toml::Value) -> String {
 }
 
 fn config(shared: &Shared) -> ResultSet {
-    let table = |g: &crate::config::General| {
-        toml::Value::try_from(g)
-            .ok()
-            .and_then(|v| v.as_table().cloned())
-            .unwrap_or_default()
-    };
-    let now = table(&shared.config().pgtide);
-    let default = table(&crate::config::General::default());
+    use crate::config::keys::{as_table, reload_of, Reload};
+    let now = as_table(&shared.config().pgtide);
+    let default = as_table(&crate::config::General::default());
     let mut r = ResultSet::new(&[("key", T), ("value", T), ("default", T), ("changeable", T)]);
     let mut keys: Vec<&String> = now.keys().chain(default.keys()).collect();
     keys.sort();
@@ -493,7 +464,7 @@ fn config(shared: &Shared) -> ResultSet {
             s(k),
             s(now.get(k).map(config_value).unwrap_or_default()),
             s(default.get(k).map(config_value).unwrap_or_default()),
-            s(if RESTART_ONLY.contains(&k.as_str()) {
+            s(if reload_of(k) == Some(Reload::Restart) {
                 "no"
             } else {
                 "yes"
@@ -518,7 +489,7 @@ fn lists(shared: &Shared) -> ResultSet {
         ("users", config.users.len() as u64),
         ("pools", pools.len() as u64),
         ("free_clients", 0),
-        ("used_clients", shared.admin.clients.len() as u64),
+        ("used_clients", shared.clients().len() as u64),
         ("login_clients", 0),
         ("free_servers", free),
         ("used_servers", used),

@@ -6,13 +6,15 @@
 
 use bytes::BytesMut;
 use rand::RngCore;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::credential::mock_verifier;
 use super::scram::{self, ScramServer, MECHANISM};
 use super::{md5, AuthError, StoredCredential};
 use crate::config::AuthType;
+use crate::protocol::ScanError;
 use crate::protocol::{backend, cstr, frontend, sqlstate, tag};
+use crate::stream::ReadError;
 
 /// A message tag for error messages: the character when printable, else its code.
 pub(super) fn describe_tag(t: u8) -> String {
@@ -29,26 +31,20 @@ pub(super) async fn read_message<S: AsyncRead + Unpin>(
     stream: &mut S,
     max_len: usize,
 ) -> Result<(u8, Vec<u8>), AuthError> {
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await?;
-    let t = header[0];
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
-    if len < 4 {
-        return Err(AuthError::Protocol(format!(
-            "invalid message length {len} for message type {}",
-            describe_tag(t)
-        )));
-    }
-    let len = usize::try_from(len).unwrap_or(usize::MAX);
-    if len > max_len {
-        return Err(AuthError::Protocol(format!(
-            "message type {} of {len} bytes exceeds the limit of {max_len} bytes during authentication",
-            describe_tag(t)
-        )));
-    }
-    let mut body = vec![0u8; len - 4];
-    stream.read_exact(&mut body).await?;
-    Ok((t, body))
+    let max = u32::try_from(max_len).unwrap_or(u32::MAX);
+    crate::stream::read_message(stream, max)
+        .await
+        .map_err(|e| match e {
+            ReadError::Io(e) => AuthError::Io(e),
+            ReadError::Frame(ScanError::BadLength { tag, len }) => AuthError::Protocol(format!(
+                "invalid message length {len} for message type {}",
+                describe_tag(tag)
+            )),
+            ReadError::Frame(ScanError::TooLarge { tag, len, max }) => AuthError::Protocol(format!(
+                "message type {} of {len} bytes exceeds the limit of {max} bytes during authentication",
+                describe_tag(tag)
+            )),
+        })
 }
 
 pub(super) async fn send<S: AsyncWrite + Unpin>(

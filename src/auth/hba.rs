@@ -27,7 +27,7 @@
 
 use std::net::IpAddr;
 
-use crate::client::Peer;
+use super::Peer;
 
 /// What the matching line says to do with a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

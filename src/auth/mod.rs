@@ -18,8 +18,10 @@ mod exchange;
 pub mod hba;
 mod login;
 pub mod md5;
+mod peer;
 pub mod scram;
 pub mod sources;
+mod store;
 pub mod throttle;
 pub mod userlist;
 
@@ -33,7 +35,9 @@ pub use exchange::{
     Verified,
 };
 pub use login::authenticate_server;
+pub use peer::Peer;
 pub use scram::{ScramClient, ScramError, ScramServer, ScramVerifier};
+pub use store::Credentials;
 
 /// Why an authentication did not succeed.
 #[derive(Debug)]

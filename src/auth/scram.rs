@@ -2,7 +2,9 @@
 //! the `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey` verifier, and the two state machines
 //! ([`ScramServer`] for clients logging in to pgtide, [`ScramClient`] for pgtide logging in
 //! to PostgreSQL). Nonces and salts are injectable so that the RFC test vectors can be
-//! replayed. Channel binding is not supported (pgtide has no TLS yet).
+//! replayed. Channel binding (SCRAM-SHA-256-PLUS) is not offered, with or without TLS:
+//! a client that asks for it is refused, one that could use it (`y` flag) goes on
+//! without.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -240,8 +242,7 @@ impl ScramServer {
             Some(b'y') => ("y,,", &msg[1..]),
             Some(b'p') => return Err(ScramError::Protocol(
                 "client requested SCRAM channel binding (SCRAM-SHA-256-PLUS), which pgtide does \
-                     not support because the connection does not use TLS; connect with \
-                     channel_binding=prefer or disable"
+                     not offer; connect with channel_binding=prefer or disable"
                     .into(),
             )),
             _ => {

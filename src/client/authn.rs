@@ -12,11 +12,30 @@ use std::sync::Arc;
 
 use crate::stream::Stream;
 
-use super::login::{internal_timeout, send_fatal, NoSession, Peer};
-use super::Shared;
 use crate::auth::hba::HbaMethod;
+use crate::auth::Peer;
 use crate::auth::{self, AuthError, Method, StoredCredential};
 use crate::protocol::sqlstate;
+use crate::shared::Shared;
+use crate::stream::send_fatal;
+
+/// How a connection attempt ended without a session.
+pub(super) enum NoSession {
+    /// A CancelRequest (handled), or the client went away.
+    Done,
+    /// A FATAL was sent, or the client broke the protocol.
+    Refused,
+    /// An admin user logged in to the admin console (nothing sent yet after the
+    /// authentication exchange).
+    Admin {
+        user: String,
+        /// `pgtide` or `pgbouncer`, as the client asked.
+        database: String,
+        application_name: String,
+        /// The client's connection: set by [`login`], which owns it.
+        stream: Option<Stream>,
+    },
+}
 
 /// Where the credential of a login came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,8 +121,8 @@ pub(super) async fn authenticate(
         } else {
             format!("certificate authentication failed for user \"{user}\"")
         };
-        shared.failed_logins.record_failure(host);
-        shared.metrics.auth_failures.inc();
+        shared.credentials().failed_logins.record_failure(host);
+        shared.metrics().auth_failures.inc();
         return Err(refuse(stream, &m).await);
     }
 
@@ -120,6 +139,7 @@ pub(super) async fn authenticate(
         (None, Some(_)) if known_static && method == Method::Trust => (None, Source::Static),
         (None, Some((auth_user, sql))) => {
             let looked = shared
+                .credentials()
                 .auth_cache
                 .get(database, user, || {
                     fetch_secret(shared, database, auth_user, sql, user)
@@ -162,6 +182,7 @@ pub(super) async fn authenticate(
             if matches!(r, Err(AuthError::Failed)) && source == (Source::Query { fresh: false }) {
                 if let Some((auth_user, sql)) = query {
                     let refetched = shared
+                        .credentials()
                         .auth_cache
                         .refetch(database, user, || {
                             fetch_secret(shared, database, auth_user, sql, user)
@@ -187,13 +208,13 @@ pub(super) async fn authenticate(
 
     // 4. The answer, late for an address that keeps failing (whatever the outcome, so
     //    that a right guess cannot be told by its speed).
-    let delay = shared.failed_logins.delay(host);
+    let delay = shared.credentials().failed_logins.delay(host);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
     match result {
         Ok(verified) => {
-            shared.failed_logins.record_success(host);
+            shared.credentials().failed_logins.record_success(host);
             if let Some(c) = cred.as_deref() {
                 learn_server_secret(shared, database, user, c, &verified);
             }
@@ -204,15 +225,15 @@ pub(super) async fn authenticate(
             Ok(())
         }
         Err(e) => {
-            let failures = shared.failed_logins.record_failure(host);
-            shared.metrics.auth_failures.inc();
+            let failures = shared.credentials().failed_logins.record_failure(host);
+            shared.metrics().auth_failures.inc();
             let reason = match &e {
                 AuthError::Failed if !known => "unknown user or no usable password",
                 AuthError::Failed => "wrong password",
                 _ => "protocol violation",
             };
             tracing::info!(%user, %database, client = %host, %method, reason, detail = %e, "login failed");
-            if shared.failed_logins.is_threshold(failures) {
+            if shared.credentials().failed_logins.is_threshold(failures) {
                 tracing::warn!(client = %host, failures, "client address keeps failing logins: its logins are now slowed down (auth_failure_delay)");
             }
             auth::send_failure(stream, e, user).await;
@@ -268,15 +289,15 @@ async fn fetch_secret(
     user: &str,
 ) -> Result<Option<String>, String> {
     let pool = shared
-        .pool(database, auth_user)
+        .primary_pool(database, auth_user)
         .ok_or_else(|| format!("database {database:?} is not configured"))?;
-    let timeout = internal_timeout(shared);
+    let timeout = shared.internal_timeout();
     let mut conn = pool.checkout(timeout).await.map_err(|e| {
         format!("cannot connect as auth_user {auth_user:?} to database {database:?}: {e}")
     })?;
     match conn.run_internal_params(sql, &[Some(user)], timeout).await {
         Ok(r) => {
-            pool.checkin(conn);
+            conn.checkin();
             if let Some((code, message)) = r.error {
                 return Err(format!(
                     "auth_query as auth_user {auth_user:?} failed: {message} (SQLSTATE {code})"
@@ -292,7 +313,7 @@ async fn fetch_secret(
             }
         }
         Err(e) => {
-            pool.discard(conn);
+            conn.discard();
             Err(format!("auth_query as auth_user {auth_user:?} failed: {e}"))
         }
     }

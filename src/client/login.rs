@@ -6,36 +6,30 @@
 //! BackendKeyData, ReadyForQuery).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::cancel::CancelSlot;
-use super::params::ClientParams;
-use super::Shared;
-use crate::admin::registry::{ClientEntry, Registration};
+use crate::auth::Peer;
+use crate::cancel::CancelSlot;
 use crate::config::{ClientSslMode, PoolMode};
-use crate::pool::Pool;
-use crate::protocol::backend::{self, Severity};
+use crate::params::ClientParams;
+use crate::pool::{Pool, PoolSet};
+use crate::protocol::backend;
 use crate::protocol::startup::{self, StartupPacket};
 use crate::protocol::{sqlstate, status, tag};
-use crate::stream::Stream;
+use crate::registry::{ClientEntry, Registration};
+use crate::shared::Shared;
+use crate::stream::{send_fatal, Stream};
 
-/// What pgtide knows about how a client connected, for hba rules and cert auth.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    pub addr: std::net::SocketAddr,
-    pub tls: bool,
-    pub cert_common_name: Option<String>,
-}
+use super::authn::NoSession;
 
 /// A logged-in client, ready for its first query.
 pub(super) struct LoggedIn {
-    /// The pool of (database, user) the client logged in to; its names are the
-    /// client's (not copied per client).
-    pub pool: Arc<Pool>,
+    /// The pools of the (database, user) the client logged in to; their names are the
+    /// client's (not copied per client). Replaced when a reload or KILL retires them.
+    pub pools: Arc<PoolSet>,
     pub mode: PoolMode,
     pub params: ClientParams,
     pub key_pid: i32,
@@ -46,57 +40,32 @@ pub(super) struct LoggedIn {
 
 impl LoggedIn {
     pub fn database(&self) -> &str {
-        &self.pool.database
+        &self.pools.database
     }
 
     pub fn user(&self) -> &str {
-        &self.pool.user
+        &self.pools.user
     }
 
     /// The pool of this client's (database, user) on the current primary (which may have
-    /// changed since login).
-    pub fn pool_for_primary(&self, shared: &Shared) -> Arc<Pool> {
-        if !self.pool.is_retired() && !shared.clusters().contains_key(self.database()) {
-            // One server (no cluster): its pool is the one this client logged in with,
-            // found without the pools' lock and key allocations on every transaction
-            // (unless a reload or KILL replaced it).
-            return self.pool.clone();
+    /// changed since login). No lock and no lookup by name, unless a reload or KILL
+    /// retired the client's set.
+    pub fn primary_pool(&mut self, shared: &Shared) -> Arc<Pool> {
+        if self.pools.is_retired() {
+            if let Some(set) = shared.pool_set(self.database(), self.user()) {
+                self.pools = set;
+            }
         }
-        shared
-            .pool(self.database(), self.user())
-            .unwrap_or_else(|| self.pool.clone())
+        let host = if shared.is_routed(self.database()) {
+            shared.primary_host(self.database())
+        } else {
+            0
+        };
+        self.pools
+            .host(host)
+            .unwrap_or_else(|| self.pools.first())
+            .clone()
     }
-}
-
-/// How a connection attempt ended without a session.
-pub(super) enum NoSession {
-    /// A CancelRequest (handled), or the client went away.
-    Done,
-    /// A FATAL was sent, or the client broke the protocol.
-    Refused,
-    /// An admin user logged in to the admin console (nothing sent yet after the
-    /// authentication exchange).
-    Admin {
-        user: String,
-        /// `pgtide` or `pgbouncer`, as the client asked.
-        database: String,
-        application_name: String,
-        /// The client's connection: set by [`login`], which owns it.
-        stream: Option<Stream>,
-    },
-}
-
-/// Writes a FATAL ErrorResponse; errors writing it are ignored (the connection closes).
-pub(super) async fn send_fatal<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    code: &str,
-    message: &str,
-    hint: Option<&str>,
-) {
-    let mut b = BytesMut::with_capacity(128 + message.len());
-    backend::error_response(&mut b, Severity::Fatal, code, message, None, hint);
-    let _ = stream.write_all(&b).await;
-    let _ = stream.flush().await;
 }
 
 /// Negotiates the transport (plain or TLS), then reads the first packet(s) and logs the
@@ -174,7 +143,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Reads up to the first packet that is not an encryption request, answering
 /// SSLRequest with 'S' (TLS configured) or 'N', and GSSENCRequest with 'N'.
 async fn opening(tcp: &mut TcpStream, shared: &Shared) -> Result<Opening, NoSession> {
-    let tls_on = shared.tls.acceptor().is_some();
+    let tls_on = shared.tls().acceptor().is_some();
     if tls_on {
         // PostgreSQL 17 direct TLS: the client starts with a ClientHello.
         let mut first = [0u8; 1];
@@ -225,7 +194,7 @@ async fn second_request<S: AsyncWrite + Unpin>(stream: &mut S) -> NoSession {
 /// The TLS handshake with a client. A direct TLS client must have negotiated ALPN
 /// "postgresql", as PostgreSQL 17 requires.
 async fn accept_tls(tcp: TcpStream, shared: &Shared, direct: bool) -> Option<Stream> {
-    let acceptor = shared.tls.acceptor()?;
+    let acceptor = shared.tls().acceptor()?;
     let tls = match acceptor.accept(tcp).await {
         Ok(s) => s,
         Err(e) => {
@@ -293,18 +262,18 @@ async fn login_inner(
         }
         StartupPacket::CancelRequest { pid, secret } => {
             let t = shared.config().pgtide.server_connect_timeout.0;
-            shared.cancels.cancel(pid, secret, t).await;
+            shared.cancels().cancel(pid, secret, t).await;
             return Err(NoSession::Done);
         }
         StartupPacket::Startup { version, params } => (version, params),
     };
-    if !peer.tls && shared.tls.client_mode() >= ClientSslMode::Require {
+    if !peer.tls && shared.tls().client_mode() >= ClientSslMode::Require {
         send_fatal(
             stream,
             sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
             &format!(
                 "TLS is required: pgtide accepts only encrypted connections (client_tls_sslmode = \"{}\")",
-                shared.tls.client_mode()
+                shared.tls().client_mode()
             ),
             Some("connect with sslmode=require (or verify-ca / verify-full)"),
         )
@@ -437,7 +406,7 @@ async fn login_inner(
         });
     }
 
-    let Some(pool) = shared.pool(&database, &user) else {
+    let Some(pools) = shared.pool_set(&database, &user) else {
         send_fatal(
             stream,
             sqlstate::INVALID_CATALOG_NAME,
@@ -447,6 +416,10 @@ async fn login_inner(
         .await;
         return Err(NoSession::Refused);
     };
+    let pool = pools
+        .host(shared.primary_host(&database))
+        .unwrap_or_else(|| pools.first())
+        .clone();
     let login_params = match pool.login_params() {
         Some(p) => p,
         None => {
@@ -454,7 +427,7 @@ async fn login_inner(
             let wait = config.pgtide.query_wait_timeout.0;
             match pool.checkout(wait).await {
                 Ok(conn) => {
-                    pool.checkin(conn);
+                    conn.checkin();
                     match pool.login_params() {
                         Some(p) => p,
                         None => Arc::new(Vec::new()),
@@ -477,10 +450,10 @@ async fn login_inner(
         }
     };
     let base = shared
-        .login_sets
+        .login_sets()
         .get(&login_params, &config.pgtide.track_extra_params);
     let params = ClientParams::new(base, &settings);
-    let (key_pid, key_secret, cancel) = shared.cancels.register();
+    let (key_pid, key_secret, cancel) = shared.cancels().register();
 
     let mut b = BytesMut::with_capacity(512);
     backend::authentication_ok(&mut b);
@@ -490,15 +463,15 @@ async fn login_inner(
     backend::backend_key_data(&mut b, key_pid, key_secret);
     backend::ready_for_query(&mut b, status::IDLE);
     if stream.write_all(&b).await.is_err() || stream.flush().await.is_err() {
-        shared.cancels.unregister(key_pid);
+        shared.cancels().unregister(key_pid);
         return Err(NoSession::Done);
     }
     let mode = pool.settings().pool_mode;
     if config.pgtide.log_connections {
         tracing::info!(%user, %database, %mode, addr = %peer.addr, tls = peer.tls, "client logged in");
     }
-    let entry = shared.admin.clients.register(
-        shared.admin.clients.next_id(),
+    let entry = shared.clients().register(
+        shared.clients().next_id(),
         ClientEntry::new(
             &user,
             &database,
@@ -507,23 +480,13 @@ async fn login_inner(
             params.value("application_name").unwrap_or(""),
         ),
     );
+    drop(pool);
     Ok(LoggedIn {
-        pool,
+        pools,
         mode,
         params,
         key_pid,
         cancel,
         entry,
     })
-}
-
-/// Used by the session (and the auth_query lookup) for its own timeouts on internal
-/// queries.
-pub(super) fn internal_timeout(shared: &Shared) -> Duration {
-    shared
-        .config()
-        .pgtide
-        .server_connect_timeout
-        .0
-        .max(Duration::from_secs(5))
 }

@@ -2,7 +2,9 @@
 //! learned about each host (up or down, primary or replica, WAL position, lag), and one
 //! [`HostMonitor`] per host checks it on an interval.
 //!
-//! Not used by client sessions yet: nothing routes on this state so far.
+//! Sessions route on it through [`Cluster::route_snapshot`]: every host's
+//! [`HostView`] and the primary, republished after each check (one allocation per check,
+//! none per transaction).
 //!
 //! # The monitor
 //! Each check runs one query under `health_check_timeout` on a monitoring connection that
@@ -52,10 +54,12 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::auth::{SaltedPasswordCache, Secret, StoredCredential};
 use crate::config::{Config, HealthSettings, HostConfig, HostRole};
+use crate::router::route::{HostView, Hosts};
 use crate::shutdown::{Phase, ShutdownController, ShutdownSignal};
 
 /// A host of a cluster: its index in the configured host list.
@@ -126,12 +130,31 @@ struct State {
     primary_lsn: Option<Lsn>,
 }
 
+/// What the router reads: every host's view and the primary, published together.
+#[derive(Debug, Default)]
+pub struct RouteSnapshot {
+    pub views: Vec<HostView>,
+    pub primary: Option<usize>,
+}
+
+impl RouteSnapshot {
+    /// The hosts as [`crate::router::route::route`] takes them.
+    pub fn hosts(&self) -> Hosts<'_> {
+        Hosts {
+            views: &self.views,
+            primary: self.primary,
+        }
+    }
+}
+
 /// The hosts of one database and what the monitor knows about them.
 pub struct Cluster {
     database: String,
     health: HealthSettings,
     state: Mutex<State>,
     primary: watch::Sender<Option<HostId>>,
+    /// Republished at every recorded check.
+    route_snapshot: ArcSwap<RouteSnapshot>,
     /// Handed to the monitors by the first `run`.
     probes: Mutex<Option<Vec<Box<dyn Probe>>>>,
 }
@@ -169,14 +192,17 @@ impl Cluster {
                 last_check: None,
             })
             .collect();
+        let state = State {
+            hosts,
+            primary_lsn: None,
+        };
+        let snapshot = route_snapshot(&state, None);
         Arc::new(Cluster {
             database: database.to_string(),
             health,
-            state: Mutex::new(State {
-                hosts,
-                primary_lsn: None,
-            }),
+            state: Mutex::new(state),
             primary: watch::channel(None).0,
+            route_snapshot: ArcSwap::from_pointee(snapshot),
             probes: Mutex::new(Some(probes)),
         })
     }
@@ -377,7 +403,14 @@ impl Cluster {
             // Published under the lock so that readers see state and primary agree.
             self.primary.send_replace(chosen);
         }
+        self.route_snapshot
+            .store(Arc::new(route_snapshot(&st, chosen)));
         delay
+    }
+
+    /// The hosts as the router reads them (an atomic load, no lock).
+    pub fn route_snapshot(&self) -> arc_swap::Guard<Arc<RouteSnapshot>> {
+        self.route_snapshot.load()
     }
 
     /// Runs one [`HostMonitor`] per host until the phase reaches Draining (sessions keep
@@ -435,6 +468,33 @@ impl MonitorHandle {
 impl Drop for MonitorHandle {
     fn drop(&mut self) {
         let _ = self.phase.send(Phase::Now);
+    }
+}
+
+fn route_snapshot(st: &State, primary: Option<HostId>) -> RouteSnapshot {
+    let views = st
+        .hosts
+        .iter()
+        .map(|h| {
+            let replica =
+                h.breaker.health() == Health::Up && h.current_role == CurrentRole::Replica;
+            let (lag_bytes, lag_seconds) = if h.current_role == CurrentRole::Replica {
+                replica_lag(h.lsn, st.primary_lsn, h.replay_age)
+            } else {
+                (None, None)
+            };
+            HostView {
+                replica,
+                lag_bytes,
+                lag_seconds,
+                replay_lsn: h.lsn.map(|l| l.0),
+                weight: h.config.weight,
+            }
+        })
+        .collect();
+    RouteSnapshot {
+        views,
+        primary: primary.map(|p| p.0),
     }
 }
 

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub mod keys;
+mod source;
 mod validate;
+pub use source::{ConfigSource, Overrides};
 pub use validate::{ConfigError, Problem, ADMIN_DATABASES};
 
 /// How long a server connection stays with one client.

@@ -46,6 +46,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
+use crate::router::quote::{quote_ident, quote_literal};
+
 /// How long a server may take to start, and a replica to catch up.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -734,25 +736,9 @@ fn find_psql(bindir: &Path) -> Result<PathBuf, String> {
     })
 }
 
-/// `"name"` with embedded double quotes doubled.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// `'text'` with embedded single quotes doubled (standard_conforming_strings is on).
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
-    }
 
     #[test]
     fn free_ports_are_nonzero() {

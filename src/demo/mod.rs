@@ -4,7 +4,8 @@
 
 mod cluster;
 
-pub use cluster::{find_bindir, quote_ident, quote_literal, ClusterOptions, LocalCluster};
+pub use crate::router::quote::{quote_ident, quote_literal};
+pub use cluster::{find_bindir, ClusterOptions, LocalCluster};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

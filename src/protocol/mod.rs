@@ -88,6 +88,19 @@ pub mod sqlstate {
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const INTERNAL_ERROR: &str = "XX000";
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+
+    /// Class 57P, operator intervention (shutdown, crash, restart): the server is going
+    /// away or not there yet, and a later attempt may succeed.
+    pub fn is_operator_intervention(code: &str) -> bool {
+        code.starts_with("57P")
+    }
+
+    /// A refusal worth trying again after a pause: the server is starting or shutting
+    /// down, or has no connection slot free right now.
+    pub fn is_transient(code: &str) -> bool {
+        is_operator_intervention(code) || code == TOO_MANY_CONNECTIONS
+    }
 }
 
 /// Appends a message: the tag (if any; the first packet of a connection has none), a

@@ -1,6 +1,9 @@
-//! SQL text analysis. Today: a lexer that finds words and statement boundaries without
-//! allocating, used to notice statements that change session state. The read/write
-//! classifier and routing decisions of DESIGN.md will live here too.
+//! SQL text and routing: a lexer that finds words and statement boundaries without
+//! allocating ([`lexer`]), the read/write classifier and transaction-start parsing
+//! ([`classify`]), the routing policy — where a transaction runs, decided over a
+//! snapshot of the hosts ([`route`]) — and quoting for the SQL pgtide writes ([`quote`]).
 
 pub mod classify;
 pub mod lexer;
+pub mod quote;
+pub mod route;

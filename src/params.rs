@@ -13,7 +13,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::router::lexer::{any_statement, contains_ci, has_word};
-use crate::server::{quote_ident, quote_literal};
+use crate::router::quote::{quote_ident, quote_literal};
 
 /// Parameters pgtide keeps per client and re-applies on every server it gets, besides
 /// the configured extras and whatever the client sent at startup.

@@ -1,10 +1,23 @@
-//! Pools of server connections keyed by (database, user): checkout with a fair FIFO
+//! Server connection pools: one [`Pool`] per (database, user, host) with a fair FIFO
 //! queue of waiting clients, limits, connect retries with back-off, and reaping of idle
-//! and old connections.
+//! and old connections; the pools of one (database, user) form a [`PoolSet`], held in
+//! [`Pools`]; the [`Checkout`] guard is how a connection is held outside its pool;
+//! `max_db_connections` is a [`DbLimit`]; PAUSE is the [`PauseGate`] every checkout
+//! passes.
 //!
-//! A connection goes back into a pool only through [`Pool::checkin`], which the client
-//! session calls once the connection is idle (ReadyForQuery `I`, nothing pending);
-//! anything else is [`Pool::discard`]ed.
+//! A connection goes back into a pool only through [`Checkout::checkin`], which the
+//! client session calls once the connection is idle (ReadyForQuery `I`, nothing pending);
+//! anything else is discarded, by [`Checkout::discard`] or by dropping the guard.
+
+mod checkout;
+mod limit;
+pub mod pause;
+mod set;
+
+pub use checkout::Checkout;
+pub use limit::DbLimit;
+pub use pause::PauseGate;
+pub use set::{PoolSet, PoolSpec, Pools};
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -14,11 +27,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::admin::pause::PauseGate;
-use crate::admin::registry::{Registry, ServerEntry};
 use crate::auth::SaltedPasswordCache;
 use crate::config::PoolSettings;
 use crate::metrics::{PoolMetrics, ServerCounts};
+use crate::registry::{Registry, ServerEntry};
 use crate::server::{LoginParams, ServerConn, ServerError, ServerTarget};
 
 /// Timeouts and retry policy a pool needs from the config.
@@ -30,59 +42,6 @@ pub struct PoolTimeouts {
     pub idle_timeout: Option<Duration>,
     pub lifetime: Option<Duration>,
     pub max_message: u32,
-}
-
-/// A per-database connection budget shared by the pools of every user of that database
-/// (`max_db_connections`; 0 = unlimited).
-#[derive(Debug, Default)]
-pub struct DbLimit {
-    max: AtomicU32,
-    used: AtomicU32,
-    /// The pools of this database (one per user), whose idle connections can be closed to
-    /// make room for another user's pool when the limit is reached.
-    pools: Mutex<Vec<std::sync::Weak<Pool>>>,
-}
-
-impl DbLimit {
-    pub fn new(max: u32) -> Arc<DbLimit> {
-        Arc::new(DbLimit {
-            max: AtomicU32::new(max),
-            used: AtomicU32::new(0),
-            pools: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Closes one idle connection of another pool of this database, if there is one.
-    fn make_room(&self, for_pool: &Pool) -> bool {
-        let pools: Vec<Arc<Pool>> = self
-            .pools
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect();
-        pools
-            .iter()
-            .filter(|p| !std::ptr::eq(p.as_ref(), for_pool))
-            .any(|p| p.close_one_idle())
-    }
-
-    fn try_acquire(&self) -> bool {
-        let max = self.max.load(Ordering::Relaxed);
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                if max == 0 || u < max {
-                    Some(u + 1)
-                } else {
-                    None
-                }
-            })
-            .is_ok()
-    }
-
-    fn release(&self) {
-        self.used.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// Why a checkout failed.
@@ -278,17 +237,14 @@ impl Pool {
     ///
     /// While the pool's database is paused, waits first for `RESUME` (that wait does not
     /// count against `wait`).
-    pub async fn checkout(
-        self: &Arc<Self>,
-        wait: Duration,
-    ) -> Result<Box<ServerConn>, CheckoutError> {
+    pub async fn checkout(self: &Arc<Self>, wait: Duration) -> Result<Checkout, CheckoutError> {
         if self.hooks.gate.is_paused(&self.database) {
             Box::pin(self.hooks.gate.wait_resumed(&self.database)).await;
         }
         let rx = {
             let mut inner = self.lock();
             if let Some(conn) = self.take_idle(&mut inner) {
-                return Ok(conn);
+                return Ok(Checkout::new(conn, self.clone()));
             }
             if inner.total < inner.settings.pool_size && self.db_limit.try_acquire() {
                 inner.total += 1;
@@ -313,7 +269,7 @@ impl Pool {
                 match Box::pin(self.open()).await {
                     Ok(conn) => {
                         slot.0 = None;
-                        Ok(conn)
+                        Ok(Checkout::new(conn, self.clone()))
                     }
                     Err((attempts, error)) => {
                         drop(slot);
@@ -322,7 +278,7 @@ impl Pool {
                 }
             }
             Some(rx) => match tokio::time::timeout(wait, rx).await {
-                Ok(Ok(Ok(handoff))) => Ok(handoff.take()),
+                Ok(Ok(Ok(handoff))) => Ok(Checkout::new(handoff.take(), self.clone())),
                 Ok(Ok(Err(error))) => Err(CheckoutError::Connect { attempts: 1, error }),
                 // The sender was dropped (pool shut down) or the wait timed out.
                 Ok(Err(_)) | Err(_) => {
@@ -338,11 +294,12 @@ impl Pool {
 
     /// An idle connection if one is usable now (and the database is not paused): the
     /// checkout that needs no wait, without the future [`Self::checkout`] makes.
-    pub fn try_checkout(self: &Arc<Self>) -> Option<Box<ServerConn>> {
+    pub fn try_checkout(self: &Arc<Self>) -> Option<Checkout> {
         if self.hooks.gate.is_paused(&self.database) {
             return None;
         }
-        self.take_idle(&mut self.lock())
+        let conn = self.take_idle(&mut self.lock())?;
+        Some(Checkout::new(conn, self.clone()))
     }
 
     fn take_idle(&self, inner: &mut Inner) -> Option<Box<ServerConn>> {
@@ -383,7 +340,7 @@ impl Pool {
                         host: self.target.host.clone(),
                         port: self.target.port,
                         local: conn.stream.local_addr().ok(),
-                        connect_time_us: crate::admin::registry::now_us(),
+                        connect_time_us: crate::registry::now_us(),
                         remote_pid: conn.cancel.pid,
                         link: Default::default(),
                         close_needed: Default::default(),
@@ -394,8 +351,7 @@ impl Pool {
                 }
                 Err(e) => {
                     self.metrics.server_connect_failures.inc();
-                    let retryable = matches!(e, ServerError::Io(_) | ServerError::Timeout)
-                        || matches!(&e, ServerError::Rejected { code, .. } if code.starts_with("57P") || code == "53300");
+                    let retryable = e.is_transient();
                     tracing::warn!(
                         database = %self.database, user = %self.user, server = %self.target.address(),
                         attempt, error = %e, "server connect failed"
@@ -417,7 +373,7 @@ impl Pool {
 
     /// Gives back an idle, clean connection: to the first waiter still waiting, or to the
     /// idle list.
-    pub fn checkin(self: &Arc<Self>, mut conn: Box<ServerConn>) {
+    fn checkin(self: &Arc<Self>, mut conn: Box<ServerConn>) {
         conn.last_used = Instant::now();
         if let Some(e) = &conn.entry {
             e.link.store(0, Ordering::Relaxed);
@@ -459,7 +415,7 @@ impl Pool {
 
     /// Closes a connection that must not be reused, and opens a replacement when clients
     /// are waiting for one.
-    pub fn discard(self: &Arc<Self>, conn: Box<ServerConn>) {
+    fn discard(self: &Arc<Self>, conn: Box<ServerConn>) {
         drop_in_background(conn);
         self.forget_one();
     }
@@ -750,22 +706,6 @@ impl Pool {
     /// The per-database connection limit this pool shares.
     pub fn db_limit(&self) -> &Arc<DbLimit> {
         &self.db_limit
-    }
-}
-
-impl DbLimit {
-    /// Applies a reloaded `max_db_connections`.
-    pub fn set_max(&self, max: u32) {
-        self.max.store(max, Ordering::Relaxed);
-    }
-
-    /// Connections open for this database across its pools.
-    pub fn used(&self) -> u32 {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    pub fn max(&self) -> u32 {
-        self.max.load(Ordering::Relaxed)
     }
 }
 

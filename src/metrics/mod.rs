@@ -9,6 +9,9 @@
 //! lookup; byte counts are summed per transaction and added once. Gauges that describe
 //! state rather than events (server connections by state, the longest wait, the hosts)
 //! are set at scrape time from the pools and the cluster monitors ([`Probe::refresh`]).
+//! `SHOW STATS`' totals and averages are computed from the same handles ([`stats`]).
+
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +55,7 @@ pub struct Metrics {
 }
 
 /// Handles for one (database, user) pool, resolved once.
+#[derive(Clone)]
 pub struct PoolMetrics {
     /// `collect_metrics`: when false, sessions skip the counting (and the clock reads
     /// that feed the histograms) altogether.
@@ -83,6 +87,7 @@ pub struct PoolMetrics {
 
 /// Counters of routing decisions (databases with several hosts only), one handle per
 /// outcome, resolved once: counting a decision is one atomic add.
+#[derive(Clone)]
 pub struct RoutingMetrics {
     /// Sent to the primary because it may write (or a route override / session setting
     /// says primary).
