@@ -74,6 +74,7 @@ fn pool(port: u16, size: u32) -> Arc<Pool> {
         },
         PoolSettings {
             pool_mode: PoolMode::Transaction,
+            session_state: pgtide::config::SessionState::Pin,
             pool_size: size,
             min_pool_size: 0,
             max_db_connections: 0,

@@ -175,7 +175,8 @@ async fn every_show_command_returns_pgbouncer_columns() {
         ("STATS", "database|total_xact_count|total_query_count|total_received|total_sent|total_xact_time|total_query_time|total_wait_time|avg_xact_count|avg_query_count|avg_recv|avg_sent|avg_xact_time|avg_query_time|avg_wait_time"),
         ("STATS_TOTALS", "database|xact_count|query_count|bytes_received|bytes_sent|xact_time|query_time|wait_time"),
         ("SERVERS", conn_cols),
-        ("CLIENTS", conn_cols),
+        // PgBouncer's columns, then pgtide's own.
+        ("CLIENTS", &format!("{conn_cols}|pinned")),
         ("DATABASES", "name|host|port|database|force_user|pool_size|min_pool_size|reserve_pool|pool_mode|max_connections|current_connections|paused|disabled"),
         ("CONFIG", "key|value|default|changeable"),
         ("VERSION", "version"),

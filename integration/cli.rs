@@ -1093,3 +1093,32 @@ fn worker_threads_sets_the_runtime_threads() {
         assert!(child.wait_timeout(TIMEOUT).is_some());
     }
 }
+
+// `pgtide route` says what transaction mode does with a statement besides routing: the
+// session state that pins, the settings that are replayed.
+#[test]
+fn route_explains_pinning_and_replayed_settings() {
+    let run = |sql: &str| {
+        let out = Command::new(PGTIDE)
+            .args(["route", sql])
+            .output()
+            .expect("run pgtide route");
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let temp = run("CREATE TEMP TABLE x (a int)");
+    assert!(
+        temp.contains("creates session state (a temporary table"),
+        "{temp}"
+    );
+    let set = run("SET app.tenant_id = '42'");
+    assert!(
+        set.contains("changes session settings (app.tenant_id)"),
+        "{set}"
+    );
+    let plain = run("SELECT 1");
+    assert!(
+        !plain.contains("session state") && !plain.contains("session settings"),
+        "{plain}"
+    );
+}

@@ -8,6 +8,7 @@ mod cluster;
 mod credentials;
 mod drivers;
 mod harness;
+mod isolation;
 mod layers;
 mod metrics;
 mod pgbench;

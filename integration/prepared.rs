@@ -726,7 +726,14 @@ async fn deallocate_name_of_a_protocol_statement() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_level_prepare_is_rejected_in_transaction_mode() {
-    let (db, _p, addr) = setup("prep_sqlprepare", |c| c.pgtide.pool_size = 1).await;
+    // session_state = "reject": PREPARE fails (with the default, "pin", it pins the
+    // client: see integration/isolation.rs); EXECUTE and DEALLOCATE of an unpinned client
+    // fail either way.
+    let (db, _p, addr) = setup("prep_sqlprepare", |c| {
+        c.pgtide.pool_size = 1;
+        c.pgtide.session_state = pgtide::config::SessionState::Reject;
+    })
+    .await;
     let c = app_at(addr, &db).await;
 
     // DEALLOCATE of a name the client never prepared gets PostgreSQL's own answer
@@ -798,7 +805,11 @@ async fn sql_level_prepare_is_rejected_in_transaction_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_level_prepare_through_a_named_parse_leaves_nothing_on_the_server() {
-    let (db, _p, addr) = setup("prep_sqlprepare_named", |c| c.pgtide.pool_size = 1).await;
+    let (db, _p, addr) = setup("prep_sqlprepare_named", |c| {
+        c.pgtide.pool_size = 1;
+        c.pgtide.session_state = pgtide::config::SessionState::Reject;
+    })
+    .await;
     // Two clients, the same statement name, one server connection.
     let mut codes = Vec::new();
     let mut last = None;

@@ -219,6 +219,20 @@ fn route(sql: &str, write_functions: &[String], no_hints: bool) -> ExitCode {
             }
         }
     }
+    // What transaction mode does about it besides routing.
+    if let Some(what) = pgtide::router::session_state::session_state(text.as_bytes()) {
+        println!(
+            "creates session state ({what}): in transaction mode the client is pinned to its server connection (session_state = \"pin\") or the statement fails with 0A000 (\"reject\")"
+        );
+    }
+    let mut settings = Vec::new();
+    pgtide::params::settings_named(text.as_bytes(), |n| settings.push(n.to_string()));
+    if !settings.is_empty() {
+        println!(
+            "changes session settings ({}): kept for this client and replayed on every server connection it gets",
+            settings.join(", ")
+        );
+    }
     ExitCode::SUCCESS
 }
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::router::lexer::{any_statement, contains_ci, has_word};
+use crate::router::lexer::{any_statement, contains_ci, has_word, Lexer, Token};
 use crate::router::quote::{quote_ident, quote_literal};
 
 /// Parameters pgtide keeps per client and re-applies on every server it gets, besides
@@ -206,6 +206,18 @@ impl ClientParams {
         }
     }
 
+    /// A statement may have changed `name` (lower-case) for the session: it is synced
+    /// from now on, and the read-back after the transaction learns its value.
+    pub fn watch(&mut self, name: &str) {
+        if READ_ONLY.contains(&name) || self.base.is_synced(name) {
+            return;
+        }
+        if self.synced.binary_search_by(|n| (**n).cmp(name)).is_err() {
+            self.sync(name);
+            self.refingerprint();
+        }
+    }
+
     /// Every name synced to servers (the login set's, then the client's own).
     fn synced_names(&self) -> impl Iterator<Item = &str> {
         self.base
@@ -383,9 +395,173 @@ pub fn may_change_settings(sql: &[u8]) -> bool {
     }) || has_word(sql, b"set_config")
 }
 
+/// Calls `f` with the lower-case name of every setting `sql` may change for the rest of
+/// the session: `SET [SESSION] name`, `RESET name`, the special forms (`SET ROLE`,
+/// `SET TIME ZONE`, `SET NAMES`, `SET SCHEMA`, `SET XML OPTION`) and
+/// `set_config('name', ...)`. `SET LOCAL`, `SET TRANSACTION` and `SET CONSTRAINTS` end
+/// with the transaction and are skipped; `RESET ALL` and `DISCARD` name nothing (the
+/// read-back covers every name the server has). Custom names (`app.tenant_id`) count.
+pub fn settings_named(sql: &[u8], mut f: impl FnMut(&str)) {
+    let mut lexer = Lexer::new(sql);
+    let mut name = String::new();
+    // Reads a (possibly dotted, possibly quoted) setting name whose first token is
+    // `first`; leaves the lexer after it.
+    fn read_name(lexer: &mut Lexer<'_>, first: Token<'_>, name: &mut String) {
+        name.clear();
+        let mut part = Some(first);
+        loop {
+            match part {
+                Some(Token::Word(w)) => {
+                    name.push_str(&String::from_utf8_lossy(w).to_ascii_lowercase())
+                }
+                Some(Token::Other) => {
+                    let t = lexer.token_text();
+                    if t.len() >= 2 && t[0] == b'"' && t[t.len() - 1] == b'"' {
+                        name.push_str(
+                            &String::from_utf8_lossy(&t[1..t.len() - 1]).replace("\"\"", "\""),
+                        );
+                    } else {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+            match lexer.next() {
+                Some(Token::Other) if lexer.token_text() == b"." => {
+                    name.push('.');
+                    part = lexer.next();
+                }
+                _ => return,
+            }
+        }
+    }
+    let mut first = true;
+    let mut prev_set_config = false;
+    while let Some(t) = lexer.next() {
+        match t {
+            Token::Semicolon => {
+                first = true;
+                continue;
+            }
+            Token::Word(w)
+                if first
+                    && (w.eq_ignore_ascii_case(b"set") || w.eq_ignore_ascii_case(b"reset")) =>
+            {
+                first = false;
+                let mut next = lexer.next();
+                if matches!(next, Some(Token::Word(x)) if x.eq_ignore_ascii_case(b"session")) {
+                    next = lexer.next();
+                    if matches!(next, Some(Token::Word(x)) if x.eq_ignore_ascii_case(b"authorization"))
+                    {
+                        f("session_authorization");
+                        continue;
+                    }
+                }
+                let special: Option<&str> = match next {
+                    Some(Token::Word(x)) => {
+                        let is = |k: &[u8]| x.eq_ignore_ascii_case(k);
+                        if is(b"local") || is(b"transaction") || is(b"constraints") || is(b"all") {
+                            Some("")
+                        } else if is(b"role") {
+                            Some("role")
+                        } else if is(b"time") {
+                            Some("timezone")
+                        } else if is(b"names") {
+                            Some("client_encoding")
+                        } else if is(b"schema") {
+                            Some("search_path")
+                        } else if is(b"xml") {
+                            Some("xmloption")
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                };
+                match special {
+                    Some("") => {}
+                    Some(n) => f(n),
+                    None => {
+                        if let Some(t) = next {
+                            read_name(&mut lexer, t, &mut name);
+                            if !name.is_empty() {
+                                f(&name);
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            Token::Word(w) => {
+                first = false;
+                prev_set_config = w.eq_ignore_ascii_case(b"set_config");
+                continue;
+            }
+            Token::Other => {
+                first = false;
+                if prev_set_config && lexer.token_text() == b"(" {
+                    // set_config('name', value, is_local): the first argument, if a literal.
+                    if let Some(Token::Other) = lexer.next() {
+                        let t = lexer.token_text();
+                        if t.len() >= 2 && t[0] == b'\'' && t[t.len() - 1] == b'\'' {
+                            let n = String::from_utf8_lossy(&t[1..t.len() - 1])
+                                .replace("\'\'", "\'")
+                                .to_ascii_lowercase();
+                            f(&n);
+                        }
+                    }
+                }
+                prev_set_config = false;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn named(sql: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        settings_named(sql.as_bytes(), |n| v.push(n.to_string()));
+        v
+    }
+
+    #[test]
+    fn names_every_setting_a_statement_changes_for_the_session() {
+        assert_eq!(
+            named("SET statement_timeout = '1ms'"),
+            ["statement_timeout"]
+        );
+        assert_eq!(named("set session work_mem to '64MB'"), ["work_mem"]);
+        assert_eq!(named("SET app.tenant_id = '42'"), ["app.tenant_id"]);
+        assert_eq!(named("SET \"App\".\"Tenant\" = 1"), ["App.Tenant"]);
+        assert_eq!(named("RESET lock_timeout"), ["lock_timeout"]);
+        assert_eq!(named("SET ROLE alice"), ["role"]);
+        assert_eq!(named("RESET ROLE"), ["role"]);
+        assert_eq!(
+            named("SET SESSION AUTHORIZATION bob"),
+            ["session_authorization"]
+        );
+        assert_eq!(named("SET TIME ZONE 'UTC'"), ["timezone"]);
+        assert_eq!(named("SET NAMES 'UTF8'"), ["client_encoding"]);
+        assert_eq!(named("SET SCHEMA 'x'"), ["search_path"]);
+        assert_eq!(
+            named("SELECT set_config('app.user', '7', false), 1"),
+            ["app.user"]
+        );
+        assert_eq!(named("select 1; set a.b = 1; reset c"), ["a.b", "c"]);
+        for none in [
+            "SET LOCAL statement_timeout = 0",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET CONSTRAINTS ALL DEFERRED",
+            "RESET ALL",
+            "SELECT 'SET x = 1'",
+            "UPDATE t SET a = 1",
+        ] {
+            assert!(named(none).is_empty(), "{none}: {:?}", named(none));
+        }
+    }
 
     #[test]
     fn detects_set_statements() {

@@ -445,6 +445,9 @@ pub struct Ctx<'a> {
     pub search_path: &'a [u8],
     /// Answers pgtide gives at once (append to the client's output).
     pub to_client: &'a mut Vec<u8>,
+    /// The client is pinned to this server (the session-state guard): its SQL-level
+    /// PREPARE / EXECUTE / DEALLOCATE run there as on a dedicated connection.
+    pub sql_prepared_allowed: bool,
 }
 
 impl Ctx<'_> {
@@ -621,7 +624,7 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
                 cx.server.clear();
                 fx.deallocates_all = true;
             }
-            if rejected {
+            if rejected && !cx.sql_prepared_allowed {
                 return (
                     ClientAction::Replace(query_message(SQL_PREPARE_REJECTED)),
                     fx,
@@ -642,7 +645,7 @@ pub fn on_client_message(t: u8, body: &[u8], cx: &mut Ctx<'_>) -> (ClientAction,
                 fx.deallocates_all = true;
             }
             let rejected_rest;
-            let rest = if rejected {
+            let rest = if rejected && !cx.sql_prepared_allowed {
                 rejected_rest = parse_rest(SQL_PREPARE_REJECTED);
                 &rejected_rest[..]
             } else {
@@ -947,6 +950,7 @@ mod tests {
                 max_per_server: self.max,
                 search_path: b"",
                 to_client: &mut self.to_client,
+                sql_prepared_allowed: false,
             };
             on_client_message(t, body, &mut cx).0
         }
@@ -1151,6 +1155,7 @@ mod tests {
             max_per_server: 10,
             search_path: b"",
             to_client: &mut w.to_client,
+            sql_prepared_allowed: false,
         };
         let (_, fx) = on_client_message(tag::QUERY, &q, &mut cx);
         assert!(fx.deallocates_all);

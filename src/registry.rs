@@ -126,6 +126,9 @@ pub struct ClientEntry {
     /// Id of the server connection this client uses (0: none).
     pub link: AtomicU64,
     killed: AtomicBool,
+    /// Why the client keeps its server connection in transaction mode (session state it
+    /// created), once it does.
+    pinned: std::sync::OnceLock<&'static str>,
     /// Wakes the client's session: `KILL`, and every change of the shutdown phase
     /// ([`ClientEntry::wake`]), so that a session needs no wait of its own for those.
     /// One waker: only the client's own task waits on its entry.
@@ -153,8 +156,19 @@ impl ClientEntry {
             wait_since_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
             killed: AtomicBool::new(false),
+            pinned: std::sync::OnceLock::new(),
             wake: AtomicWaker::new(),
         }
+    }
+
+    /// The client created session state and keeps its server: `why` names it.
+    pub fn pin(&self, why: &'static str) {
+        let _ = self.pinned.set(why);
+    }
+
+    /// What pinned the client to its server, if anything did.
+    pub fn pinned(&self) -> Option<&'static str> {
+        self.pinned.get().copied()
     }
 
     /// Records a state change (a few atomic stores; called per transaction).

@@ -362,7 +362,14 @@ fn servers(shared: &Shared) -> ResultSet {
 }
 
 fn clients(shared: &Shared) -> ResultSet {
-    let mut r = ResultSet::new(CONNECTION_COLUMNS);
+    // PgBouncer's columns, then what pinned a transaction-mode client to its server
+    // (empty: nothing did).
+    let columns: Vec<(&str, Type)> = CONNECTION_COLUMNS
+        .iter()
+        .cloned()
+        .chain([("pinned", T)])
+        .collect();
+    let mut r = ResultSet::new(&columns);
     let now = now_us();
     for (id, c) in shared.clients().snapshot() {
         let wait = c.waiting_us(now);
@@ -389,6 +396,7 @@ fn clients(shared: &Shared) -> ResultSet {
             s(0),
             s(""),
             s(&c.application_name),
+            s(c.pinned().unwrap_or("")),
         ]);
     }
     r

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::Peer;
 use crate::cancel::CancelSlot;
-use crate::config::{ClientSslMode, PoolMode};
+use crate::config::{ClientSslMode, PoolMode, SessionState};
 use crate::params::ClientParams;
 use crate::pool::{Pool, PoolSet};
 use crate::protocol::backend;
@@ -31,6 +31,8 @@ pub(super) struct LoggedIn {
     /// client's (not copied per client). Replaced when a reload or KILL retires them.
     pub pools: Arc<PoolSet>,
     pub mode: PoolMode,
+    /// Transaction mode: what session state the client creates gets.
+    pub session_state: SessionState,
     pub params: ClientParams,
     pub key_pid: i32,
     pub cancel: Arc<CancelSlot>,
@@ -466,7 +468,8 @@ async fn login_inner(
         shared.cancels().unregister(key_pid);
         return Err(NoSession::Done);
     }
-    let mode = pool.settings().pool_mode;
+    let settings = pool.settings();
+    let (mode, session_state) = (settings.pool_mode, settings.session_state);
     if config.pgtide.log_connections {
         tracing::info!(%user, %database, %mode, addr = %peer.addr, tls = peer.tls, "client logged in");
     }
@@ -484,6 +487,7 @@ async fn login_inner(
     Ok(LoggedIn {
         pools,
         mode,
+        session_state,
         params,
         key_pid,
         cancel,

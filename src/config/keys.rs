@@ -46,6 +46,7 @@ pub const GENERAL_KEYS: &[(&str, Reload)] = &[
     ("server_tls_key_file", Restart),
     // Everything else applies live.
     ("pool_mode", Live),
+    ("session_state", Live),
     ("pool_size", Live),
     ("min_pool_size", Live),
     ("max_db_connections", Live),

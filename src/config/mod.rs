@@ -28,6 +28,28 @@ pub enum PoolMode {
     Session,
 }
 
+/// What a transaction-mode client that creates session state (a temp table, a session
+/// advisory lock, LISTEN, a WITH HOLD cursor, SQL PREPARE, LOAD, SET SESSION
+/// AUTHORIZATION) gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    /// The client keeps its server connection until it leaves, as in session mode; the
+    /// server is reset (`DISCARD ALL`) before anyone else gets it.
+    Pin,
+    /// The statement fails with SQLSTATE 0A000 before it reaches the server.
+    Reject,
+}
+
+impl fmt::Display for SessionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SessionState::Pin => "pin",
+            SessionState::Reject => "reject",
+        })
+    }
+}
+
 impl fmt::Display for PoolMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -294,6 +316,9 @@ pub struct General {
     pub listen: SocketAddr,
     /// `transaction` (default) or `session`.
     pub pool_mode: PoolMode,
+    /// Transaction mode: what a client that creates session state gets (`pin`, the
+    /// default, or `reject`).
+    pub session_state: SessionState,
     /// Server connections per (database, user) pool.
     pub pool_size: u32,
     /// Server connections each pool keeps open even when idle.
@@ -437,6 +462,7 @@ impl Default for General {
         General {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
             pool_mode: PoolMode::Transaction,
+            session_state: SessionState::Pin,
             pool_size: 20,
             min_pool_size: 0,
             max_db_connections: 0,
@@ -541,6 +567,8 @@ pub struct Database {
     pub dbname: Option<String>,
     /// Overrides `[pgtide].pool_mode` for this database.
     pub pool_mode: Option<PoolMode>,
+    /// Overrides `[pgtide].session_state` for this database.
+    pub session_state: Option<SessionState>,
     /// Overrides `[pgtide].pool_size` for this database.
     pub pool_size: Option<u32>,
     /// Overrides `[pgtide].min_pool_size` for this database.
@@ -596,6 +624,7 @@ impl Default for Database {
             port: 5432,
             dbname: None,
             pool_mode: None,
+            session_state: None,
             pool_size: None,
             min_pool_size: None,
             max_db_connections: None,
@@ -652,6 +681,8 @@ pub struct User {
     pub auth_type: Option<AuthType>,
     /// Overrides the pool mode for this user (wins over the database's).
     pub pool_mode: Option<PoolMode>,
+    /// Overrides `session_state` for this user (wins over the database's).
+    pub session_state: Option<SessionState>,
     /// Overrides the pool size for this user (wins over the database's).
     pub pool_size: Option<u32>,
     /// Where this user's transactions go (wins over the database's `route`).
@@ -680,6 +711,7 @@ pub struct ServerTlsSettings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolSettings {
     pub pool_mode: PoolMode,
+    pub session_state: SessionState,
     pub pool_size: u32,
     pub min_pool_size: u32,
     pub max_db_connections: u32,
@@ -827,6 +859,10 @@ impl Config {
                 .and_then(|u| u.pool_mode)
                 .or(d.and_then(|d| d.pool_mode))
                 .unwrap_or(g.pool_mode),
+            session_state: u
+                .and_then(|u| u.session_state)
+                .or(d.and_then(|d| d.session_state))
+                .unwrap_or(g.session_state),
             pool_size: u
                 .and_then(|u| u.pool_size)
                 .or(d.and_then(|d| d.pool_size))

@@ -2,7 +2,8 @@
 
 use super::super::{
     AuthType, Config, ConfigDuration, Database, General, HostConfig, HostRole, LoadBalance,
-    PoolMode, ReadYourWrites, ReplicaFallback, Route, ServerSslMode, User, DEFAULT_AUTH_QUERY,
+    PoolMode, ReadYourWrites, ReplicaFallback, Route, ServerSslMode, SessionState, User,
+    DEFAULT_AUTH_QUERY,
 };
 use super::*;
 use std::time::Duration;
@@ -184,6 +185,7 @@ fn key_tables_match_the_types() {
         server_tls_ca_file: Some("ca.pem".into()),
         server_tls_cert_file: Some("c.pem".into()),
         server_tls_key_file: Some("k.pem".into()),
+        session_state: Some(SessionState::Reject),
         ..Database::default()
     };
     assert_eq!(serialized_keys(&d), table_keys(DATABASE_KEYS));
@@ -198,6 +200,7 @@ fn key_tables_match_the_types() {
         password: Some("x".into()),
         auth_type: Some(AuthType::Md5),
         pool_mode: Some(PoolMode::Session),
+        session_state: Some(SessionState::Reject),
         pool_size: Some(1),
         route: Some(Route::Primary),
     };
@@ -208,6 +211,10 @@ fn key_tables_match_the_types() {
 fn enum_tables_match_the_types() {
     for m in POOL_MODES {
         let v: PoolMode = toml::Value::String(m.to_string()).try_into().unwrap();
+        assert_eq!(v.to_string(), *m);
+    }
+    for m in SESSION_STATES {
+        let v: SessionState = toml::Value::String(m.to_string()).try_into().unwrap();
         assert_eq!(v.to_string(), *m);
     }
     for a in AUTH_TYPES {
@@ -303,7 +310,7 @@ fn unknown_keys_list_the_allowed_keys() {
     );
     assert!(ps[0].contains("did you mean \"password\"?"), "{}", ps[0]);
     assert!(
-        ps[0].contains("password, auth_type, pool_mode, pool_size"),
+        ps[0].contains("password, auth_type, pool_mode, session_state, pool_size"),
         "{}",
         ps[0]
     );

@@ -89,6 +89,7 @@ pub(super) enum Kind {
 }
 
 pub(super) const POOL_MODES: &[&str] = &["transaction", "session"];
+pub(super) const SESSION_STATES: &[&str] = &["pin", "reject"];
 pub(super) const AUTH_TYPES: &[&str] = &["trust", "md5", "scram-sha-256", "cert"];
 pub(super) const CLIENT_SSLMODES: &[&str] = &[
     "disable",
@@ -144,6 +145,7 @@ const SERVER_TLS_KEYS: [(&str, Kind); 4] = [
 pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("listen", Kind::Listen),
     ("pool_mode", Kind::Enum(POOL_MODES)),
+    ("session_state", Kind::Enum(SESSION_STATES)),
     ("pool_size", Kind::U32),
     ("min_pool_size", Kind::U32),
     ("max_db_connections", Kind::U32),
@@ -210,6 +212,7 @@ pub(super) const DATABASE_KEYS: &[(&str, Kind)] = &[
     ("hosts", Kind::Hosts),
     ("route", Kind::Enum(ROUTES)),
     ("pool_mode", Kind::Enum(POOL_MODES)),
+    ("session_state", Kind::Enum(SESSION_STATES)),
     ("pool_size", Kind::U32),
     ("min_pool_size", Kind::U32),
     ("max_db_connections", Kind::U32),
@@ -240,6 +243,7 @@ pub(super) const USER_KEYS: &[(&str, Kind)] = &[
     ("password", Kind::Secret),
     ("auth_type", Kind::Enum(AUTH_TYPES)),
     ("pool_mode", Kind::Enum(POOL_MODES)),
+    ("session_state", Kind::Enum(SESSION_STATES)),
     ("pool_size", Kind::U32),
     ("route", Kind::Enum(ROUTES)),
 ];

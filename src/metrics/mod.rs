@@ -29,6 +29,7 @@ pub struct Metrics {
     /// `collect_metrics`: whether sessions count at all.
     collect: bool,
     clients: IntGaugeVec,
+    clients_pinned: IntGaugeVec,
     servers: IntGaugeVec,
     longest_wait: prometheus::GaugeVec,
     wait_seconds: HistogramVec,
@@ -63,6 +64,8 @@ pub struct PoolMetrics {
     pub clients_active: IntGauge,
     pub clients_waiting: IntGauge,
     pub clients_idle: IntGauge,
+    /// Transaction-mode clients pinned to their server by session state.
+    pub clients_pinned: IntGauge,
     pub wait_seconds: prometheus::Histogram,
     pub transaction_seconds: prometheus::Histogram,
     pub query_seconds: prometheus::Histogram,
@@ -215,6 +218,12 @@ impl Metrics {
                 "Client connections by state: active (has a server), waiting (for a server), idle",
                 &["database", "user", "state"],
             ),
+            clients_pinned: gauge(
+                &registry,
+                "clients_pinned",
+                "Transaction-mode clients that keep their server connection because they created session state (session_state = \"pin\")",
+                du,
+            ),
             servers: gauge(
                 &registry,
                 "servers",
@@ -331,6 +340,7 @@ impl Metrics {
             clients_active: clients("active"),
             clients_waiting: clients("waiting"),
             clients_idle: clients("idle"),
+            clients_pinned: self.clients_pinned.with_label_values(&du),
             wait_seconds: self.wait_seconds.with_label_values(&du),
             transaction_seconds: self.transaction_seconds.with_label_values(&du),
             query_seconds: self.query_seconds.with_label_values(&du),

@@ -7,6 +7,29 @@ use super::{cstr, tag};
 
 use super::put_message as with_len;
 
+/// True for the message types a client may send once logged in (PostgreSQL's
+/// `PostgresMain` accepts exactly these; any other type is a protocol violation that ends
+/// the backend). CopyData, CopyDone and CopyFail are valid outside COPY too: the server
+/// ignores them there.
+pub fn is_message_type(t: u8) -> bool {
+    matches!(
+        t,
+        tag::QUERY
+            | tag::PARSE
+            | tag::BIND
+            | tag::DESCRIBE
+            | tag::EXECUTE
+            | tag::CLOSE
+            | tag::FLUSH
+            | tag::SYNC
+            | tag::FUNCTION_CALL
+            | tag::TERMINATE
+            | tag::COPY_DATA
+            | tag::COPY_DONE
+            | tag::COPY_FAIL
+    )
+}
+
 /// StartupMessage for protocol 3.0 with the given parameters.
 pub fn startup_message<'a>(
     buf: &mut BytesMut,

@@ -7,3 +7,4 @@ pub mod classify;
 pub mod lexer;
 pub mod quote;
 pub mod route;
+pub mod session_state;

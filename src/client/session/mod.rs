@@ -12,6 +12,7 @@
 //! a client that pipelines many batches before it reads cannot deadlock the pair.
 
 mod attach;
+mod guard;
 mod io;
 mod recover;
 mod route;
@@ -72,6 +73,9 @@ fn serve(
             ClientState::Idle => session.login.pools.metrics.clients_idle.dec(),
             ClientState::Waiting => session.login.pools.metrics.clients_waiting.dec(),
             ClientState::Active => session.login.pools.metrics.clients_active.dec(),
+        }
+        if session.pinned().is_some() {
+            session.login.pools.metrics.clients_pinned.dec();
         }
         session.shared.cancels().unregister(session.login.key_pid);
         if session.shared.config().pgtide.log_connections {
@@ -218,6 +222,9 @@ struct Rare {
     /// CommandComplete and a ReadyForQuery: `hide_begin_reply`) hidden.
     deferred_begin: Option<Vec<u8>>,
     hide_begin_reply: u8,
+    /// Transaction mode: the session state that pinned the client to its server (it
+    /// keeps the server until it leaves).
+    pinned: Option<&'static str>,
 }
 
 enum Event {
@@ -366,7 +373,10 @@ impl Session {
             Phase::Draining => {
                 let idle = match self.server {
                     None => true,
-                    Some(_) => self.login.mode == PoolMode::Session && self.server_idle(),
+                    Some(_) => {
+                        (self.login.mode == PoolMode::Session || self.pinned().is_some())
+                            && self.server_idle()
+                    }
                 };
                 if idle {
                     return Err(self
@@ -471,7 +481,11 @@ impl Session {
         if let Some(msg) = self.rare.as_mut().and_then(|r| r.server_fatal.take()) {
             return Err(self.server_lost(&msg).await_told(self).await);
         }
-        if self.server.is_some() && self.login.mode == PoolMode::Transaction && self.server_idle() {
+        if self.server.is_some()
+            && self.login.mode == PoolMode::Transaction
+            && self.server_idle()
+            && self.pinned().is_none()
+        {
             self.release().await;
             if self.signal.phase() != Phase::Running {
                 // Shutting down: this client is idle now; the next turn tells it.
@@ -483,9 +497,10 @@ impl Session {
                 return Ok(());
             }
         }
-        if self.terminated && (self.server.is_none() || self.pending == 0) {
-            // Everything the client sent before Terminate has been answered; what is
-            // left open (a transaction, a batch without Sync) the cleanup closes.
+        if self.terminated && (self.server.is_none() || self.pending == 0 || self.copy_in) {
+            // Everything the client sent before Terminate has been answered (or a COPY
+            // FROM STDIN waits for data that will never come); what is left open (a
+            // transaction, a batch without Sync, the COPY) the cleanup closes.
             return Err(End::ClientLeft);
         }
         if self.server.is_none() && self.c2s.is_empty() && self.s2c.is_empty() {

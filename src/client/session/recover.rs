@@ -24,6 +24,15 @@ impl Session {
         )))
     }
 
+    /// The client sent a message type the protocol does not have (PostgreSQL would end
+    /// the session with the same error): nothing of it reaches the server.
+    pub(super) fn invalid_message_type(&mut self, t: u8) -> End {
+        End::Client(Box::new(Error::client(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("protocol violation: invalid frontend message type {t}"),
+        )))
+    }
+
     /// The server connection broke while the client was using it.
     pub(super) fn server_lost(&mut self, why: &str) -> ServerLost {
         let address = self
@@ -54,6 +63,8 @@ impl Session {
     pub(super) async fn finish(&mut self, end: &End) {
         if let End::Client(e) = end {
             if e.code == sqlstate::PROTOCOL_VIOLATION {
+                let (user, database) = (self.login.user(), self.login.database());
+                tracing::warn!(%user, %database, error = %e.message, has_server = self.server.is_some(), "client broke the protocol: its session ends");
                 let fatal = crate::stream::send_fatal(&mut self.client, &e.code, &e.message, None);
                 let _ = tokio::time::timeout(Duration::from_secs(1), fatal).await;
             }
@@ -80,9 +91,11 @@ impl Session {
         drop(resetting);
     }
 
-    /// Brings a server whose client is gone back to idle: ends a COPY, syncs an open
-    /// extended batch, cancels a running query, rolls back a transaction, and in session
-    /// mode runs `server_reset_query`. `None` when that fails (the connection is closed).
+    /// Brings a server whose client is gone back to idle: ends a COPY, cancels a running
+    /// query, rolls back a transaction, and in session mode runs `server_reset_query`
+    /// (`DISCARD ALL` for a pinned transaction-mode client). An extended batch the client
+    /// never synced closes the connection instead (a Sync would commit it). `None` when
+    /// the server is not reusable (the connection is closed).
     async fn recover(&mut self, mut server: Checkout) -> Option<Checkout> {
         let timeout = self.shared.internal_timeout();
         let give_up = |server: Checkout| {
@@ -95,6 +108,14 @@ impl Session {
         {
             // Part of a message went out, or unsent client bytes: the server's state
             // cannot be completed safely.
+            return give_up(server);
+        }
+        if self.unsynced && !self.copy_in {
+            // Extended-protocol messages without their Sync: a Sync now would commit
+            // the implicit transaction they run in, which the client never asked for.
+            // PostgreSQL itself sees the client's socket close and rolls back: so does
+            // closing this connection.
+            tracing::debug!("client left inside an unsynced batch: closing its server connection");
             return give_up(server);
         }
         let mut out = BytesMut::new();
@@ -134,8 +155,15 @@ impl Session {
                 _ => return give_up(server),
             }
         }
-        if self.login.mode == PoolMode::Session {
-            let reset = self.shared.config().pgtide.server_reset_query.clone();
+        let pinned = self.pinned().is_some();
+        if self.login.mode == PoolMode::Session || pinned {
+            // A pinned client's session state (temp tables, advisory locks, LISTEN,
+            // cursors, prepared statements, settings) goes, whatever is configured.
+            let reset = if pinned {
+                "DISCARD ALL".to_string()
+            } else {
+                self.shared.config().pgtide.server_reset_query.clone()
+            };
             if !reset.trim().is_empty() {
                 match server.run_internal(&reset, timeout).await {
                     Ok(r) if r.error.is_none() => {
@@ -146,6 +174,10 @@ impl Session {
                             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                             .collect();
                         server.params_match = None;
+                        if pinned {
+                            // DISCARD ALL deallocated them.
+                            server.statements.clear();
+                        }
                     }
                     _ => return give_up(server),
                 }

@@ -4,10 +4,11 @@
 
 use super::io::splice;
 use super::{End, Session, RETRY_MAX};
-use crate::params::may_change_settings;
+use crate::params::{may_change_settings, settings_named};
 use crate::prepared;
 use crate::protocol::backend;
 use crate::protocol::{frontend, sqlstate, status, tag};
+use crate::router::session_state::session_state;
 
 pub(super) fn client_whole(t: u8) -> bool {
     matches!(t, tag::QUERY | tag::PARSE | tag::TERMINATE)
@@ -58,8 +59,17 @@ impl Session {
             let frame = match self.c_scan.next(&self.c2s, &mut pos, whole) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => return Err(self.protocol_error(e)),
+                Err(e) => {
+                    // What was framed before it is accounted for; nothing from here on
+                    // may reach the server.
+                    self.c_ready = start;
+                    return Err(self.protocol_error(e));
+                }
             };
+            if !frontend::is_message_type(frame.tag) {
+                self.c_ready = start;
+                return Err(self.invalid_message_type(frame.tag));
+            }
             if self.tracked && self.server.is_none() && frame.tag == tag::FLUSH {
                 // Nothing is pending without a server: the Flush has nothing to push.
                 splice(&mut self.c2s, start..pos, &[]);
@@ -107,19 +117,37 @@ impl Session {
                 break;
             }
             let mut counted = true;
+            let frame_tag = frame.tag;
+            // Transaction mode: session state this message would create.
+            let guard = self.guards_session_state();
+            let mut state = None;
             match frame.tag {
                 tag::QUERY => {
                     self.pending += 1;
                     self.copy_window_open = true;
                     self.copy_window_syncs = 0;
                     if let Some(sql) = frame.body.and_then(frontend::query_text) {
-                        self.settings_changed |= may_change_settings(sql);
+                        if may_change_settings(sql) {
+                            self.settings_changed = true;
+                            let params = &mut self.login.params;
+                            settings_named(sql, |n| params.watch(n));
+                        }
+                        if guard {
+                            state = session_state(sql);
+                        }
                     }
                 }
                 tag::PARSE => {
                     self.unsynced = true;
                     if let Some((_, sql)) = frame.body.and_then(frontend::parse_statement) {
-                        self.settings_changed |= may_change_settings(sql);
+                        if may_change_settings(sql) {
+                            self.settings_changed = true;
+                            let params = &mut self.login.params;
+                            settings_named(sql, |n| params.watch(n));
+                        }
+                        if guard {
+                            state = session_state(sql);
+                        }
                     }
                 }
                 tag::SYNC => {
@@ -163,8 +191,11 @@ impl Session {
                     }
                 }
             }
-            if self.tracked && counted && owes_answer(frame.tag) {
-                self.track_client_message(frame.tag, start, &mut pos);
+            if let Some(what) = state {
+                self.on_session_state(frame_tag, what, start, &mut pos);
+            }
+            if self.tracked && counted && owes_answer(frame_tag) {
+                self.track_client_message(frame_tag, start, &mut pos);
             }
         }
         self.c_ready = pos;
@@ -178,6 +209,7 @@ impl Session {
             return;
         };
         let mut to_client = Vec::new();
+        let pinned = self.rare.as_ref().is_some_and(|r| r.pinned.is_some());
         let p = self.prepared.get_or_insert_with(Box::default);
         let (action, effects) = {
             let mut cx = prepared::Ctx {
@@ -188,6 +220,7 @@ impl Session {
                 max_per_server: self.shared.config().pgtide.max_prepared_statements as usize,
                 search_path: self.login.params.search_path().unwrap_or("").as_bytes(),
                 to_client: &mut to_client,
+                sql_prepared_allowed: pinned,
             };
             prepared::on_client_message(t, &self.c2s[start + 5..*end], &mut cx)
         };
