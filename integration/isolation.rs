@@ -664,3 +664,50 @@ async fn session_state_can_be_rejected() {
     // Transaction-scoped forms are fine.
     a.simple("BEGIN; CREATE TEMP TABLE tx (a int) ON COMMIT DROP; SELECT pg_advisory_xact_lock(1); COMMIT").await;
 }
+
+// A pinned client whose session state is gone (lock released, table dropped, UNLISTEN,
+// cursor closed, statement deallocated) is unpinned: others get its server again while
+// it stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_session_state_is_gone_is_unpinned() {
+    let db = database_with_t("iso_unpin");
+    let pooler = pgtide_of_one(&db).await;
+    let addr = pooler.local_addr();
+    let ends = [
+        "DROP TABLE tt",
+        "SELECT pg_advisory_unlock(4242)",
+        "UNLISTEN iso_channel",
+        "CLOSE hc",
+        "DEALLOCATE iso_p",
+    ];
+    for ((create, check), end) in SESSION_STATE.iter().zip(ends) {
+        let mut a = RawPg::login(addr, USER, &db, &[]).await;
+        let a_port = a.stream.local_addr().unwrap().port();
+        a.simple(create).await;
+        assert_eq!(a.one(check).await, "1");
+        // B needs the one server connection, which A holds.
+        let mut b = RawPg::login(addr, USER, &db, &[]).await;
+        let b_query = tokio::spawn(async move {
+            let v = b.one("SELECT 'b ran'").await;
+            (b, v)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !b_query.is_finished(),
+            "{create}: B got a server while A was pinned"
+        );
+        a.simple(end).await;
+        let (b, v) = harness::to("B's query once A is unpinned", b_query)
+            .await
+            .expect("B's task");
+        assert_eq!(v, "b ran");
+        assert_eq!(
+            pinned_column(addr, a_port).await.as_deref(),
+            Some(""),
+            "{create} / {end}"
+        );
+        assert_eq!(a.one(check).await, "0", "{end}");
+        leave(b, Leave::Terminate).await;
+        leave(a, Leave::Terminate).await;
+    }
+}

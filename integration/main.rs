@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod credentials;
 mod drivers;
+mod fidelity;
 mod harness;
 mod isolation;
 mod layers;

@@ -471,7 +471,7 @@ async fn vanished_client_running_a_query_leaves_no_lock() {
 
 // 4 ─ pg_terminate_backend on a server in use, and on an idle pooled one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminated_backend_gives_08006_and_pool_recovers() {
+async fn terminated_backend_gives_57p01_and_pool_recovers() {
     let db = harness::fresh_database("pool_term");
     let mut cfg = harness::config_for(&db);
     cfg.pgtide.pool_size = 1;
@@ -489,10 +489,11 @@ async fn terminated_backend_gives_08006_and_pool_recovers() {
         .await
         .expect_err("A's transaction lost its server: the next query must fail");
     let code = failure_code(&err, da).await;
+    // What PostgreSQL itself tells a client whose backend is terminated.
     assert_eq!(
         code,
-        Some(SqlState::CONNECTION_FAILURE),
-        "A must be told 08006: {err}"
+        Some(SqlState::ADMIN_SHUTDOWN),
+        "A must be told the server's 57P01: {err}"
     );
 
     let (c, _dc) = app(addr, &db).await;

@@ -128,7 +128,7 @@ pub struct ClientEntry {
     killed: AtomicBool,
     /// Why the client keeps its server connection in transaction mode (session state it
     /// created), once it does.
-    pinned: std::sync::OnceLock<&'static str>,
+    pinned: std::sync::Mutex<Option<&'static str>>,
     /// Wakes the client's session: `KILL`, and every change of the shutdown phase
     /// ([`ClientEntry::wake`]), so that a session needs no wait of its own for those.
     /// One waker: only the client's own task waits on its entry.
@@ -156,19 +156,20 @@ impl ClientEntry {
             wait_since_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
             killed: AtomicBool::new(false),
-            pinned: std::sync::OnceLock::new(),
+            pinned: std::sync::Mutex::new(None),
             wake: AtomicWaker::new(),
         }
     }
 
-    /// The client created session state and keeps its server: `why` names it.
-    pub fn pin(&self, why: &'static str) {
-        let _ = self.pinned.set(why);
+    /// The client created session state and keeps its server (`Some`: what), or its
+    /// session state is gone (`None`).
+    pub fn set_pinned(&self, why: Option<&'static str>) {
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
-    /// What pinned the client to its server, if anything did.
+    /// What pinned the client to its server, if anything does.
     pub fn pinned(&self) -> Option<&'static str> {
-        self.pinned.get().copied()
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records a state change (a few atomic stores; called per transaction).

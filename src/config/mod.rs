@@ -34,8 +34,9 @@ pub enum PoolMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionState {
-    /// The client keeps its server connection until it leaves, as in session mode; the
-    /// server is reset (`DISCARD ALL`) before anyone else gets it.
+    /// The client keeps its server connection, as in session mode, until the state is
+    /// gone or it leaves; then the server is reset (`DISCARD ALL`) before anyone else
+    /// gets it.
     Pin,
     /// The statement fails with SQLSTATE 0A000 before it reaches the server.
     Reject,

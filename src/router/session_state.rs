@@ -127,6 +127,32 @@ pub fn session_state(sql: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// Whether `sql` may end session state (UNLISTEN, an advisory unlock, DROP, CLOSE,
+/// DEALLOCATE, DISCARD): a pinned client's transaction that may have is followed by a
+/// check whether anything is left.
+pub fn may_end_session_state(sql: &[u8]) -> bool {
+    const NEEDLES: &[&[u8]] = &[
+        b"unlisten",
+        b"unlock",
+        b"drop",
+        b"close",
+        b"deallocate",
+        b"discard",
+    ];
+    NEEDLES.iter().any(|n| contains_ci(sql, n))
+}
+
+/// Whether the state `what` ([`session_state`]'s answer) can be gone while the session
+/// goes on: a loaded library and a changed session authorization cannot be seen to go.
+pub fn can_end(what: &str) -> bool {
+    what != "LOAD" && what != "SET SESSION AUTHORIZATION"
+}
+
+/// The query that counts what session state a server connection holds (temporary
+/// relations, advisory locks, channels listened to, open cursors, SQL-level prepared
+/// statements): 0 means none.
+pub const LEFT_QUERY: &str = "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) + (SELECT count(*) FROM pg_listening_channels()) + (SELECT count(*) FROM pg_cursors) + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) + (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())";
+
 #[derive(Default)]
 struct Statement {
     temp: bool,

@@ -1,7 +1,9 @@
 //! The session-state guard (transaction mode): a statement that creates state living
 //! past its transaction on the server connection ([`crate::router::session_state`])
-//! either pins the client to that connection until it leaves (`session_state = "pin"`;
-//! the connection is then reset with `DISCARD ALL` before anyone else gets it) or is
+//! either pins the client to that connection until the state is gone (checked with
+//! [`LEFT_QUERY`] after a transaction that may have ended it) or the client leaves
+//! (`session_state = "pin"`; the connection is then reset with `DISCARD ALL` before
+//! anyone else gets it) or is
 //! replaced, before it reaches the server, by one that fails with SQLSTATE 0A000
 //! (`"reject"`), so that the client's transaction state stays the server's own.
 
@@ -12,17 +14,59 @@ use super::Session;
 use crate::config::{PoolMode, SessionState};
 use crate::protocol::{cstr, tag};
 use crate::router::quote::quote_literal;
+use crate::router::session_state::{can_end, LEFT_QUERY};
 
 impl Session {
-    /// Whether statements must be checked for session state: transaction mode, and the
-    /// client is not pinned already.
+    /// Whether statements must be checked for session state: transaction mode.
     pub(super) fn guards_session_state(&self) -> bool {
-        self.login.mode == PoolMode::Transaction && self.pinned().is_none()
+        self.login.mode == PoolMode::Transaction
     }
 
     /// What pinned this client to its server, if anything did.
     pub(super) fn pinned(&self) -> Option<&'static str> {
         self.rare.as_ref().and_then(|r| r.pinned)
+    }
+
+    /// After a pinned client's transaction that may have ended its session state: asks
+    /// the server whether any is left, and unpins the client when none is (its next
+    /// transaction may get any server; its settings follow it as usual).
+    pub(super) async fn try_unpin(&mut self) {
+        let Some(rare) = self.rare.as_mut() else {
+            return;
+        };
+        rare.unpin_check = false;
+        if rare.pinned.is_none() || rare.pinned_for_good {
+            return;
+        }
+        let timeout = self.shared.internal_timeout();
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        match server.run_internal(LEFT_QUERY, timeout).await {
+            Ok(r) if r.error.is_none() => {
+                let left = r
+                    .rows
+                    .first()
+                    .and_then(|row| row.first().cloned().flatten());
+                if left.as_deref() == Some("0") {
+                    let (user, database) = (self.login.user(), self.login.database());
+                    tracing::info!(%user, %database, "client unpinned: its session state is gone");
+                    self.login.entry.set_pinned(None);
+                    self.login.pools.metrics.clients_pinned.dec();
+                    self.rare().pinned = None;
+                }
+            }
+            Ok(r) => {
+                // The check itself failed (the server is idle, so this is odd): stay
+                // pinned; the reset at the end covers it.
+                tracing::warn!(error = ?r.error, "could not check a pinned client's session state");
+            }
+            Err(e) => {
+                self.rare().server_fatal = Some(super::ServerEnd::Broken(format!(
+                    "checking the session state failed: {e}"
+                )));
+            }
+        }
     }
 
     /// The message at `c2s[start..*end]` (a Query or a Parse) creates `what`.
@@ -33,15 +77,22 @@ impl Session {
         start: usize,
         end: &mut usize,
     ) {
-        let (user, database) = (self.login.user(), self.login.database());
         match self.login.session_state {
             SessionState::Pin => {
-                tracing::info!(%user, %database, reason = what, "client pinned to its server connection until it disconnects (session_state = \"pin\")");
-                self.login.entry.pin(what);
+                if !can_end(what) {
+                    self.rare().pinned_for_good = true;
+                }
+                if self.pinned().is_some() {
+                    return;
+                }
+                let (user, database) = (self.login.user(), self.login.database());
+                tracing::info!(%user, %database, reason = what, "client pinned to its server connection (session_state = \"pin\")");
+                self.login.entry.set_pinned(Some(what));
                 self.login.pools.metrics.clients_pinned.inc();
                 self.rare().pinned = Some(what);
             }
             SessionState::Reject => {
+                let (user, database) = (self.login.user(), self.login.database());
                 tracing::info!(%user, %database, feature = what, "statement refused (session_state = \"reject\")");
                 let message = format!(
                     "{what} is not supported in transaction pooling mode: it would outlive the transaction on a shared server connection (session_state = \"reject\")"

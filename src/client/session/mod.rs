@@ -90,6 +90,14 @@ fn serve(
 /// A boxed future (rare awaits of the session: see [`Session::tell`]).
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
+/// How a server connection ended under a client, noticed while framing its output.
+enum ServerEnd {
+    /// The server sent a FATAL (or PANIC) ErrorResponse: the client gets it as sent.
+    Fatal { code: String, message: String },
+    /// It broke the protocol, or pgtide's own check on it failed.
+    Broken(String),
+}
+
 /// Why a session ended (errors boxed: the idle task future holds an `End`'s room).
 enum End {
     /// Terminate, or the client closed its socket.
@@ -201,7 +209,7 @@ struct Prepared {
 #[derive(Default)]
 struct Rare {
     /// The server sent a FATAL error (it is going away): its message.
-    server_fatal: Option<String>,
+    server_fatal: Option<ServerEnd>,
     /// read_your_writes = lsn: the WAL position of this client's last transaction on the
     /// primary; its reads go only to replicas that have replayed it.
     written_lsn: Option<u64>,
@@ -225,6 +233,12 @@ struct Rare {
     /// Transaction mode: the session state that pinned the client to its server (it
     /// keeps the server until it leaves).
     pinned: Option<&'static str>,
+    /// The pinned client's current transaction may have ended that state: check once it
+    /// is idle.
+    unpin_check: bool,
+    /// The client did something whose end cannot be seen (LOAD, SET SESSION
+    /// AUTHORIZATION): it stays pinned.
+    pinned_for_good: bool,
 }
 
 enum Event {
@@ -478,8 +492,16 @@ impl Session {
             self.bytes_out += written as u64;
             r.map_err(End::socket)?;
         }
-        if let Some(msg) = self.rare.as_mut().and_then(|r| r.server_fatal.take()) {
-            return Err(self.server_lost(&msg).await_told(self).await);
+        if self.server.is_some()
+            && self.login.mode == PoolMode::Transaction
+            && self.rare.as_ref().is_some_and(|r| r.unpin_check)
+            && self.server_idle()
+        {
+            // A pinned client's transaction may have ended its session state.
+            Box::pin(self.try_unpin()).await;
+        }
+        if let Some(end) = self.rare.as_mut().and_then(|r| r.server_fatal.take()) {
+            return Err(self.server_ended(end).await_told(self).await);
         }
         if self.server.is_some()
             && self.login.mode == PoolMode::Transaction

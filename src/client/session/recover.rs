@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 
 use super::scan::server_whole;
-use super::{End, Session, READ_CHUNK};
+use super::{End, ServerEnd, Session, READ_CHUNK};
 use crate::config::PoolMode;
 use crate::error::Error;
 use crate::pool::Checkout;
@@ -33,8 +33,36 @@ impl Session {
         )))
     }
 
+    /// The server ended the connection under the client: with its own FATAL, which the
+    /// client gets with the server's SQLSTATE and message (drivers map the code to an
+    /// exception: 25P03 idle-in-transaction timeout, 57P01 terminated by an
+    /// administrator, ...), or by breaking the protocol (08006, as a lost connection).
+    pub(super) fn server_ended(&mut self, end: ServerEnd) -> ServerLost {
+        match end {
+            ServerEnd::Broken(why) => self.server_lost(&why),
+            ServerEnd::Fatal { code, message } => {
+                let address = self.drop_server();
+                ServerLost(Error::server(code, message).with_hint(format!(
+                    "the server ({address}) ended this connection; pgtide passes its error on"
+                )))
+            }
+        }
+    }
+
     /// The server connection broke while the client was using it.
     pub(super) fn server_lost(&mut self, why: &str) -> ServerLost {
+        let address = self.drop_server();
+        ServerLost(Error::server(
+            sqlstate::CONNECTION_FAILURE,
+            format!(
+                "server connection lost ({address}): {why}; the transaction's outcome is unknown, reconnect and check"
+            ),
+        ))
+    }
+
+    /// Closes the server the client was using and forgets what it owed; returns its
+    /// address.
+    fn drop_server(&mut self) -> String {
         let address = self
             .server
             .as_ref()
@@ -51,12 +79,7 @@ impl Session {
         self.c_ready = 0;
         self.c2s.clear();
         self.c_scan = Scanner::new(self.shared.config().pgtide.max_message_size);
-        ServerLost(Error::server(
-            sqlstate::CONNECTION_FAILURE,
-            format!(
-                "server connection lost ({address}): {why}; the transaction's outcome is unknown, reconnect and check"
-            ),
-        ))
+        address
     }
 
     /// Ends the session: the server goes back clean or is closed.

@@ -3,12 +3,12 @@
 //! status, COPY IN, ParameterStatus, FATAL errors, and the prepared-statement pipeline.
 
 use super::io::splice;
-use super::{End, Session, RETRY_MAX};
+use super::{End, ServerEnd, Session, RETRY_MAX};
 use crate::params::{may_change_settings, settings_named};
 use crate::prepared;
 use crate::protocol::backend;
 use crate::protocol::{frontend, sqlstate, status, tag};
-use crate::router::session_state::session_state;
+use crate::router::session_state::{may_end_session_state, session_state};
 
 pub(super) fn client_whole(t: u8) -> bool {
     matches!(t, tag::QUERY | tag::PARSE | tag::TERMINATE)
@@ -134,6 +134,9 @@ impl Session {
                         }
                         if guard {
                             state = session_state(sql);
+                            if let Some(r) = self.rare.as_mut().filter(|r| r.pinned.is_some()) {
+                                r.unpin_check |= may_end_session_state(sql);
+                            }
                         }
                     }
                 }
@@ -147,6 +150,9 @@ impl Session {
                         }
                         if guard {
                             state = session_state(sql);
+                            if let Some(r) = self.rare.as_mut().filter(|r| r.pinned.is_some()) {
+                                r.unpin_check |= may_end_session_state(sql);
+                            }
                         }
                     }
                 }
@@ -255,7 +261,9 @@ impl Session {
                     // The server broke framing: nothing more it sends can be trusted.
                     self.s2c.truncate(start);
                     pos = start;
-                    self.rare().server_fatal = Some(format!("invalid data from the server: {e}"));
+                    self.rare().server_fatal = Some(ServerEnd::Broken(format!(
+                        "invalid data from the server: {e}"
+                    )));
                     break;
                 }
             };
@@ -298,10 +306,13 @@ impl Session {
                     }
                     self.did_work = true;
                     if f.is_fatal() {
-                        let msg = format!("{} (SQLSTATE {})", f.message, f.code);
+                        let end = ServerEnd::Fatal {
+                            code: f.code.to_string(),
+                            message: f.message.to_string(),
+                        };
                         self.s2c.truncate(start);
                         pos = start;
-                        self.rare().server_fatal = Some(msg);
+                        self.rare().server_fatal = Some(end);
                         break;
                     }
                 }
