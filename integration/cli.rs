@@ -647,6 +647,31 @@ fn demo_serves_psql_and_removes_everything_on_sigint() {
     assert!(ok, "psql {url}: {err}");
     assert_eq!(out, "1");
 
+    // The demo shows routing: its own check line, then a read of ours on the standby.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let check = loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) if line.starts_with("Routing check") => break line,
+            Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("demo output ended: {e}"),
+        }
+        assert!(Instant::now() < deadline, "no routing check line");
+    };
+    assert!(
+        check.contains("read (SELECT pg_is_in_recovery()) was answered by the replica")
+            && check.contains("a write transaction by the primary"),
+        "{check}"
+    );
+    let (ok, out, err) = psql_url(&url, None, "select pg_is_in_recovery()");
+    assert!(ok, "psql {url}: {err}");
+    assert_eq!(out, "t", "a read through the demo ran on the primary");
+    let console = format!("{}/pgtide", url.rsplit_once('/').expect("a URL path").0);
+    let (ok, out, err) = psql_url(&console, None, "SHOW HOSTS");
+    assert!(
+        ok && out.contains("replica"),
+        "console {console}: {out} {err}"
+    );
+
     child.signal(libc::SIGINT);
     let status = child
         .wait_timeout(Duration::from_secs(25))
@@ -1121,4 +1146,35 @@ fn route_explains_pinning_and_replayed_settings() {
         !plain.contains("session state") && !plain.contains("session settings"),
         "{plain}"
     );
+}
+
+// A taken metrics address is named as the metrics address (not as the listen address),
+// with the option that sets it and the fix.
+#[test]
+fn a_taken_metrics_port_is_named_with_its_option() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().unwrap();
+    let mut cmd = Command::new(PGTIDE);
+    cmd.env_remove("DATABASE_URL")
+        .arg("--upstream")
+        .arg(format!(
+            "postgres://pgtide_trust@127.0.0.1:{}/postgres",
+            harness::primary_port()
+        ))
+        .arg("--listen")
+        .arg(free_addr().to_string())
+        .arg("--metrics-listen")
+        .arg(taken_addr.to_string());
+    let mut child = ChildGuard::spawn(cmd, "pgtide with a taken metrics port", false);
+    let status = child
+        .wait_timeout(Duration::from_secs(20))
+        .expect("pgtide exits when it cannot bind");
+    assert!(!status.success());
+    let err = child.stderr_text();
+    assert!(
+        err.contains(&taken_addr.to_string()) && err.contains("metrics_listen"),
+        "{err}"
+    );
+    assert!(!err.contains("(listen ="), "{err}");
+    drop(taken);
 }

@@ -69,3 +69,106 @@ async fn a_servers_fatal_reaches_the_client_as_the_server_sent_it() {
     assert_eq!(q.one("SELECT 1").await, "1");
     let _ = rawpg::terminate();
 }
+
+/// Blocking work (pg_ctl, psql) off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking work")
+}
+
+// A PostgreSQL restart (without PAUSE) costs clients a delay, not their connections:
+// queries sent while the server is down wait for it (up to query_wait_timeout) and run;
+// one that waits longer gets an ERROR, not a FATAL, and its client carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_costs_clients_a_delay_not_their_connections() {
+    use pgtide::demo::{ClusterOptions, LocalCluster};
+    use std::sync::Arc;
+    let lc = blocking(|| {
+        LocalCluster::start(&ClusterOptions {
+            users: vec![("rs".to_string(), "rspass".to_string(), false)],
+            databases: vec!["rs".to_string()],
+            with_replica: false,
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    let lc = Arc::new(lc);
+    let pooler_with = |wait: u64| {
+        let mut cfg = harness::config_for("rs");
+        let db = cfg.databases.get_mut("rs").unwrap();
+        db.port = lc.primary_port;
+        cfg.users.insert(
+            "rs".to_string(),
+            pgtide::config::User {
+                password: Some("rspass".to_string()),
+                ..pgtide::config::User::default()
+            },
+        );
+        cfg.pgtide.pool_size = 2;
+        cfg.pgtide.query_wait_timeout = pgtide::config::ConfigDuration::secs(wait);
+        harness::start_pgtide(cfg)
+    };
+    let patient = pooler_with(30).await;
+    let hasty = pooler_with(1).await;
+    let conn = |addr| harness::tcp_connect_string(addr, "rs", "rspass", "rs");
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let c = harness::connect(&conn(patient.local_addr()))
+            .await
+            .expect("login");
+        c.simple_query("SELECT 1")
+            .await
+            .expect("before the restart");
+        clients.push(Arc::new(c));
+    }
+    let quick = harness::connect(&conn(hasty.local_addr()))
+        .await
+        .expect("login");
+    quick
+        .simple_query("SELECT 1")
+        .await
+        .expect("before the restart");
+
+    let l = lc.clone();
+    blocking(move || crate::cluster::pg_ctl(&l, "primary", &["-m", "fast", "-w", "stop"])).await;
+    // Queries sent while PostgreSQL is down.
+    let running: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let c = c.clone();
+            tokio::spawn(async move { c.simple_query("SELECT 42").await.map(|_| ()) })
+        })
+        .collect();
+    // The hasty pooler gives up after its query_wait_timeout, with an ERROR.
+    let e = harness::to("the hasty query", quick.simple_query("SELECT 1"))
+        .await
+        .expect_err("no server within 1 s");
+    let db = e
+        .as_db_error()
+        .expect("an ErrorResponse, not a dropped connection");
+    assert_eq!(db.severity(), "ERROR", "{db:?}");
+    assert_eq!(db.code().code(), "08006", "{db:?}");
+    assert!(!quick.is_closed(), "the client lost its connection");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let l = lc.clone();
+    blocking(move || {
+        let log = l.log_path(false);
+        let log = log.to_str().expect("utf-8 path").to_string();
+        crate::cluster::pg_ctl(&l, "primary", &["-l", &log, "-w", "-t", "60", "start"]);
+    })
+    .await;
+    for r in running {
+        harness::to("a query sent during the restart", r)
+            .await
+            .expect("task")
+            .expect("the query ran once PostgreSQL was back");
+    }
+    for c in &clients {
+        c.simple_query("SELECT 1").await.expect("after the restart");
+    }
+    harness::to(
+        "the hasty client after the restart",
+        quick.simple_query("SELECT 1"),
+    )
+    .await
+    .expect("the client that got the ERROR carries on");
+}

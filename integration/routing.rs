@@ -645,6 +645,21 @@ async fn mixed_workload_has_no_errors_and_no_writes_on_the_replica() {
         commits - commits_before > 100,
         "the replica served reads ({commits_before} -> {commits})"
     );
+    // Reads leave the primary alone while the replica is up (primary_reads = false by
+    // default): at least 90% of the select-only transactions ran on the replica (its
+    // commit count also holds the health checks, a few dozen).
+    let reads: i64 = out
+        .split("select only>")
+        .nth(1)
+        .and_then(|rest| rest.split(" transactions").next())
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no select-only count in pgbench's output:\n{out}"));
+    assert!(
+        (commits - commits_before) * 10 >= reads * 9,
+        "only {} of {reads} reads ran on the replica",
+        commits - commits_before
+    );
     assert_eq!(
         rollbacks - rollbacks_before,
         0,

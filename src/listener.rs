@@ -39,7 +39,15 @@ pub async fn start_from(config: Config, source: Option<ConfigSource>) -> io::Res
     let tls = crate::tls::Tls::new(config.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let tls = Arc::new(tls);
-    let listener = TcpListener::bind(config.pgtide.listen).await?;
+    let listener = TcpListener::bind(config.pgtide.listen).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen on {} (listen, or --listen): {e}",
+                config.pgtide.listen
+            ),
+        )
+    })?;
     let addr = listener.local_addr()?;
     let metrics_listener = match config.pgtide.metrics_listen.as_str() {
         "" => None,
@@ -50,7 +58,15 @@ pub async fn start_from(config: Config, source: Option<ConfigSource>) -> io::Res
                     format!("metrics_listen {a:?} is not an address"),
                 )
             })?;
-            Some(TcpListener::bind(a).await?)
+            Some(TcpListener::bind(a).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot serve metrics on {a} (metrics_listen, or --metrics-listen): {e}; \
+                         give another address, or \"\" to turn the endpoint off"
+                    ),
+                )
+            })?)
         }
     };
     let metrics_addr = match &metrics_listener {

@@ -258,11 +258,10 @@ fn runtime(workers: u32) -> tokio::runtime::Runtime {
 
 async fn serve(config: Config, source: Option<ConfigSource>) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
-    let listen = config.pgtide.listen;
     let pooler = match pgtide::start_from(config, source).await {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("pgtide: cannot start (listen = {listen}): {e}");
+            eprintln!("pgtide: cannot start: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -87,6 +87,13 @@ pub struct Registration<T> {
     registry: Arc<Registry<T>>,
 }
 
+impl<T> Registration<T> {
+    /// The entry itself, to hold without borrowing its registration.
+    pub fn shared(&self) -> Arc<T> {
+        self.entry.clone()
+    }
+}
+
 impl<T> std::ops::Deref for Registration<T> {
     type Target = T;
     fn deref(&self) -> &T {

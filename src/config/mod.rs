@@ -437,7 +437,8 @@ pub struct General {
     pub replica_fallback: ReplicaFallback,
     /// `lsn`: a client's reads after its write go only where that write is visible.
     pub read_your_writes: ReadYourWrites,
-    /// Whether the primary also serves reads (with the replicas).
+    /// Whether the primary also serves reads (with the replicas). Default false: the
+    /// primary reads only when no replica is eligible (or read-your-writes needs it).
     pub primary_reads: bool,
     /// Whether `/* pgtide: primary */` and `/* pgtide: replica */` comments are obeyed.
     pub routing_hints: bool,
@@ -511,7 +512,7 @@ impl Default for General {
             max_replica_lag: ConfigDuration::secs(10),
             replica_fallback: ReplicaFallback::Primary,
             read_your_writes: ReadYourWrites::Off,
-            primary_reads: true,
+            primary_reads: false,
             routing_hints: true,
             write_functions: Vec::new(),
             primary_wait_timeout: ConfigDuration::secs(10),

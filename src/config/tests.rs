@@ -923,7 +923,7 @@ fn routing_defaults() {
     assert_eq!(r.routing.max_replica_lag, Duration::from_secs(10));
     assert_eq!(r.routing.replica_fallback, ReplicaFallback::Primary);
     assert_eq!(r.routing.read_your_writes, ReadYourWrites::Off);
-    assert!(r.routing.primary_reads);
+    assert!(!r.routing.primary_reads);
     assert!(r.routing.routing_hints);
     assert!(r.routing.write_functions.is_empty());
     assert_eq!(r.routing.primary_wait_timeout, Duration::from_secs(10));
@@ -946,7 +946,7 @@ fn routing_overrides() {
          health_check_failures = 5\n\
          [databases.app]\nhosts = [{ host = \"a\" }, { host = \"b\", role = \"replica\" }]\n\
          route = \"replica\"\nload_balance = \"random\"\nmax_replica_lag = 0\n\
-         write_functions = [\"h\", \"f\"]\nhealth_check_successes = 4\nprimary_reads = false\n\
+         write_functions = [\"h\", \"f\"]\nhealth_check_successes = 4\nprimary_reads = true\n\
          [databases.other]\n\
          [users.app]\npassword = \"pw\"\n[users.boss]\npassword = \"pw\"\nroute = \"primary\"\n";
     let c = ok(text);
@@ -956,7 +956,7 @@ fn routing_overrides() {
     assert_eq!(app.routing.max_replica_lag_bytes, 100);
     assert_eq!(app.routing.max_replica_lag, Duration::ZERO);
     assert_eq!(app.routing.write_functions, ["f", "audit.g", "h"]);
-    assert!(!app.routing.primary_reads);
+    assert!(app.routing.primary_reads);
     assert_eq!(app.health.interval, Duration::from_millis(200));
     assert_eq!((app.health.failures, app.health.successes), (5, 4));
     // The user's route wins over the database's.

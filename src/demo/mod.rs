@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::config::{Config, Database, General, User};
+use crate::config::{Config, Database, General, HostConfig, HostRole, User};
 
 /// Where `pgtide demo` listens unless told otherwise.
 pub const DEFAULT_DEMO_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 6432);
@@ -20,14 +20,22 @@ pub const DEFAULT_DEMO_LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 6432);
 const DEMO_SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
 /// The pgtide configuration of the demo: database `demo` on the primary at
-/// `primary_port`, user `demo` / `demo`.
-pub fn demo_config(listen: SocketAddr, primary_port: u16) -> Config {
+/// `primary_port` and, when there is one, the replica at `replica_port` (reads go
+/// there); user `demo` / `demo`, also an admin of the console.
+pub fn demo_config(listen: SocketAddr, primary_port: u16, replica_port: Option<u16>) -> Config {
+    let host = |port: u16, role: HostRole| HostConfig {
+        host: "127.0.0.1".to_string(),
+        port,
+        role,
+        weight: 1,
+    };
+    let mut hosts = vec![host(primary_port, HostRole::Primary)];
+    hosts.extend(replica_port.map(|p| host(p, HostRole::Replica)));
     let mut databases = BTreeMap::new();
     databases.insert(
         "demo".to_string(),
         Database {
-            host: "127.0.0.1".to_string(),
-            port: primary_port,
+            hosts: Some(hosts),
             dbname: Some("demo".to_string()),
             ..Database::default()
         },
@@ -43,6 +51,7 @@ pub fn demo_config(listen: SocketAddr, primary_port: u16) -> Config {
     Config {
         pgtide: General {
             listen,
+            admin_users: vec!["demo".to_string()],
             ..General::default()
         },
         databases,
@@ -69,7 +78,7 @@ pub async fn run_demo(
         .await
         .map_err(|e| format!("starting the cluster panicked: {e}"))??;
 
-    let mut config = demo_config(listen, cluster.primary_port);
+    let mut config = demo_config(listen, cluster.primary_port, cluster.replica_port);
     if let Some(m) = metrics_listen {
         config.pgtide.metrics_listen = m;
     }
@@ -99,8 +108,16 @@ pub async fn run_demo(
     println!("Connect with:");
     println!("  psql \"postgres://demo:demo@{addr}/demo\"");
     println!("  export DATABASE_URL=postgres://demo:demo@{addr}/demo");
+    println!("The admin console:");
+    println!("  psql \"postgres://demo:demo@{addr}/pgtide\" -c 'SHOW HOSTS' -c 'SHOW POOLS'");
+    println!("Where a statement would go, and why:");
+    println!("  pgtide route \"SELECT * FROM t\"");
     if let Some(m) = pooler.metrics_addr() {
         println!("Metrics: http://{m}/metrics (probes: /healthz, /readyz)");
+    }
+    if cluster.replica_port.is_some() {
+        println!();
+        println!("{}", routing_check(addr).await);
     }
     println!();
     println!("Ctrl-C to stop and remove everything.");
@@ -122,6 +139,64 @@ pub async fn run_demo(
     stop_cluster(cluster).await;
     println!("Stopped PostgreSQL and removed {}. Bye.", dir.display());
     Ok(())
+}
+
+/// One line that shows routing at work: a read through pgtide answered by the replica
+/// (`pg_is_in_recovery()` is true there) and a write transaction by the primary. Waits
+/// (up to 10 s) for the health monitor to have seen the replica.
+async fn routing_check(addr: SocketAddr) -> String {
+    use crate::auth::{SaltedPasswordCache, ServerSecret, StoredCredential};
+    use crate::server::{ServerConn, ServerTarget};
+    let target = ServerTarget {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        dbname: "demo".to_string(),
+        user: "demo".to_string(),
+        secret: ServerSecret::new(Some(std::sync::Arc::new(StoredCredential::new(
+            "demo", "demo",
+        )))),
+        tls: crate::tls::ServerTls::disabled(),
+    };
+    let salted = SaltedPasswordCache::new();
+    let timeout = Duration::from_secs(5);
+    let recovery = |r: Result<crate::server::InternalResult, crate::server::ServerError>| {
+        r.ok().and_then(|r| {
+            r.rows
+                .first()
+                .and_then(|row| row.first().cloned().flatten())
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let Ok((mut conn, _)) = ServerConn::connect(&target, &salted, 1 << 20).await else {
+            return "Routing check: could not connect through pgtide.".to_string();
+        };
+        let read = recovery(
+            conn.run_internal("SELECT pg_is_in_recovery()", timeout)
+                .await,
+        );
+        let write = recovery(
+            conn.run_internal(
+                "BEGIN READ WRITE; SELECT pg_is_in_recovery(); COMMIT",
+                timeout,
+            )
+            .await,
+        );
+        conn.terminate().await;
+        if read.as_deref() == Some("t") || tokio::time::Instant::now() >= deadline {
+            let on = |v: Option<String>| match v.as_deref() {
+                Some("t") => "the replica",
+                Some("f") => "the primary",
+                _ => "(no answer)",
+            };
+            return format!(
+                "Routing check through pgtide: a read (SELECT pg_is_in_recovery()) was answered by {}, a write transaction by {}.",
+                on(read),
+                on(write)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 async fn stop_cluster(mut cluster: LocalCluster) {

@@ -153,6 +153,9 @@ pub struct Pool {
     /// Set once by [`Pool::retire`]: read without the lock by sessions that hold on to
     /// their login pool.
     out_of_service: std::sync::atomic::AtomicBool,
+    /// The last connect failed: an outage is under way (logged once when it starts and
+    /// once when it ends, not at every attempt).
+    unreachable: std::sync::atomic::AtomicBool,
     pub metrics: PoolMetrics,
 }
 
@@ -203,6 +206,7 @@ impl Pool {
             opening: AtomicU32::new(0),
             resetting: AtomicU32::new(0),
             out_of_service: std::sync::atomic::AtomicBool::new(false),
+            unreachable: std::sync::atomic::AtomicBool::new(false),
             metrics,
         });
         pool.db_limit
@@ -333,6 +337,12 @@ impl Pool {
             match r {
                 Ok((mut conn, login)) => {
                     self.metrics.server_connects.inc();
+                    if self.unreachable.swap(false, Ordering::Relaxed) {
+                        tracing::info!(
+                            database = %self.database, user = %self.user, server = %self.target.address(),
+                            "server reachable again"
+                        );
+                    }
                     let id = self.hooks.servers.next_id();
                     let entry = ServerEntry {
                         user: self.user.clone(),
@@ -352,10 +362,17 @@ impl Pool {
                 Err(e) => {
                     self.metrics.server_connect_failures.inc();
                     let retryable = e.is_transient();
-                    tracing::warn!(
-                        database = %self.database, user = %self.user, server = %self.target.address(),
-                        attempt, error = %e, "server connect failed"
-                    );
+                    if self.unreachable.swap(true, Ordering::Relaxed) {
+                        tracing::debug!(
+                            database = %self.database, user = %self.user, server = %self.target.address(),
+                            attempt, error = %e, "server connect failed"
+                        );
+                    } else {
+                        tracing::warn!(
+                            database = %self.database, user = %self.user, server = %self.target.address(),
+                            error = %e, "server connect failed; clients wait for it up to query_wait_timeout (logged again when it is reachable)"
+                        );
+                    }
                     last = Some(e);
                     if !retryable || attempt == attempts {
                         return Err((

@@ -14,7 +14,7 @@ use super::{End, Session};
 use crate::error::Error;
 use crate::pool::{Checkout, CheckoutError, Pool};
 use crate::prepared::Pipeline;
-use crate::protocol::{sqlstate, status, Scanner};
+use crate::protocol::{sqlstate, status, tag, Scanner};
 use crate::registry::ClientState;
 use crate::router::route::Outcome;
 use crate::server::ServerConn;
@@ -26,6 +26,9 @@ pub(super) enum Attaching {
     Done,
     /// No server for this client: what it is told (a FATAL).
     Refuse(Error),
+    /// No server could be opened for this batch: it fails with an ERROR and the client
+    /// stays (when the batch can be answered whole; otherwise as `Refuse`).
+    Fail(Error),
     /// Wait for the monitor to find a primary (if `wait_primary`), then for a server of
     /// `pool`.
     Wait {
@@ -47,8 +50,9 @@ impl Session {
         wait: Duration,
         outcome: &mut Option<Outcome>,
     ) -> Result<Result<Checkout, (Arc<Pool>, CheckoutError)>, End> {
+        let started = tokio::time::Instant::now();
         let mut signal = self.signal.clone();
-        let entry = &self.login.entry;
+        let entry = self.login.entry.shared();
         let mut r = tokio::select! {
             r = pool.checkout(wait) => r,
             _ = signal.reached(Phase::Now) => {
@@ -74,6 +78,30 @@ impl Session {
                 _ = signal.reached(Phase::Now) => {
                     return Err(self.tell(Error::pooler(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down")).await);
                 }
+            };
+        }
+        // The server is unreachable for now (restarting, a failover under way): keep
+        // trying, with back-off, until the client has waited query_wait_timeout; a
+        // PostgreSQL restart then costs the client a delay, not its connection.
+        let deadline = started + wait;
+        let mut backoff = Duration::from_millis(100);
+        while let Err(CheckoutError::Connect { error, .. }) = &r {
+            let now = tokio::time::Instant::now();
+            if !error.is_transient() || now >= deadline {
+                break;
+            }
+            let nap = backoff.min(deadline - now);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            r = tokio::select! {
+                r = async {
+                    tokio::time::sleep(nap).await;
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    pool.checkout(left.max(Duration::from_millis(1))).await
+                } => r,
+                _ = signal.reached(Phase::Now) => {
+                    return Err(self.tell(Error::pooler(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down")).await);
+                }
+                _ = entry.killed() => return Err(self.killed().await),
             };
         }
         Ok(r.map_err(|e| (pool, e)))
@@ -131,6 +159,12 @@ impl Session {
             next = match next {
                 Attaching::Done => return Ok(()),
                 Attaching::Refuse(e) => return Err(self.tell(e).await),
+                Attaching::Fail(e) => {
+                    if self.fail_batch(&e) {
+                        return Ok(());
+                    }
+                    return Err(self.tell(e).await);
+                }
                 Attaching::Wait {
                     mut pool,
                     wait_primary,
@@ -230,11 +264,11 @@ impl Session {
             }
             Err((pool, e)) => {
                 let msg = format!(
-                    "pgtide could not connect to the server {}: {e}",
+                    "pgtide could not connect to the server {}: {e}; the statement did not run",
                     pool.target().address()
                 );
                 // Nothing was sent: the work could run elsewhere.
-                return Attaching::Refuse(
+                return Attaching::Fail(
                     Error::server(sqlstate::CONNECTION_FAILURE, msg).retry_safe(),
                 );
             }
@@ -299,6 +333,53 @@ impl Session {
         // Any bytes left in the scanner state belong to no message: start clean.
         self.s_scan = Scanner::new(self.shared.config().pgtide.max_message_size);
         server.checkin();
+    }
+
+    /// Answers the batch waiting in `c2s` with `e` as an ERROR, as PostgreSQL answers a
+    /// batch that fails: for each Query an ErrorResponse and a ReadyForQuery, for each
+    /// extended batch one ErrorResponse and the ReadyForQuery of its Sync. Nothing of it
+    /// ran, and the client keeps its connection. `false` when the waiting bytes are not
+    /// whole batches (or pgtide answered a BEGIN the client believes open): the caller
+    /// then ends the session with a FATAL.
+    fn fail_batch(&mut self, e: &Error) -> bool {
+        if self.server.is_some() || self.deferred_begin() || self.terminated || self.copy_in {
+            return false;
+        }
+        let mut scan = Scanner::new(self.shared.config().pgtide.max_message_size);
+        let mut pos = 0;
+        // Per batch end: true for a Query, false for a Sync.
+        let mut ends = Vec::new();
+        let mut at_end = false;
+        while let Ok(Some(f)) = scan.next(&self.c2s, &mut pos, |_| true) {
+            at_end = matches!(f.tag, tag::QUERY | tag::SYNC);
+            if at_end {
+                ends.push(f.tag == tag::QUERY);
+            }
+        }
+        if pos != self.c2s.len() || !at_end {
+            return false;
+        }
+        let mut out = BytesMut::new();
+        for _ in ends {
+            crate::protocol::backend::error(&mut out, &e.code, &e.message);
+            crate::protocol::backend::ready_for_query(&mut out, status::IDLE);
+        }
+        self.c2s.clear();
+        self.c_ready = 0;
+        self.c_scan = Scanner::new(self.shared.config().pgtide.max_message_size);
+        self.pending = 0;
+        self.unsynced = false;
+        self.need_attach = false;
+        if let Some(p) = self.prepared.as_mut() {
+            p.pipeline = Pipeline::default();
+        }
+        let at = self.s_ready;
+        super::io::splice(&mut self.s2c, at..at, &out);
+        self.s_ready += out.len();
+        self.set_state(ClientState::Idle);
+        self.login.pools.metrics.error(&e.code);
+        tracing::info!(user = %self.login.user(), database = %self.login.database(), error = %e.message, "a batch failed: no server could be reached within query_wait_timeout; the client stays connected");
+        true
     }
 
     /// Puts the server's prepared statements in a known state: none.
