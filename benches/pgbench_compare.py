@@ -203,7 +203,7 @@ class Bench:
             REPO, "..", "shared", "anchors", f"pgbouncer-{PGBOUNCER_REF}.tar.gz"))
         self.max_prepared = env_int("MAX_PREPARED_STATEMENTS", 200)
         # Seconds a pgbench run may take past -T before it counts as stalled and is killed.
-        self.stall_grace = env_int("STALL_GRACE", 60)
+        self.stall_grace = env_int("STALL_GRACE", 30)
         self.stalls = []  # human-readable stalled pgbench runs (a result, not a failure)
         self.pgbouncers = {}  # pgbouncer target -> {"exe", "version", "prepared"}
         for t in self.targets:
