@@ -430,7 +430,12 @@ class Bench:
             log(f"building PgBouncer {PGBOUNCER_REF} from {self.pgbouncer_src} into {prefix} (log: {buildlog})")
             try:
                 with tarfile.open(self.pgbouncer_src) as tar:
-                    tar.extractall(build, filter="data")
+                    # The "data" filter (Python 3.8.17+, 3.11.4+) refuses links and paths
+                    # that leave the directory.
+                    if hasattr(tarfile, "data_filter"):
+                        tar.extractall(build, filter="data")
+                    else:
+                        tar.extractall(build)
             except (OSError, tarfile.TarError) as e:
                 raise Fatal(f"building PgBouncer {PGBOUNCER_REF}: cannot unpack {self.pgbouncer_src}: {e}")
             dirs = [d for d in os.listdir(build) if os.path.isdir(os.path.join(build, d))]
@@ -1215,9 +1220,10 @@ max_client_conn = {self.max_client_conn()}
         for t in PGBOUNCER_TARGETS:
             info = self.pgbouncers.get(t)
             if info:
-                bouncers.append(f"{info['version']} as {t}"
-                                + (f" (reference, max_prepared_statements={self.max_prepared})" if t == "pgbouncer" else "")
-                                + ("" if info["prepared"] else " (no prepared statements: -M extended in prepared rows)"))
+                notes = ["reference"] if t == "pgbouncer" else []
+                notes.append(f"max_prepared_statements={self.max_prepared}" if info["prepared"]
+                             else "no prepared statements: -M extended in prepared rows")
+                bouncers.append(f"{info['version']} as {t} ({', '.join(notes)})")
         out.append(f"- PostgreSQL {getattr(self, 'pg_version', '?')}, {', '.join(bouncers) or 'PgBouncer not run'}, "
                    f"pgbench scale {self.scale}, pool size {self.pool} (all poolers), "
                    f"{self.duration} s per run, {self.rounds} round(s){' (medians)' if self.rounds > 1 else ''}, "
