@@ -418,6 +418,13 @@ fn zero_config_with_upstream_flag_and_database_url_then_sigterm() {
             "pgtide ({how}) after SIGTERM: {status}\n{}",
             child.stderr_text()
         );
+        // Text logs to a file carry no terminal colour codes.
+        let logs = child.stderr_text();
+        assert!(logs.contains("pgtide is ready"), "{logs}");
+        assert!(
+            !logs.contains('\u{1b}'),
+            "colour codes in a log file:\n{logs}"
+        );
     }
 }
 

@@ -4,6 +4,19 @@
 
 mod cluster;
 
+/// `println!` that does not panic when stdout is gone (`pgtide demo | head -2`): the demo
+/// goes on without its output.
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 pub use crate::router::quote::{quote_ident, quote_literal};
 pub use cluster::{find_bindir, ClusterOptions, LocalCluster};
 
@@ -68,7 +81,7 @@ pub async fn run_demo(
     metrics_listen: Option<String>,
 ) -> Result<(), String> {
     let listen = listen.unwrap_or_else(|| SocketAddr::from(DEFAULT_DEMO_LISTEN));
-    println!("Starting a throwaway PostgreSQL primary and streaming replica...");
+    say!("Starting a throwaway PostgreSQL primary and streaming replica...");
     let opts = ClusterOptions {
         users: vec![("demo".to_string(), "demo".to_string(), false)],
         databases: vec!["demo".to_string()],
@@ -94,50 +107,50 @@ pub async fn run_demo(
     };
     let addr = pooler.local_addr();
 
-    println!();
-    println!("pgtide is listening on {addr}, in front of:");
-    println!(
+    say!();
+    say!("pgtide is listening on {addr}, in front of:");
+    say!(
         "  primary  postgres://demo:demo@127.0.0.1:{}/demo",
         cluster.primary_port
     );
     if let Some(port) = cluster.replica_port {
-        println!("  replica  postgres://demo:demo@127.0.0.1:{port}/demo (hot standby)");
+        say!("  replica  postgres://demo:demo@127.0.0.1:{port}/demo (hot standby)");
     }
-    println!("  data     {}", cluster.dir.display());
-    println!();
-    println!("Connect with:");
-    println!("  psql \"postgres://demo:demo@{addr}/demo\"");
-    println!("  export DATABASE_URL=postgres://demo:demo@{addr}/demo");
-    println!("The admin console:");
-    println!("  psql \"postgres://demo:demo@{addr}/pgtide\" -c 'SHOW HOSTS' -c 'SHOW POOLS'");
-    println!("Where a statement would go, and why:");
-    println!("  pgtide route \"SELECT * FROM t\"");
+    say!("  data     {}", cluster.dir.display());
+    say!();
+    say!("Connect with:");
+    say!("  psql \"postgres://demo:demo@{addr}/demo\"");
+    say!("  export DATABASE_URL=postgres://demo:demo@{addr}/demo");
+    say!("The admin console:");
+    say!("  psql \"postgres://demo:demo@{addr}/pgtide\" -c 'SHOW HOSTS' -c 'SHOW POOLS'");
+    say!("Where a statement would go, and why:");
+    say!("  pgtide route \"SELECT * FROM t\"");
     if let Some(m) = pooler.metrics_addr() {
-        println!("Metrics: http://{m}/metrics (probes: /healthz, /readyz)");
+        say!("Metrics: http://{m}/metrics (probes: /healthz, /readyz)");
     }
     if cluster.replica_port.is_some() {
-        println!();
-        println!("{}", routing_check(addr).await);
+        say!();
+        say!("{}", routing_check(addr).await);
     }
-    println!();
-    println!("Ctrl-C to stop and remove everything.");
+    say!();
+    say!("Ctrl-C to stop and remove everything.");
 
     let signal = wait_for_stop_signal().await;
-    println!();
-    println!("{signal}: shutting pgtide down...");
+    say!();
+    say!("{signal}: shutting pgtide down...");
     pooler.shutdown();
     if tokio::time::timeout(DEMO_SHUTDOWN_WAIT, pooler.wait())
         .await
         .is_err()
     {
-        println!(
+        say!(
             "pgtide did not finish draining within {}s; stopping anyway",
             DEMO_SHUTDOWN_WAIT.as_secs()
         );
     }
     let dir = cluster.dir.clone();
     stop_cluster(cluster).await;
-    println!("Stopped PostgreSQL and removed {}. Bye.", dir.display());
+    say!("Stopped PostgreSQL and removed {}. Bye.", dir.display());
     Ok(())
 }
 
