@@ -172,3 +172,116 @@ async fn a_postgresql_restart_costs_clients_a_delay_not_their_connections() {
     .await
     .expect("the client that got the ERROR carries on");
 }
+
+fn login_value(c: &RawPg, name: &str) -> Option<String> {
+    c.login_params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+}
+
+// client_encoding from the startup packet is reported back as PostgreSQL spells it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_encoding_is_reported_as_postgresql_spells_it() {
+    let db = harness::fresh_database("fid_enc");
+    let pooler = harness::start_pgtide(harness::config_for(&db)).await;
+    let direct = harness::direct_addr(harness::primary_port());
+    for asked in ["utf8", "euc_jp", "Unicode", "LATIN1"] {
+        let extra = [("client_encoding", asked)];
+        let mut d = RawPg::login(direct, USER, &db, &extra).await;
+        let mut p = RawPg::login(pooler.local_addr(), USER, &db, &extra).await;
+        let want = login_value(&d, "client_encoding");
+        assert!(
+            want.is_some(),
+            "{asked}: PostgreSQL reports client_encoding"
+        );
+        assert_eq!(
+            login_value(&p, "client_encoding"),
+            want,
+            "{asked}: at login"
+        );
+        assert_eq!(
+            p.one("SHOW client_encoding").await,
+            d.one("SHOW client_encoding").await,
+            "{asked}: SHOW"
+        );
+    }
+}
+
+/// The next NotificationResponse on `c` (sending `SELECT 1` to collect it).
+async fn next_notification(c: &mut RawPg) -> Msg {
+    for _ in 0..20 {
+        c.send(&rawpg::query("SELECT 1")).await;
+        if let Some(n) = c.until_ready().await.into_iter().find(|m| m.tag == b'A') {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no notification arrived");
+}
+
+fn notification_pid(m: &Msg) -> i32 {
+    i32::from_be_bytes([m.body[0], m.body[1], m.body[2], m.body[3]])
+}
+
+// A notification names its sender with the PID the sender was given (BackendKeyData),
+// as directly, so that a driver can tell its own notifications from others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_name_the_sender_by_the_pid_it_was_given() {
+    let db = harness::fresh_database("fid_notify");
+    for mode in [
+        pgtide::config::PoolMode::Transaction,
+        pgtide::config::PoolMode::Session,
+    ] {
+        let mut cfg = harness::config_for(&db);
+        cfg.pgtide.pool_mode = mode;
+        cfg.pgtide.pool_size = 3;
+        let pooler = harness::start_pgtide(cfg).await;
+        let mut listener = RawPg::login(pooler.local_addr(), USER, &db, &[]).await;
+        let mut sender = RawPg::login(pooler.local_addr(), USER, &db, &[]).await;
+        let key = |c: &RawPg| {
+            let k = c
+                .login_msgs
+                .iter()
+                .find(|m| m.tag == b'K')
+                .expect("BackendKeyData");
+            i32::from_be_bytes([k.body[0], k.body[1], k.body[2], k.body[3]])
+        };
+        listener.simple("LISTEN fid_channel").await;
+        // Its own notification.
+        listener
+            .send(&rawpg::query("NOTIFY fid_channel, 'mine'"))
+            .await;
+        let n = match listener
+            .until_ready()
+            .await
+            .into_iter()
+            .find(|m| m.tag == b'A')
+        {
+            Some(n) => n,
+            None => next_notification(&mut listener).await,
+        };
+        assert_eq!(
+            notification_pid(&n),
+            key(&listener),
+            "{mode:?}: own notification"
+        );
+        // Another client's, inside and outside a transaction.
+        sender.simple("NOTIFY fid_channel, 'theirs'").await;
+        let n = next_notification(&mut listener).await;
+        assert_eq!(
+            notification_pid(&n),
+            key(&sender),
+            "{mode:?}: another client's"
+        );
+        sender
+            .simple("BEGIN; NOTIFY fid_channel, 'tx'; COMMIT")
+            .await;
+        let n = next_notification(&mut listener).await;
+        assert_eq!(
+            notification_pid(&n),
+            key(&sender),
+            "{mode:?}: in a transaction"
+        );
+    }
+}

@@ -161,6 +161,11 @@ impl ClientParams {
             if READ_ONLY.contains(&k.as_str()) {
                 continue;
             }
+            // Reported back as the server spells it (PostgreSQL does the same).
+            let v = match k.as_str() {
+                "client_encoding" => canonical_encoding(v).unwrap_or(v),
+                _ => v,
+            };
             p.set(&k, Some(v));
             p.sync(&k);
         }
@@ -380,6 +385,105 @@ impl ClientParams {
     }
 }
 
+/// PostgreSQL's own name for an encoding a client names (`utf8`, `Unicode`, `euc-jp`,
+/// `latin1`, `win1252`, ...), as its `encnames.c` resolves them: the name lower-cased
+/// without punctuation, looked up among the aliases. `None` for a name PostgreSQL does
+/// not know (the server then refuses it, as directly).
+pub fn canonical_encoding(name: &str) -> Option<&'static str> {
+    let clean: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    const ALIASES: &[(&str, &str)] = &[
+        ("abc", "WIN1258"),
+        ("alt", "WIN866"),
+        ("big5", "BIG5"),
+        ("euccn", "EUC_CN"),
+        ("eucjis2004", "EUC_JIS_2004"),
+        ("eucjp", "EUC_JP"),
+        ("euckr", "EUC_KR"),
+        ("euctw", "EUC_TW"),
+        ("gb18030", "GB18030"),
+        ("gbk", "GBK"),
+        ("iso88591", "LATIN1"),
+        ("iso885910", "LATIN6"),
+        ("iso885913", "LATIN7"),
+        ("iso885914", "LATIN8"),
+        ("iso885915", "LATIN9"),
+        ("iso885916", "LATIN10"),
+        ("iso88592", "LATIN2"),
+        ("iso88593", "LATIN3"),
+        ("iso88594", "LATIN4"),
+        ("iso88595", "ISO_8859_5"),
+        ("iso88596", "ISO_8859_6"),
+        ("iso88597", "ISO_8859_7"),
+        ("iso88598", "ISO_8859_8"),
+        ("iso88599", "LATIN5"),
+        ("johab", "JOHAB"),
+        ("koi8", "KOI8R"),
+        ("koi8r", "KOI8R"),
+        ("koi8u", "KOI8U"),
+        ("latin1", "LATIN1"),
+        ("latin10", "LATIN10"),
+        ("latin2", "LATIN2"),
+        ("latin3", "LATIN3"),
+        ("latin4", "LATIN4"),
+        ("latin5", "LATIN5"),
+        ("latin6", "LATIN6"),
+        ("latin7", "LATIN7"),
+        ("latin8", "LATIN8"),
+        ("latin9", "LATIN9"),
+        ("mskanji", "SJIS"),
+        ("muleinternal", "MULE_INTERNAL"),
+        ("shiftjis", "SJIS"),
+        ("shiftjis2004", "SHIFT_JIS_2004"),
+        ("sjis", "SJIS"),
+        ("sqlascii", "SQL_ASCII"),
+        ("tcvn", "WIN1258"),
+        ("tcvn5712", "WIN1258"),
+        ("uhc", "UHC"),
+        ("unicode", "UTF8"),
+        ("utf8", "UTF8"),
+        ("vscii", "WIN1258"),
+        ("win", "WIN1251"),
+        ("win1250", "WIN1250"),
+        ("win1251", "WIN1251"),
+        ("win1252", "WIN1252"),
+        ("win1253", "WIN1253"),
+        ("win1254", "WIN1254"),
+        ("win1255", "WIN1255"),
+        ("win1256", "WIN1256"),
+        ("win1257", "WIN1257"),
+        ("win1258", "WIN1258"),
+        ("win866", "WIN866"),
+        ("win874", "WIN874"),
+        ("win932", "SJIS"),
+        ("win936", "GBK"),
+        ("win949", "UHC"),
+        ("win950", "BIG5"),
+        ("windows1250", "WIN1250"),
+        ("windows1251", "WIN1251"),
+        ("windows1252", "WIN1252"),
+        ("windows1253", "WIN1253"),
+        ("windows1254", "WIN1254"),
+        ("windows1255", "WIN1255"),
+        ("windows1256", "WIN1256"),
+        ("windows1257", "WIN1257"),
+        ("windows1258", "WIN1258"),
+        ("windows866", "WIN866"),
+        ("windows874", "WIN874"),
+        ("windows932", "SJIS"),
+        ("windows936", "GBK"),
+        ("windows949", "UHC"),
+        ("windows950", "BIG5"),
+    ];
+    ALIASES
+        .binary_search_by(|(alias, _)| (*alias).cmp(clean.as_str()))
+        .ok()
+        .map(|i| ALIASES[i].1)
+}
+
 /// True when a statement text may change session settings: a statement that starts
 /// with SET, RESET or DISCARD, or a call of `set_config`. A false positive costs one
 /// extra query; a setting changed some other way (inside a function) is not seen.
@@ -525,6 +629,17 @@ mod tests {
         let mut v = Vec::new();
         settings_named(sql.as_bytes(), |n| v.push(n.to_string()));
         v
+    }
+
+    #[test]
+    fn encodings_get_postgresqls_spelling() {
+        assert_eq!(canonical_encoding("utf8"), Some("UTF8"));
+        assert_eq!(canonical_encoding("UTF-8"), Some("UTF8"));
+        assert_eq!(canonical_encoding("unicode"), Some("UTF8"));
+        assert_eq!(canonical_encoding("euc_jp"), Some("EUC_JP"));
+        assert_eq!(canonical_encoding("ISO-8859-1"), Some("LATIN1"));
+        assert_eq!(canonical_encoding("win1252"), Some("WIN1252"));
+        assert_eq!(canonical_encoding("klingon"), None);
     }
 
     #[test]

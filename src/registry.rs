@@ -133,6 +133,8 @@ pub struct ClientEntry {
     /// Id of the server connection this client uses (0: none).
     pub link: AtomicU64,
     killed: AtomicBool,
+    /// The PID pgtide gave the client in BackendKeyData (0 for console sessions).
+    pub key_pid: std::sync::atomic::AtomicI32,
     /// Why the client keeps its server connection in transaction mode (session state it
     /// created), once it does.
     pinned: std::sync::Mutex<Option<&'static str>>,
@@ -163,6 +165,7 @@ impl ClientEntry {
             wait_since_us: AtomicU64::new(0),
             link: AtomicU64::new(0),
             killed: AtomicBool::new(false),
+            key_pid: std::sync::atomic::AtomicI32::new(0),
             pinned: std::sync::Mutex::new(None),
             wake: AtomicWaker::new(),
         }
@@ -258,6 +261,9 @@ pub struct ServerEntry {
     pub remote_pid: i32,
     /// Id of the client using this connection (0: idle in its pool).
     pub link: AtomicU64,
+    /// Id of the last client that used it (kept after checkin): a notification this
+    /// backend sent is shown as sent by that client.
+    pub last_client: AtomicU64,
     /// The connection is closed when it is next released (RECONNECT, KILL, reload).
     pub close_needed: AtomicBool,
 }

@@ -483,6 +483,9 @@ async fn login_inner(
             params.value("application_name").unwrap_or(""),
         ),
     );
+    entry
+        .key_pid
+        .store(key_pid, std::sync::atomic::Ordering::Relaxed);
     drop(pool);
     Ok(LoggedIn {
         pools,

@@ -353,6 +353,7 @@ impl Pool {
                         connect_time_us: crate::registry::now_us(),
                         remote_pid: conn.cancel.pid,
                         link: Default::default(),
+                        last_client: Default::default(),
                         close_needed: Default::default(),
                     };
                     conn.entry = Some(self.hooks.servers.register(id, entry));

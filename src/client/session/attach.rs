@@ -249,6 +249,8 @@ impl Session {
                     // For SHOW SERVERS / SHOW CLIENTS; the pool clears it at checkin.
                     e.link
                         .store(self.login.entry.id, std::sync::atomic::Ordering::Relaxed);
+                    e.last_client
+                        .store(self.login.entry.id, std::sync::atomic::Ordering::Relaxed);
                     self.login.entry.link.store(
                         s.entry.as_ref().map_or(0, |e| e.id),
                         std::sync::atomic::Ordering::Relaxed,

@@ -36,7 +36,10 @@ pub(super) fn owes_answer(t: u8) -> bool {
 pub(super) fn server_whole(t: u8) -> bool {
     matches!(
         t,
-        tag::READY_FOR_QUERY | tag::PARAMETER_STATUS | tag::ERROR_RESPONSE
+        tag::READY_FOR_QUERY
+            | tag::PARAMETER_STATUS
+            | tag::ERROR_RESPONSE
+            | tag::NOTIFICATION_RESPONSE
     )
 }
 
@@ -208,6 +211,28 @@ impl Session {
         Ok(())
     }
 
+    /// The PID pgtide gave the client whose transaction the server backend `pid` ran
+    /// last: this client's own when it is its server, else found through the registries
+    /// (a notification is rare; the lookup takes their locks). `None` for a backend that
+    /// is not one of pgtide's server connections.
+    fn client_pid_of_backend(&self, pid: i32) -> Option<i32> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.server.as_ref().is_some_and(|s| s.cancel.pid == pid) {
+            return Some(self.login.key_pid);
+        }
+        let (_, server) = self
+            .shared
+            .servers()
+            .snapshot()
+            .into_iter()
+            .find(|(_, e)| e.remote_pid == pid)?;
+        let client = self
+            .shared
+            .clients()
+            .get(server.last_client.load(Relaxed))?;
+        Some(client.key_pid.load(Relaxed)).filter(|&p| p != 0)
+    }
+
     /// Records what the server owes for the message at `c2s[start..*end]` and maps its
     /// statement names, rewriting it in place if need be.
     pub(super) fn track_client_message(&mut self, t: u8, start: usize, end: &mut usize) {
@@ -282,6 +307,15 @@ impl Session {
                         self.login.pools.metrics.queries.inc();
                     }
                     self.did_work = true;
+                }
+                (tag::NOTIFICATION_RESPONSE, Some(body)) if body.len() >= 4 => {
+                    // The notifying backend's PID, as the client knows it: its own
+                    // BackendKeyData PID, or that of the client the notifying server
+                    // connection served last.
+                    let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    if let Some(shown) = self.client_pid_of_backend(pid) {
+                        self.s2c[start + 5..start + 9].copy_from_slice(&shown.to_be_bytes());
+                    }
                 }
                 (tag::PARAMETER_STATUS, Some(body)) => {
                     if let Some((k, v)) = backend::parse_parameter_status(body) {
