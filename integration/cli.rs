@@ -1185,3 +1185,48 @@ fn a_taken_metrics_port_is_named_with_its_option() {
     assert!(!err.contains("(listen ="), "{err}");
     drop(taken);
 }
+
+// `pgtide route` says first where the work runs (a read-only transaction: a replica), and
+// reads a script on standard input with one decision per statement.
+#[test]
+fn route_says_where_the_work_runs_and_reads_scripts() {
+    for begin in [
+        "BEGIN READ ONLY",
+        "begin transaction read only",
+        "START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        "BEGIN; SET TRANSACTION READ ONLY",
+    ] {
+        let out = Command::new(PGTIDE)
+            .args(["route", begin])
+            .output()
+            .expect("run pgtide route");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if begin.starts_with("BEGIN;") {
+            // Two statements in one message: pgtide answers the BEGIN and routes by the SET.
+            assert!(!text.is_empty(), "{begin}: {text}");
+            continue;
+        }
+        assert!(text.starts_with("replica:"), "{begin}: {text}");
+    }
+    let mut child = Command::new(PGTIDE)
+        .args(["route", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run pgtide route -");
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        b"-- from a log\nSELECT 1;\nINSERT INTO t VALUES (';');\nBEGIN READ ONLY;\n",
+    )
+    .unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("pgtide route -");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let decisions: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("replica:") || l.starts_with("primary:"))
+        .collect();
+    assert_eq!(decisions.len(), 3, "{text}");
+    assert!(decisions[0].starts_with("replica:") && decisions[1].starts_with("primary:"));
+    assert!(decisions[2].starts_with("replica:"), "{text}");
+}

@@ -187,7 +187,6 @@ fn main() -> ExitCode {
 /// `pgtide route SQL`: the classifier's decision and reason, plus what a transaction
 /// statement means for the transaction it starts.
 fn route(sql: &str, write_functions: &[String], no_hints: bool) -> ExitCode {
-    use pgtide::router::classify::{classify, transaction_mode, ClassifyOptions, TxKind};
     let mut text = sql.to_string();
     if sql == "-" {
         text.clear();
@@ -195,14 +194,63 @@ fn route(sql: &str, write_functions: &[String], no_hints: bool) -> ExitCode {
             eprintln!("pgtide route: cannot read standard input: {e}");
             return ExitCode::FAILURE;
         }
+        // Standard input (a script, a log): one decision per statement.
+        let statements = split_statements(&text);
+        let many = statements.len() > 1;
+        for (i, stmt) in statements.iter().enumerate() {
+            if many {
+                let shown: String = stmt.split_whitespace().collect::<Vec<_>>().join(" ");
+                let shown: String = shown.chars().take(72).collect();
+                println!("{}{}:", if i > 0 { "\n" } else { "" }, shown);
+            }
+            explain_route(stmt, write_functions, no_hints);
+        }
+        return ExitCode::SUCCESS;
     }
+    explain_route(&text, write_functions, no_hints);
+    ExitCode::SUCCESS
+}
+
+/// `text` cut at its top-level semicolons (comments, strings and dollar quotes kept
+/// whole), without the empty pieces.
+fn split_statements(text: &str) -> Vec<&str> {
+    use pgtide::router::lexer::{Lexer, Token};
+    let base = text.as_ptr() as usize;
+    let mut lexer = Lexer::new(text.as_bytes());
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(t) = lexer.next() {
+        if t == Token::Semicolon {
+            let end = lexer.token_text().as_ptr() as usize - base + 1;
+            out.push(&text[from..end]);
+            from = end;
+        }
+    }
+    out.push(&text[from..]);
+    out.retain(|s| !s.trim().trim_end_matches(';').trim().is_empty());
+    out
+}
+
+/// Prints where the statement text `text` would run and why; the first line says where.
+fn explain_route(text: &str, write_functions: &[String], no_hints: bool) {
+    use pgtide::router::classify::{classify, transaction_mode, ClassifyOptions, TxKind};
     let functions: Vec<String> = write_functions.iter().map(|f| f.to_lowercase()).collect();
     let opts = ClassifyOptions {
         write_functions: &functions,
         hints: !no_hints,
     };
-    println!("{}", classify(text.as_bytes(), &opts));
-    if let Some(tx) = transaction_mode(text.as_bytes()) {
+    let tx = transaction_mode(text.as_bytes());
+    match &tx {
+        // Where the work runs comes first: a read-only transaction runs on a replica,
+        // although its BEGIN alone is "transaction control".
+        Some(t) if t.kind == TxKind::Begin && t.replica_ok(false) => {
+            println!(
+                "replica: a read-only transaction starts; it and its statements run on a replica"
+            )
+        }
+        _ => println!("{}", classify(text.as_bytes(), &opts)),
+    }
+    if let Some(tx) = tx {
         let access = match tx.read_only {
             Some(true) => "read-only",
             Some(false) => "read-write",
@@ -241,7 +289,6 @@ fn route(sql: &str, write_functions: &[String], no_hints: bool) -> ExitCode {
             settings.join(", ")
         );
     }
-    ExitCode::SUCCESS
 }
 
 /// The runtime. `workers = 1`: one thread runs everything (tokio's current-thread
