@@ -174,18 +174,14 @@ type MonitorLogin = (Option<String>, String, Option<String>);
 fn monitor_login(config: &Config, database: &str) -> Option<MonitorLogin> {
     use crate::auth::Secret;
     let d = config.databases.get(database)?;
-    // The same choice as Cluster::from_config: the first user whose password can log in
-    // to a server, else the first user.
-    let can_log_in = |p: &Option<String>| {
-        p.as_deref()
-            .is_some_and(|p| !matches!(Secret::parse(p), Secret::Scram(_)))
-    };
-    let (user, u) = config
-        .users
-        .iter()
-        .find(|(_, u)| can_log_in(&u.password))
-        .or_else(|| config.users.iter().next())?;
-    Some((d.dbname.clone(), user.clone(), u.password.clone()))
+    // The same choice as Cluster::from_config.
+    let can_log_in = |p: &str| !matches!(Secret::parse(p), Secret::Scram(_));
+    let (user, password) = config.health_check_login(database, &[], can_log_in)?;
+    Some((
+        d.dbname.clone(),
+        user.to_string(),
+        password.map(str::to_string),
+    ))
 }
 
 /// A line per change, for the log and the RELOAD reply. Passwords are never shown.

@@ -231,23 +231,8 @@ impl Cluster {
         tls: Arc<crate::tls::ServerTls>,
     ) -> Option<Arc<Cluster>> {
         let settings = config.cluster_settings(database, "")?;
-        let can_log_in =
-            |p: Option<&str>| p.is_some_and(|p| !matches!(Secret::parse(p), Secret::Scram(_)));
-        let candidates: Vec<(&str, Option<&str>)> = config
-            .users
-            .iter()
-            .map(|(u, c)| (u.as_str(), c.password.as_deref()))
-            .chain(
-                file_users
-                    .iter()
-                    .map(|(u, p)| (u.as_str(), Some(p.as_str()))),
-            )
-            .collect();
-        let (user, password) = candidates
-            .iter()
-            .find(|(_, p)| can_log_in(*p))
-            .or_else(|| candidates.first())
-            .copied()?;
+        let can_log_in = |p: &str| !matches!(Secret::parse(p), Secret::Scram(_));
+        let (user, password) = config.health_check_login(database, file_users, can_log_in)?;
         let db = config.databases.get(database)?;
         let login = MonitorLogin {
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_string()),

@@ -86,6 +86,7 @@ pub const GENERAL_KEYS: &[(&str, Reload)] = &[
     ("health_check_failures", Live),
     ("health_check_successes", Live),
     ("health_check_backoff_max", Live),
+    ("health_check_user", Live),
 ];
 
 /// How a change of `key` takes effect; `None` for a key that does not exist.

@@ -457,6 +457,9 @@ pub struct General {
     pub health_check_successes: u32,
     /// Longest time between two checks of a down host (the interval doubles up to this).
     pub health_check_backoff_max: ConfigDuration,
+    /// The user the health monitors log in as ("" = the automatic choice: see
+    /// [`Config::health_check_login`]); its password comes from `[users]` or `auth_file`.
+    pub health_check_user: String,
 }
 
 impl Default for General {
@@ -521,6 +524,7 @@ impl Default for General {
             health_check_failures: 3,
             health_check_successes: 2,
             health_check_backoff_max: ConfigDuration::secs(30),
+            health_check_user: String::new(),
         }
     }
 }
@@ -609,6 +613,8 @@ pub struct Database {
     pub health_check_successes: Option<u32>,
     /// Overrides `[pgtide].health_check_backoff_max`.
     pub health_check_backoff_max: Option<ConfigDuration>,
+    /// Overrides `[pgtide].health_check_user`.
+    pub health_check_user: Option<String>,
     /// Overrides `[pgtide].server_tls_sslmode`.
     pub server_tls_sslmode: Option<ServerSslMode>,
     /// Overrides `[pgtide].server_tls_ca_file`.
@@ -648,6 +654,7 @@ impl Default for Database {
             health_check_failures: None,
             health_check_successes: None,
             health_check_backoff_max: None,
+            health_check_user: None,
             server_tls_sslmode: None,
             server_tls_ca_file: None,
             server_tls_cert_file: None,
@@ -848,6 +855,66 @@ impl Config {
         db.port = Database::default().port;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The user (and its configured password, if any) the health monitors of `database`
+    /// log in as: the database's `health_check_user`, else `[pgtide]`'s; else the first
+    /// user, in name order, of `[users]` and then of `file_users` (the `auth_file`) that
+    /// is not an admin-console user and whose password `can_log_in` to a server (a plain
+    /// password or an md5 hash, not a SCRAM verifier); else the first such user at all;
+    /// else the first user. `None` when there is no user.
+    pub fn health_check_login<'a>(
+        &'a self,
+        database: &str,
+        file_users: &'a [(String, String)],
+        can_log_in: impl Fn(&str) -> bool,
+    ) -> Option<(&'a str, Option<&'a str>)> {
+        let password = |u: &str| {
+            self.users
+                .get(u)
+                .and_then(|c| c.password.as_deref())
+                .or_else(|| {
+                    file_users
+                        .iter()
+                        .find(|(n, _)| n == u)
+                        .map(|(_, p)| p.as_str())
+                })
+        };
+        let named = self
+            .databases
+            .get(database)
+            .and_then(|d| d.health_check_user.as_deref())
+            .unwrap_or(&self.pgtide.health_check_user);
+        if !named.is_empty() {
+            let user = self
+                .users
+                .get_key_value(named)
+                .map(|(k, _)| k.as_str())
+                .or_else(|| {
+                    file_users
+                        .iter()
+                        .find(|(n, _)| n == named)
+                        .map(|(n, _)| n.as_str())
+                })
+                .unwrap_or(named);
+            return Some((user, password(user)));
+        }
+        let all: Vec<(&str, Option<&str>)> = self
+            .users
+            .iter()
+            .map(|(u, c)| (u.as_str(), c.password.as_deref()))
+            .chain(
+                file_users
+                    .iter()
+                    .map(|(u, p)| (u.as_str(), Some(p.as_str()))),
+            )
+            .collect();
+        let admin = |u: &str| self.pgtide.admin_users.iter().any(|a| a == u);
+        all.iter()
+            .find(|(u, p)| !admin(u) && p.is_some_and(&can_log_in))
+            .or_else(|| all.iter().find(|(u, _)| !admin(u)))
+            .or_else(|| all.first())
+            .copied()
     }
 
     /// The settings of the pool for (database, user): user overrides win over database

@@ -181,6 +181,7 @@ fn key_tables_match_the_types() {
         health_check_failures: Some(1),
         health_check_successes: Some(1),
         health_check_backoff_max: Some(ConfigDuration::secs(1)),
+        health_check_user: Some("mon".into()),
         server_tls_sslmode: Some(ServerSslMode::Require),
         server_tls_ca_file: Some("ca.pem".into()),
         server_tls_cert_file: Some("c.pem".into()),
@@ -1391,4 +1392,42 @@ fn server_tls_settings_and_overrides() {
         "[databases.app]\nserver_tls_sslmode = \"verify-full\"\n[users.app]\npassword = \"x\"\n";
     let e = Config::from_toml_str(text).expect_err("no CA");
     assert_eq!(e.problems[0].key, "databases.app.server_tls_ca_file");
+}
+
+#[test]
+fn health_checks_log_in_as_a_chosen_user_never_a_console_only_one() {
+    let user = |p: &str| User {
+        password: Some(p.into()),
+        ..User::default()
+    };
+    let mut c = Config::default();
+    c.databases.insert("app".into(), Database::default());
+    // "admin" sorts first, but is a console user.
+    c.users.insert("admin".into(), user("adminpass"));
+    c.users.insert("app".into(), user("apppass"));
+    c.users
+        .insert("web".into(), user("SCRAM-SHA-256$4096:c2FsdA==$a2V5:a2V5"));
+    c.pgtide.admin_users = vec!["admin".into()];
+    let plain = |p: &str| !p.starts_with("SCRAM-SHA-256$");
+    assert_eq!(
+        c.health_check_login("app", &[], plain),
+        Some(("app", Some("apppass")))
+    );
+    // Named: globally, then per database; the password from auth_file if not in [users].
+    let file = vec![("mon".to_string(), "monpass".to_string())];
+    c.pgtide.health_check_user = "web".into();
+    assert_eq!(c.health_check_login("app", &file, plain).unwrap().0, "web");
+    c.databases.get_mut("app").unwrap().health_check_user = Some("mon".into());
+    assert_eq!(
+        c.health_check_login("app", &file, plain),
+        Some(("mon", Some("monpass")))
+    );
+    // Only console users: the first of them, rather than none.
+    let mut only = Config::default();
+    only.users.insert("admin".into(), user("x"));
+    only.pgtide.admin_users = vec!["admin".into()];
+    assert_eq!(
+        only.health_check_login("app", &[], plain).unwrap().0,
+        "admin"
+    );
 }

@@ -116,7 +116,7 @@ pub(super) const HOST_KEYS: &[(&str, Kind)] = &[
 ];
 
 /// The routing and health-check keys, allowed in `[pgtide]` and in `[databases.NAME]`.
-const ROUTING_KEYS: [(&str, Kind); 14] = [
+const ROUTING_KEYS: [(&str, Kind); 15] = [
     ("load_balance", Kind::Enum(LOAD_BALANCES)),
     ("max_replica_lag_bytes", Kind::U64),
     ("max_replica_lag", Kind::Duration),
@@ -131,6 +131,7 @@ const ROUTING_KEYS: [(&str, Kind); 14] = [
     ("health_check_failures", Kind::U32),
     ("health_check_successes", Kind::U32),
     ("health_check_backoff_max", Kind::Duration),
+    ("health_check_user", Kind::Str),
 ];
 
 /// The server-side TLS keys, allowed in `[pgtide]` and in `[databases.NAME]`.
@@ -202,6 +203,7 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ROUTING_KEYS[11],
     ROUTING_KEYS[12],
     ROUTING_KEYS[13],
+    ROUTING_KEYS[14],
 ];
 
 /// The keys of `[databases.NAME]`.
@@ -232,6 +234,7 @@ pub(super) const DATABASE_KEYS: &[(&str, Kind)] = &[
     ROUTING_KEYS[11],
     ROUTING_KEYS[12],
     ROUTING_KEYS[13],
+    ROUTING_KEYS[14],
     SERVER_TLS_KEYS[0],
     SERVER_TLS_KEYS[1],
     SERVER_TLS_KEYS[2],
