@@ -1091,6 +1091,17 @@ fn map_database(
         return Ok(());
     }
     let mut out = Out::default();
+    let shown: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| {
+            if k == "password" {
+                format!("{k}=(not shown)")
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect();
+    out.note(format!("line {}: {name} = {}", e.line, shown.join(" ")));
     if let Some(i) = databases.iter().position(|(n, _)| n == name) {
         databases.remove(i);
         out.note(format!("database {name} is defined again on line {}: this later definition counts (as in PgBouncer).", e.line));
