@@ -81,6 +81,7 @@ fn quoted_key(s: &str, q: char, line: usize) -> Result<(String, &str), ParseErro
 /// Parses the whole file into its sections.
 pub fn parse_ini(text: &str) -> Result<Vec<Section>, ParseError> {
     let mut sections: Vec<Section> = Vec::new();
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.trim();

@@ -199,8 +199,19 @@ const MAPPED: &[&str] = &[
     "track_extra_parameters",
 ];
 
-/// Comment lines (`# ...`), wrapped at 90 columns.
+/// Comment lines (`# ...`), wrapped at 90 columns. Control characters (which a TOML
+/// comment cannot hold) are replaced.
 fn comment(text: &str) -> String {
+    let text: String = text
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect();
     let mut out = String::new();
     for para in text.lines() {
         let mut line = String::from("#");

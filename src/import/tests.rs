@@ -365,3 +365,16 @@ fn a_later_definition_wins_and_is_noted() {
         out.toml
     );
 }
+
+#[test]
+fn names_and_values_that_need_quoting_stay_valid_toml() {
+    let ini = "\u{feff}[databases]\n'my db' = host=db dbname='their db' connect_query='SELECT ''\x07'''\n\"a\"\"b\" = host=db\n[pgbouncer]\nlogfile = /tmp/a\x0bb\nauth_query = SELECT u, \"p\" FROM f($1) -- 'x' \\ y\n";
+    let out = run(ini, None);
+    let c = load(&out);
+    assert_eq!(c.databases["my db"].dbname.as_deref(), Some("their db"));
+    assert!(c.databases.contains_key("a\"b"));
+    assert_eq!(
+        c.pgtide.auth_query,
+        "SELECT u, \"p\" FROM f($1) -- 'x' \\ y"
+    );
+}
