@@ -1037,7 +1037,10 @@ fn map_user(
             "pool_size" => {
                 let n = num()?;
                 if n == 0 {
-                    u.notes.push("pool_size=0 (line {}): pgtide needs at least 1; 1 is used.".replace("{}", &e.line.to_string()));
+                    u.notes.push(format!(
+                        "pool_size=0 (line {}): pgtide needs at least 1; 1 is used.",
+                        e.line
+                    ));
                 }
                 u.pool_size = Some(n.max(1));
             }
