@@ -16,7 +16,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A child process that is killed (by its PID) and reaped when dropped, e.g. when an
 /// assertion fails. Its stderr goes to a temporary file, for failure messages.
-struct ChildGuard {
+pub(crate) struct ChildGuard {
     child: Child,
     stderr: tempfile::NamedTempFile,
     what: String,
@@ -25,7 +25,7 @@ struct ChildGuard {
 impl ChildGuard {
     /// Spawns `cmd` with stdin closed and stderr captured (stdout as configured by the
     /// caller, null by default).
-    fn spawn(mut cmd: Command, what: &str, pipe_stdout: bool) -> ChildGuard {
+    pub(crate) fn spawn(mut cmd: Command, what: &str, pipe_stdout: bool) -> ChildGuard {
         let stderr = tempfile::NamedTempFile::new().expect("temp file");
         cmd.stdin(Stdio::null())
             .stdout(if pipe_stdout {
@@ -55,7 +55,7 @@ impl ChildGuard {
         assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
     }
 
-    fn stderr_text(&self) -> String {
+    pub(crate) fn stderr_text(&self) -> String {
         let mut s = String::new();
         let _ = self
             .stderr
@@ -84,7 +84,7 @@ impl ChildGuard {
 
     /// Waits until something accepts TCP connections on `addr`; panics if the child exits
     /// or 30 s pass.
-    fn wait_accepting(&mut self, addr: SocketAddr) {
+    pub(crate) fn wait_accepting(&mut self, addr: SocketAddr) {
         let deadline = Instant::now() + TIMEOUT;
         loop {
             if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
@@ -118,7 +118,7 @@ impl Drop for ChildGuard {
 }
 
 /// A loopback address on a port that was free a moment ago.
-fn free_addr() -> SocketAddr {
+pub(crate) fn free_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap()
 }
@@ -171,7 +171,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 /// `pgtide check-config FILE`: (exit status, stdout + stderr).
-fn check_config(file: &Path) -> (ExitStatus, String) {
+pub(crate) fn check_config(file: &Path) -> (ExitStatus, String) {
     let mut cmd = Command::new(PGTIDE);
     cmd.arg("check-config").arg(file);
     let mut child = ChildGuard::spawn(cmd, "pgtide check-config", true);

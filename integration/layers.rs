@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// The floors of `src/lib.rs`, top first; a module imports only its floor and below.
 const FLOORS: &[&[&str]] = &[
-    &["lib", "listener", "demo"],
+    &["lib", "listener", "demo", "import"],
     &["client", "admin", "reload"],
     &["shared"],
     &[

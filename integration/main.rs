@@ -9,6 +9,7 @@ mod credentials;
 mod drivers;
 mod fidelity;
 mod harness;
+mod import;
 mod isolation;
 mod layers;
 mod metrics;

@@ -3,7 +3,8 @@
 //! The modules stand in floors, and a file imports only what stands below it (see
 //! ARCHITECTURE.md; `integration/layers.rs` checks it):
 //!
-//! - top: [`listener`] (bind, accept, maintenance), [`demo`];
+//! - top: [`listener`] (bind, accept, maintenance), [`demo`], [`import`] (a PgBouncer
+//!   configuration into a pooler.toml);
 //! - features: [`client`] (one connection: login, then its session or the console),
 //!   [`admin`] (the console), [`reload`];
 //! - the hub: [`shared`];
@@ -18,6 +19,7 @@
 pub mod listener;
 
 pub mod demo;
+pub mod import;
 
 pub mod admin;
 pub mod client;

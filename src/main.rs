@@ -51,6 +51,16 @@ enum Command {
     /// Start a throwaway PostgreSQL primary and streaming replica, and pgtide in front
     /// of them; Ctrl-C stops everything and removes it.
     Demo,
+    /// Translate a PgBouncer configuration into a pooler.toml, printed on standard
+    /// output; options pgtide has no equivalent for become comments saying what to do.
+    Import {
+        /// PgBouncer's configuration file (pgbouncer.ini).
+        file: PathBuf,
+        /// PgBouncer's auth_file (userlist.txt): its users become [users.NAME] tables
+        /// with their passwords (otherwise auth_file keeps pointing at the file).
+        #[arg(long, value_name = "FILE")]
+        userlist: Option<PathBuf>,
+    },
     /// Print where a SQL string would be routed (primary or replica) and why.
     Route {
         /// The SQL text (one or more statements); `-` reads it from standard input.
@@ -138,6 +148,7 @@ fn main() -> ExitCode {
             write_functions,
             no_hints,
         }) => route(sql, write_functions, *no_hints),
+        Some(Command::Import { file, userlist }) => import(file, userlist.as_deref()),
         Some(Command::Demo) => {
             init_logging(cli.log_format);
             let rt = runtime(0);
@@ -180,6 +191,51 @@ fn main() -> ExitCode {
                 overrides,
             });
             runtime(config.pgtide.worker_threads).block_on(serve(config, source))
+        }
+    }
+}
+
+/// `pgtide import pgbouncer.ini [--userlist userlist.txt]`: the pooler.toml on stdout,
+/// what pgtide would refuse in it on stderr (exit 0); a file it cannot read or parse:
+/// the line and the problem on stderr, exit 1.
+fn import(file: &std::path::Path, userlist: Option<&std::path::Path>) -> ExitCode {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .map_err(|e| eprintln!("pgtide import: cannot read {}: {e}", p.display()))
+    };
+    let Ok(ini) = read(file) else {
+        return ExitCode::FAILURE;
+    };
+    let list = match userlist {
+        Some(p) => match read(p) {
+            Ok(t) => Some((t, p.display().to_string())),
+            Err(()) => return ExitCode::FAILURE,
+        },
+        None => None,
+    };
+    let name = file.display().to_string();
+    let input = pgtide::import::Input {
+        ini: &ini,
+        ini_name: &name,
+        userlist: list.as_ref().map(|(t, n)| (t.as_str(), n.as_str())),
+    };
+    match pgtide::import::import(&input) {
+        Ok(out) => {
+            print!("{}", out.toml);
+            if !out.warnings.is_empty() {
+                eprintln!(
+                    "pgtide import: the generated file needs editing before pgtide accepts it ({} problem(s)):",
+                    out.warnings.len()
+                );
+                for w in &out.warnings {
+                    eprintln!("  {w}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgtide import: {e}");
+            ExitCode::FAILURE
         }
     }
 }

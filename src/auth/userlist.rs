@@ -100,6 +100,11 @@ impl UserList {
             .filter_map(|(u, p)| Some((u.as_str(), p.as_deref()?)))
     }
 
+    /// Every listed user with its password (`None`: listed with an empty one).
+    pub fn users(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.users.iter().map(|(u, p)| (u.as_str(), p.as_deref()))
+    }
+
     pub fn len(&self) -> usize {
         self.users.len()
     }
