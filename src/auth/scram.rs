@@ -355,7 +355,7 @@ pub struct ServerFirst {
     pub iterations: u32,
 }
 
-enum ClientState {
+enum ClientStep {
     Initial,
     GotFirst { server_first: String, nonce: String },
     SentFinal { server_signature: [u8; 32] },
@@ -368,7 +368,7 @@ enum ClientState {
 pub struct ScramClient {
     client_nonce: String,
     client_first_bare: String,
-    state: ClientState,
+    state: ClientStep,
 }
 
 impl ScramClient {
@@ -379,7 +379,7 @@ impl ScramClient {
         ScramClient {
             client_nonce,
             client_first_bare,
-            state: ClientState::Initial,
+            state: ClientStep::Initial,
         }
     }
 
@@ -390,7 +390,7 @@ impl ScramClient {
 
     /// Takes the server-first-message; returns the salt and iteration count.
     pub fn server_first(&mut self, data: &[u8]) -> Result<ServerFirst, ScramError> {
-        if !matches!(self.state, ClientState::Initial) {
+        if !matches!(self.state, ClientStep::Initial) {
             return Err(ScramError::Protocol(
                 "unexpected SCRAM server-first-message".into(),
             ));
@@ -423,7 +423,7 @@ impl ScramClient {
             .and_then(|i| i.parse().ok())
             .filter(|&i| i > 0)
             .ok_or_else(|| malformed("invalid iteration count"))?;
-        self.state = ClientState::GotFirst {
+        self.state = ClientStep::GotFirst {
             server_first: msg.to_owned(),
             nonce: nonce.to_owned(),
         };
@@ -445,10 +445,10 @@ impl ScramClient {
         client_key: &[u8; 32],
         server_key: &[u8; 32],
     ) -> Result<String, ScramError> {
-        let ClientState::GotFirst {
+        let ClientStep::GotFirst {
             server_first,
             nonce,
-        } = std::mem::replace(&mut self.state, ClientState::Done)
+        } = std::mem::replace(&mut self.state, ClientStep::Done)
         else {
             return Err(ScramError::Protocol(
                 "SCRAM client-final-message out of order".into(),
@@ -461,7 +461,7 @@ impl ScramClient {
         for (p, (k, s)) in proof.iter_mut().zip(client_key.iter().zip(&signature)) {
             *p = k ^ s;
         }
-        self.state = ClientState::SentFinal {
+        self.state = ClientStep::SentFinal {
             server_signature: hmac(server_key, auth_message.as_bytes()),
         };
         Ok(format!("{without_proof},p={}", B64.encode(proof)))
@@ -469,8 +469,8 @@ impl ScramClient {
 
     /// Takes the server-final-message and checks the server's signature.
     pub fn server_final(&mut self, data: &[u8]) -> Result<(), ScramError> {
-        let ClientState::SentFinal { server_signature } =
-            std::mem::replace(&mut self.state, ClientState::Done)
+        let ClientStep::SentFinal { server_signature } =
+            std::mem::replace(&mut self.state, ClientStep::Done)
         else {
             return Err(ScramError::Protocol(
                 "unexpected SCRAM server-final-message".into(),

@@ -69,16 +69,7 @@ impl std::error::Error for ImportError {}
 const FOREVER: Duration = Duration::from_secs(24 * 3600);
 
 /// Parameters pgtide always keeps per client (no need to list them).
-const BUILT_IN_TRACKED: &[&str] = &[
-    "client_encoding",
-    "datestyle",
-    "intervalstyle",
-    "timezone",
-    "standard_conforming_strings",
-    "application_name",
-    "search_path",
-    "default_transaction_read_only",
-];
+const BUILT_IN_TRACKED: &[&str] = crate::params::TRACKED;
 
 const TLS_CIPHERS: &str =
     "pgtide uses rustls with its safe default cipher suites; there is no cipher setting.";

@@ -3,8 +3,8 @@
 //! status, COPY IN, ParameterStatus, FATAL errors, and the prepared-statement pipeline.
 
 use super::io::splice;
-use super::{End, ServerEnd, Session, RETRY_MAX};
-use crate::params::{may_change_settings, settings_named};
+use super::{End, Rare, ServerEnd, Session, RETRY_MAX};
+use crate::params::{may_change_settings, settings_named, ClientParams};
 use crate::prepared;
 use crate::protocol::backend;
 use crate::protocol::{frontend, sqlstate, status, tag};
@@ -45,6 +45,30 @@ pub(super) fn server_whole(t: u8) -> bool {
 
 pub(super) fn server_whole_tracked(t: u8) -> bool {
     server_whole(t) || prepared::server_tag_tracked(t)
+}
+
+/// What a statement text (a Query's or a Parse's) means for the session: the settings it
+/// may change are synced from now on (`settings_changed` asks for the read-back); in
+/// transaction mode (`guard`), the session state it creates is returned, and for a pinned
+/// client a text that may end that state asks for the check after the transaction.
+fn note_statement(
+    sql: &[u8],
+    guard: bool,
+    params: &mut ClientParams,
+    settings_changed: &mut bool,
+    rare: Option<&mut Rare>,
+) -> Option<&'static str> {
+    if may_change_settings(sql) {
+        *settings_changed = true;
+        settings_named(sql, |n| params.watch(n));
+    }
+    if !guard {
+        return None;
+    }
+    if let Some(r) = rare.filter(|r| r.pinned.is_some()) {
+        r.unpin_check |= may_end_session_state(sql);
+    }
+    session_state(sql)
 }
 
 impl Session {
@@ -130,33 +154,25 @@ impl Session {
                     self.copy_window_open = true;
                     self.copy_window_syncs = 0;
                     if let Some(sql) = frame.body.and_then(frontend::query_text) {
-                        if may_change_settings(sql) {
-                            self.settings_changed = true;
-                            let params = &mut self.login.params;
-                            settings_named(sql, |n| params.watch(n));
-                        }
-                        if guard {
-                            state = session_state(sql);
-                            if let Some(r) = self.rare.as_mut().filter(|r| r.pinned.is_some()) {
-                                r.unpin_check |= may_end_session_state(sql);
-                            }
-                        }
+                        state = note_statement(
+                            sql,
+                            guard,
+                            &mut self.login.params,
+                            &mut self.settings_changed,
+                            self.rare.as_deref_mut(),
+                        );
                     }
                 }
                 tag::PARSE => {
                     self.unsynced = true;
                     if let Some((_, sql)) = frame.body.and_then(frontend::parse_statement) {
-                        if may_change_settings(sql) {
-                            self.settings_changed = true;
-                            let params = &mut self.login.params;
-                            settings_named(sql, |n| params.watch(n));
-                        }
-                        if guard {
-                            state = session_state(sql);
-                            if let Some(r) = self.rare.as_mut().filter(|r| r.pinned.is_some()) {
-                                r.unpin_check |= may_end_session_state(sql);
-                            }
-                        }
+                        state = note_statement(
+                            sql,
+                            guard,
+                            &mut self.login.params,
+                            &mut self.settings_changed,
+                            self.rare.as_deref_mut(),
+                        );
                     }
                 }
                 tag::SYNC => {
