@@ -965,7 +965,7 @@ auth_type = "md5"
         "host state changes are logged: {messages:?}"
     );
     assert!(
-        has("new primary"),
+        has("primary found"),
         "the choice of the primary is logged: {messages:?}"
     );
     assert!(has("client logged in"), "log_connections: {messages:?}");

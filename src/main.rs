@@ -9,7 +9,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pgtide::config::{Config, ConfigSource, Overrides};
 
 #[derive(Parser)]
-#[command(name = "pgtide", version, about = "A PostgreSQL connection pooler")]
+#[command(
+    name = "pgtide",
+    version,
+    about = "A PostgreSQL connection pooler",
+    after_help = "Environment:\n  DATABASE_URL  the upstream database (as --upstream)\n  PGTIDE_LOG    the log filter (an EnvFilter directive: info, debug, pgtide=debug, ...)\n\nSignals:\n  SIGTERM, SIGINT  finish in-flight transactions, then exit (a second one exits at once)\n  SIGHUP           reload the configuration file, the auth files and the TLS files"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it, --upstream or DATABASE_URL is used.
     #[arg(long, short = 'c', value_name = "FILE")]
@@ -22,14 +27,14 @@ struct Cli {
     #[arg(long = "replica", value_name = "URL")]
     replicas: Vec<String>,
     /// Listen address, overriding the config (default 127.0.0.1:6432).
-    #[arg(long, value_name = "HOST:PORT", global = true)]
+    #[arg(long, value_name = "HOST:PORT")]
     listen: Option<SocketAddr>,
     /// Address of the metrics endpoint (/metrics, /healthz, /readyz), overriding the
     /// config; "" turns it off.
-    #[arg(long, value_name = "HOST:PORT", global = true)]
+    #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<String>,
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -50,7 +55,17 @@ enum Command {
     },
     /// Start a throwaway PostgreSQL primary and streaming replica, and pgtide in front
     /// of them; Ctrl-C stops everything and removes it.
-    Demo,
+    Demo {
+        /// pgtide's listen address (default 127.0.0.1:6432).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<SocketAddr>,
+        /// The metrics endpoint's address (default 127.0.0.1:9930); "" turns it off.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_listen: Option<String>,
+        /// Log format.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
     /// Translate a PgBouncer configuration into a pooler.toml, printed on standard
     /// output; options pgtide has no equivalent for become comments saying what to do.
     Import {
@@ -149,12 +164,16 @@ fn main() -> ExitCode {
             no_hints,
         }) => route(sql, write_functions, *no_hints),
         Some(Command::Import { file, userlist }) => import(file, userlist.as_deref()),
-        Some(Command::Demo) => {
-            init_logging(cli.log_format);
+        Some(Command::Demo {
+            listen,
+            metrics_listen,
+            log_format,
+        }) => {
+            init_logging(log_format.unwrap_or(cli.log_format));
             let rt = runtime(0);
             match rt.block_on(pgtide::demo::run_demo(
-                cli.listen,
-                cli.metrics_listen.clone(),
+                listen.or(cli.listen),
+                metrics_listen.clone().or(cli.metrics_listen.clone()),
             )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

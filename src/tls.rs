@@ -140,6 +140,21 @@ impl Tls {
         }
     }
 
+    /// Whether any certificate, key or CA file is configured (a reload has something to
+    /// read again).
+    fn reads_files(&self) -> bool {
+        let set = |f: &Option<String>| f.as_deref().is_some_and(|f| !f.is_empty());
+        let g = &self.config.pgtide;
+        self.client_mode != ClientSslMode::Disable
+            || !g.server_tls_ca_file.is_empty()
+            || !g.server_tls_cert_file.is_empty()
+            || self
+                .config
+                .databases
+                .values()
+                .any(|d| set(&d.server_tls_ca_file) || set(&d.server_tls_cert_file))
+    }
+
     /// Reads the certificate, key and CA files again and swaps in what they now hold.
     /// New connections use the new files; open ones are not touched. A configuration
     /// whose files cannot be used keeps the previous one (and the error is logged and
@@ -163,7 +178,9 @@ impl Tls {
             }
         }
         if errors.is_empty() {
-            tracing::info!("TLS certificates and keys reloaded");
+            if self.reads_files() {
+                tracing::info!("TLS certificates and keys reloaded");
+            }
             Ok(())
         } else {
             let e = errors.join("; ");

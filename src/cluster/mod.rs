@@ -370,14 +370,21 @@ impl Cluster {
             }
         }
         if chosen != current {
-            match chosen {
-                Some(p) => tracing::warn!(
+            match (chosen, current) {
+                // The first primary found (at start, or after an outage): news, not a
+                // warning.
+                (Some(p), None) => tracing::info!(
                     database = db,
                     host = %st.hosts[p.0].addr,
-                    previous = current.map(|c| st.hosts[c.0].addr.as_str()).unwrap_or("none"),
+                    "primary found"
+                ),
+                (Some(p), Some(c)) => tracing::warn!(
+                    database = db,
+                    host = %st.hosts[p.0].addr,
+                    previous = %st.hosts[c.0].addr,
                     "new primary"
                 ),
-                None => tracing::warn!(
+                (None, _) => tracing::warn!(
                     database = db,
                     previous = current
                         .map(|c| st.hosts[c.0].addr.as_str())

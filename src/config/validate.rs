@@ -74,6 +74,8 @@ impl std::error::Error for ConfigError {}
 pub(super) enum Kind {
     Bool,
     U32,
+    /// A u32 that must be at least 1 (0 is reported by the semantic checks).
+    Size,
     Port,
     Str,
     /// A string that is never echoed back in an error message.
@@ -147,7 +149,7 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("listen", Kind::Listen),
     ("pool_mode", Kind::Enum(POOL_MODES)),
     ("session_state", Kind::Enum(SESSION_STATES)),
-    ("pool_size", Kind::U32),
+    ("pool_size", Kind::Size),
     ("min_pool_size", Kind::U32),
     ("max_db_connections", Kind::U32),
     ("max_client_conn", Kind::U32),
@@ -215,7 +217,7 @@ pub(super) const DATABASE_KEYS: &[(&str, Kind)] = &[
     ("route", Kind::Enum(ROUTES)),
     ("pool_mode", Kind::Enum(POOL_MODES)),
     ("session_state", Kind::Enum(SESSION_STATES)),
-    ("pool_size", Kind::U32),
+    ("pool_size", Kind::Size),
     ("min_pool_size", Kind::U32),
     ("max_db_connections", Kind::U32),
     ("auth_user", Kind::Str),
@@ -247,7 +249,7 @@ pub(super) const USER_KEYS: &[(&str, Kind)] = &[
     ("auth_type", Kind::Enum(AUTH_TYPES)),
     ("pool_mode", Kind::Enum(POOL_MODES)),
     ("session_state", Kind::Enum(SESSION_STATES)),
-    ("pool_size", Kind::U32),
+    ("pool_size", Kind::Size),
     ("route", Kind::Enum(ROUTES)),
 ];
 
@@ -325,6 +327,11 @@ fn check_value(kind: Kind, key: &str, v: &Value, out: &mut Vec<Problem>) {
             format!("{i} is out of range; use a whole number from 0 to {}", u32::MAX)
         }
         (Kind::U32, _) => wrong_type("an integer", v),
+        (Kind::Size, Value::Integer(i)) if u32::try_from(*i).is_ok() => return,
+        (Kind::Size, Value::Integer(i)) => {
+            format!("{i} is out of range; use a whole number from 1 to {}", u32::MAX)
+        }
+        (Kind::Size, _) => wrong_type("an integer", v),
         (Kind::Port, Value::Integer(i)) if (1..=65535).contains(i) => return,
         (Kind::Port, Value::Integer(i)) => format!("{i} is not a port; use 1 to 65535"),
         (Kind::Port, _) => wrong_type("a port number (an integer from 1 to 65535)", v),
