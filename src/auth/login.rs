@@ -68,8 +68,9 @@ pub async fn authenticate_server<S: AsyncRead + AsyncWrite + Unpin>(
 
 fn no_password(user: &str, method: &str, kind: &str) -> AuthError {
     AuthError::NoServerPassword(format!(
-        "the server requested {method} authentication for user \"{user}\", but the config holds no \
-         usable password for it: set {kind} password for user \"{user}\" in the config"
+        "the server requested {method} authentication for user \"{user}\", but pgtide holds no \
+         usable password for it: give {kind} password for user \"{user}\" (in [users] or the \
+         auth_file of the configuration file, or in the --upstream URL / DATABASE_URL)"
     ))
 }
 

@@ -390,7 +390,7 @@ async fn login_inner(
                 stream,
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 &format!("user \"{user}\" is not allowed to connect to the admin console"),
-                Some("list the user in admin_users to allow it"),
+                Some("list the user in admin_users of the configuration file (zero-config mode has no console users: run pgtide with --config for a console)"),
             )
             .await;
             return Err(NoSession::Refused);
