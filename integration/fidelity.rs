@@ -70,10 +70,7 @@ async fn a_servers_fatal_reaches_the_client_as_the_server_sent_it() {
     let _ = rawpg::terminate();
 }
 
-/// Blocking work (pg_ctl, psql) off the runtime's threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking work")
-}
+use crate::routing::blocking;
 
 // A PostgreSQL restart (without PAUSE) costs clients a delay, not their connections:
 // queries sent while the server is down wait for it (up to query_wait_timeout) and run;

@@ -831,3 +831,62 @@ async fn routing_and_host_metrics_match_what_was_sent() {
     assert!(servers(&p) >= 1.0, "a server connection to the primary");
     assert!(servers(&r) >= 1.0, "a server connection to the replica");
 }
+
+// The primary stops under a read load while the replica is up: no read fails (reads stay
+// on the replica by default, before and after the monitor marks the primary down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_never_fail_while_the_primary_is_down_and_a_replica_is_up() {
+    let lc = own_cluster().await;
+    let pooler = routed_own(&lc, |c| {
+        c.pgtide.primary_reads = pgtide::config::General::default().primary_reads;
+    })
+    .await;
+    let probe = app(&pooler, "rt").await;
+    until_value(
+        &probe,
+        "SELECT pg_is_in_recovery()",
+        "t",
+        "reads reach the replica",
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let c = app(&pooler, "rt").await;
+        let stop = stop.clone();
+        readers.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.simple_query("SELECT 7").await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let l = lc.clone();
+    blocking(move || crate::cluster::pg_ctl(&l, "primary", &["-m", "fast", "-w", "stop"])).await;
+    // Reads go on through the outage, past the monitor marking the primary down.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for r in readers {
+        let (o, f) = to("a reader", r).await.expect("reader task");
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} reads failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "only {ok} reads ran");
+    assert_eq!(
+        last_value(&probe, "SELECT pg_is_in_recovery()").await,
+        "t",
+        "after the outage, reads still run on the replica"
+    );
+}
