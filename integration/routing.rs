@@ -836,9 +836,21 @@ async fn routing_and_host_metrics_match_what_was_sent() {
 // on the replica by default, before and after the monitor marks the primary down).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_never_fail_while_the_primary_is_down_and_a_replica_is_up() {
+    // The default (reads stay on the replica), and primary_reads = true (a read sent to
+    // the primary that cannot be reached runs on the replica; the primary is marked down
+    // on the spot).
+    for primary_reads in [false, true] {
+        reads_survive_a_primary_outage(primary_reads).await;
+    }
+}
+
+async fn reads_survive_a_primary_outage(primary_reads: bool) {
     let lc = own_cluster().await;
     let pooler = routed_own(&lc, |c| {
-        c.pgtide.primary_reads = pgtide::config::General::default().primary_reads;
+        c.pgtide.primary_reads = primary_reads;
+        // Slow checks: the outage is noticed by the clients' connects, not the monitor.
+        c.pgtide.health_check_interval = pgtide::config::ConfigDuration::secs(1);
+        c.pgtide.health_check_failures = 5;
     })
     .await;
     let probe = app(&pooler, "rt").await;
@@ -849,6 +861,15 @@ async fn reads_never_fail_while_the_primary_is_down_and_a_replica_is_up() {
         "reads reach the replica",
     )
     .await;
+    let stop_primary = || {
+        let l = lc.clone();
+        blocking(move || crate::cluster::pg_ctl(&l, "primary", &["-m", "fast", "-w", "stop"]))
+    };
+    if primary_reads {
+        // Reads running on the primary when it stops fail there as they would directly
+        // (PostgreSQL ends their sessions); the reads that count are those sent after.
+        stop_primary().await;
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut readers = Vec::new();
     for _ in 0..4 {
@@ -859,15 +880,19 @@ async fn reads_never_fail_while_the_primary_is_down_and_a_replica_is_up() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match c.simple_query("SELECT 7").await {
                     Ok(_) => ok += 1,
-                    Err(e) => failed.push(e.to_string()),
+                    Err(e) => {
+                        failed.push(format!("{e:?}"));
+                        break;
+                    }
                 }
             }
             (ok, failed)
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let l = lc.clone();
-    blocking(move || crate::cluster::pg_ctl(&l, "primary", &["-m", "fast", "-w", "stop"])).await;
+    if !primary_reads {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        stop_primary().await;
+    }
     // Reads go on through the outage, past the monitor marking the primary down.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -879,7 +904,7 @@ async fn reads_never_fail_while_the_primary_is_down_and_a_replica_is_up() {
     }
     assert!(
         failed.is_empty(),
-        "{} reads failed: {:?}",
+        "primary_reads = {primary_reads}: {} reads failed: {:?}",
         failed.len(),
         &failed[..failed.len().min(5)]
     );

@@ -72,6 +72,17 @@ impl Breaker {
         (self.health != before).then_some(self.health)
     }
 
+    /// A connection to the host just failed outside the health checks (a client's
+    /// checkout could not reach it): down at once, as if the threshold of failed checks
+    /// had been reached. The checks bring it back up as usual.
+    pub fn trip(&mut self) -> Option<Health> {
+        let before = self.health;
+        self.consecutive_successes = 0;
+        self.consecutive_failures = self.consecutive_failures.max(self.settings.failures.max(1));
+        self.health = Health::Down;
+        (self.health != before).then_some(self.health)
+    }
+
     /// How long to wait before the next check.
     pub fn next_delay(&self) -> Duration {
         let interval = self.settings.interval;

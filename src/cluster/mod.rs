@@ -362,6 +362,31 @@ impl Cluster {
             );
         }
         let delay = h.breaker.next_delay();
+        self.choose_and_publish(&mut st);
+        delay
+    }
+
+    /// A client's connection to host `id` failed (nothing was sent on it): the host is
+    /// marked down on the spot, without waiting for the health checks to notice, and
+    /// routing moves off it at once. The checks mark it up again when it answers.
+    pub fn report_unreachable(&self, id: HostId, error: &str) {
+        let mut st = self.lock();
+        let db = self.database.as_str();
+        let Some(h) = st.hosts.get_mut(id.0) else {
+            return;
+        };
+        if h.breaker.trip() == Some(Health::Down) {
+            tracing::warn!(database = db, host = %h.addr, error = %error, "host marked down: a client's connection to it failed");
+            h.last_error = Some(error.to_string());
+            self.choose_and_publish(&mut st);
+        }
+    }
+
+    /// Chooses the primary from the hosts' states, logs a change, and publishes the
+    /// choice and the routing snapshot (under the lock, so that readers see state and
+    /// primary agree).
+    fn choose_and_publish(&self, st: &mut State) {
+        let db = self.database.as_str();
         let current = *self.primary.borrow();
         let chosen = choose_primary(&st.hosts, current);
         if let Some(p) = chosen {
@@ -396,8 +421,7 @@ impl Cluster {
             self.primary.send_replace(chosen);
         }
         self.route_snapshot
-            .store(Arc::new(route_snapshot(&st, chosen)));
-        delay
+            .store(Arc::new(route_snapshot(st, chosen)));
     }
 
     /// The hosts as the router reads them (an atomic load, no lock).

@@ -60,6 +60,38 @@ impl Session {
             }
             _ = entry.killed() => return Err(self.killed().await),
         };
+        if let Err(CheckoutError::Connect { error, .. }) = &r {
+            if error.is_transient() {
+                // Nothing was sent and the host did not answer: it is marked down on the
+                // spot, so that routing moves off it now rather than at the monitor's
+                // next checks (a refused login is not the host's fault: not marked).
+                self.report_unreachable(&pool, &error.to_string());
+            }
+        }
+        if !self.on_replica && matches!(r, Err(CheckoutError::Connect { .. })) {
+            // A read the primary was to run, and the primary cannot be reached: a replica
+            // runs it if one is eligible (the primary is now marked down).
+            if let Ok(choice) = self.choose_pool() {
+                if choice.replica && !choice.write {
+                    tracing::warn!(
+                        server = %pool.target().address(),
+                        replica = %choice.pool.target().address(),
+                        "primary unreachable; running the read on a replica"
+                    );
+                    pool = choice.pool;
+                    self.on_replica = true;
+                    self.replica_tx = choice.replica_tx;
+                    self.arm(false, !choice.replica_tx);
+                    *outcome = Some(Outcome::Fallback);
+                    r = tokio::select! {
+                        r = pool.checkout(wait) => r,
+                        _ = signal.reached(Phase::Now) => {
+                            return Err(self.tell(Error::pooler(sqlstate::ADMIN_SHUTDOWN, "pgtide is shutting down")).await);
+                        }
+                    };
+                }
+            }
+        }
         if self.on_replica && matches!(r, Err(CheckoutError::Connect { .. })) {
             // The replica went away before the monitor noticed: this read runs on the
             // primary rather than failing the client.
@@ -127,17 +159,7 @@ impl Session {
         };
         self.on_replica = on_replica;
         self.replica_tx = replica_tx;
-        let retry = on_replica && !replica_tx;
-        if write || retry || self.rare.is_some() {
-            // Routed databases only: a plain pool's transactions leave `rare` unmade.
-            let mark = self.s2c.len();
-            let rare = self.rare();
-            rare.for_write = write;
-            rare.force_primary = false;
-            rare.retry_to_primary = false;
-            rare.retry = retry.then(BytesMut::new);
-            rare.retry_mark = mark;
-        }
+        self.arm(write, on_replica && !replica_tx);
         let wait_primary = !on_replica && self.primary_unknown();
         if !wait_primary {
             if let Some(conn) = pool.try_checkout() {
@@ -149,6 +171,34 @@ impl Session {
             wait_primary,
             outcome,
             waiting_since,
+        }
+    }
+
+    /// The routing state of the transaction starting: whether it went to the primary to
+    /// write, and whether its request is kept (`retry`) for a replay on the primary if
+    /// the replica refuses it as a write.
+    fn arm(&mut self, write: bool, retry: bool) {
+        if write || retry || self.rare.is_some() {
+            // Routed databases only: a plain pool's transactions leave `rare` unmade.
+            let mark = self.s2c.len();
+            let rare = self.rare();
+            rare.for_write = write;
+            rare.force_primary = false;
+            rare.retry_to_primary = false;
+            rare.retry = retry.then(BytesMut::new);
+            rare.retry_mark = mark;
+        }
+    }
+
+    /// Marks the host of `pool` down in its cluster (routed databases), after a connect
+    /// to it failed.
+    fn report_unreachable(&self, pool: &Arc<Pool>, error: &str) {
+        let Some(cluster) = self.shared.cluster(self.login.database()) else {
+            return;
+        };
+        let set = &self.login.pools;
+        if let Some((i, _)) = set.pools().find(|(_, p)| Arc::ptr_eq(p, pool)) {
+            cluster.report_unreachable(crate::cluster::HostId(i), error);
         }
     }
 
