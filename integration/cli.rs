@@ -1230,3 +1230,25 @@ fn route_says_where_the_work_runs_and_reads_scripts() {
     assert!(decisions[0].starts_with("replica:") && decisions[1].starts_with("primary:"));
     assert!(decisions[2].starts_with("replica:"), "{text}");
 }
+
+// "pgtide is ready" is said only when the upstream answers; otherwise a warning says what
+// is missing (and pgtide accepts clients all the same).
+#[test]
+fn ready_is_logged_only_when_the_upstream_answers() {
+    let nothing_there = free_addr();
+    let url = format!("postgres://pgtide_trust@{nothing_there}/nowhere");
+    let (mut child, _addr) = spawn_upstream(&url, false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logs = loop {
+        let logs = child.stderr_text();
+        if logs.contains("not every primary is reachable") || Instant::now() > deadline {
+            break logs;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(logs.contains("not every primary is reachable"), "{logs}");
+    assert!(logs.contains(&nothing_there.to_string()), "{logs}");
+    assert!(!logs.contains("pgtide is ready"), "{logs}");
+    child.signal(libc::SIGTERM);
+    let _ = child.wait_timeout(Duration::from_secs(10));
+}

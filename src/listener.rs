@@ -121,6 +121,12 @@ impl Pooler {
         self.shared.tls().reload()
     }
 
+    /// Whether every database's primary is reachable (what `/readyz` answers): `Err`
+    /// lists what is not.
+    pub async fn readiness(&self) -> Result<(), Vec<String>> {
+        crate::metrics::readiness(&*self.shared).await
+    }
+
     /// Graceful shutdown: stop accepting, let in-flight transactions finish (up to
     /// `shutdown_timeout`), tell idle clients 57P01.
     pub fn shutdown(&self) {

@@ -395,7 +395,27 @@ async fn serve(config: Config, source: Option<ConfigSource>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(listen = %pooler.local_addr(), version = env!("CARGO_PKG_VERSION"), "pgtide is ready");
+    // "Ready" once the primaries answer (as /readyz says); the monitors' first checks
+    // take a moment, so wait up to 2 s for them before saying what is missing.
+    let mut ready = pooler.readiness().await;
+    for _ in 0..10 {
+        if ready.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        ready = pooler.readiness().await;
+    }
+    match ready {
+        Ok(()) => {
+            tracing::info!(listen = %pooler.local_addr(), version = env!("CARGO_PKG_VERSION"), "pgtide is ready")
+        }
+        Err(why) => tracing::warn!(
+            listen = %pooler.local_addr(),
+            version = env!("CARGO_PKG_VERSION"),
+            not_ready = %why.join("; "),
+            "pgtide is accepting clients, but not every primary is reachable yet: their clients wait for it (query_wait_timeout)"
+        ),
+    }
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
