@@ -282,3 +282,98 @@ async fn notifications_name_the_sender_by_the_pid_it_was_given() {
         );
     }
 }
+
+/// The PIDs of the postmaster of `data` and of its children.
+fn postgres_pids(data: &std::path::Path) -> Vec<i32> {
+    let pid_file = std::fs::read_to_string(data.join("postmaster.pid")).expect("postmaster.pid");
+    let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    let mut pids = vec![postmaster];
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the fields after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(postmaster) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn signal_all(pids: &[i32], sig: libc::c_int) {
+    for &p in pids {
+        // SAFETY: kill(2) on PIDs read just now from the cluster this test started.
+        unsafe {
+            libc::kill(p, sig);
+        }
+    }
+}
+
+// query_timeout: a query running longer is cancelled on the server (57014, the client
+// stays); a server that stops answering altogether (SIGSTOP) is disconnected and the
+// client told 57014 as an ERROR, and carries on once PostgreSQL is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_cancels_and_survives_a_frozen_server() {
+    use pgtide::demo::{ClusterOptions, LocalCluster};
+    let lc = blocking(|| {
+        LocalCluster::start(&ClusterOptions {
+            users: vec![("qt".to_string(), "qtpass".to_string(), false)],
+            databases: vec!["qt".to_string()],
+            with_replica: false,
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    let mut cfg = harness::config_for("qt");
+    cfg.databases.get_mut("qt").unwrap().port = lc.primary_port;
+    cfg.users.insert(
+        "qt".to_string(),
+        pgtide::config::User {
+            password: Some("qtpass".to_string()),
+            ..pgtide::config::User::default()
+        },
+    );
+    cfg.pgtide.query_timeout = pgtide::config::ConfigDuration::secs(1);
+    let pooler = harness::start_pgtide(cfg).await;
+    let conn = harness::tcp_connect_string(pooler.local_addr(), "qt", "qtpass", "qt");
+    let c = harness::connect(&conn).await.expect("login");
+    c.simple_query("SELECT 1").await.expect("a quick query");
+
+    let e = harness::to("a long query", c.simple_query("SELECT pg_sleep(20)"))
+        .await
+        .expect_err("cancelled by query_timeout");
+    let db = e.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "57014", "{db:?}");
+    assert_eq!(db.severity(), "ERROR");
+    c.simple_query("SELECT 1")
+        .await
+        .expect("the client carries on");
+
+    // PostgreSQL frozen: the cancel cannot be answered either.
+    let pids = postgres_pids(&lc.dir.join("primary"));
+    signal_all(&pids, libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let r = harness::to("a query to a frozen server", c.simple_query("SELECT 2")).await;
+    let waited = started.elapsed();
+    signal_all(&pids, libc::SIGCONT);
+    let e = r.expect_err("no answer from a frozen server");
+    let db = e
+        .as_db_error()
+        .expect("an ErrorResponse, not a dropped connection");
+    assert_eq!(db.code().code(), "57014", "{db:?}");
+    assert_eq!(db.severity(), "ERROR", "{db:?}");
+    assert!(db.message().contains("query_timeout"), "{db:?}");
+    assert!(waited < Duration::from_secs(15), "waited {waited:?}");
+    assert!(!c.is_closed());
+    let rows = harness::to("after the freeze", c.simple_query("SELECT 3"))
+        .await
+        .expect("the client carries on once PostgreSQL is back");
+    assert!(!rows.is_empty());
+}

@@ -345,6 +345,10 @@ pub struct General {
     pub server_lifetime: ConfigDuration,
     /// A client idle inside a transaction this long is disconnected; 0 = never.
     pub idle_transaction_timeout: ConfigDuration,
+    /// A query (a request the server has not finished answering) running longer than
+    /// this is cancelled on the server: the client gets 57014 and stays. A server that
+    /// does not answer the cancel within 2 s more is disconnected. 0 = off.
+    pub query_timeout: ConfigDuration,
     /// A client idle outside a transaction this long is disconnected; 0 = never.
     pub client_idle_timeout: ConfigDuration,
     /// A client must finish startup and authentication within this.
@@ -480,6 +484,7 @@ impl Default for General {
             server_idle_timeout: ConfigDuration::secs(600),
             server_lifetime: ConfigDuration::secs(3600),
             idle_transaction_timeout: ConfigDuration::secs(0),
+            query_timeout: ConfigDuration::secs(0),
             client_idle_timeout: ConfigDuration::secs(0),
             client_login_timeout: ConfigDuration::secs(60),
             shutdown_timeout: ConfigDuration::secs(30),
@@ -615,6 +620,8 @@ pub struct Database {
     pub health_check_backoff_max: Option<ConfigDuration>,
     /// Overrides `[pgtide].health_check_user`.
     pub health_check_user: Option<String>,
+    /// Overrides `[pgtide].query_timeout` for this database.
+    pub query_timeout: Option<ConfigDuration>,
     /// Overrides `[pgtide].server_tls_sslmode`.
     pub server_tls_sslmode: Option<ServerSslMode>,
     /// Overrides `[pgtide].server_tls_ca_file`.
@@ -655,6 +662,7 @@ impl Default for Database {
             health_check_successes: None,
             health_check_backoff_max: None,
             health_check_user: None,
+            query_timeout: None,
             server_tls_sslmode: None,
             server_tls_ca_file: None,
             server_tls_cert_file: None,
@@ -855,6 +863,15 @@ impl Config {
         db.port = Database::default().port;
         config.validate()?;
         Ok(config)
+    }
+
+    /// `query_timeout` for `database` (its own, else `[pgtide]`'s); `None` when off.
+    pub fn query_timeout(&self, database: &str) -> Option<Duration> {
+        self.databases
+            .get(database)
+            .and_then(|d| d.query_timeout)
+            .unwrap_or(self.pgtide.query_timeout)
+            .enabled()
     }
 
     /// The user (and its configured password, if any) the health monitors of `database`

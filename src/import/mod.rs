@@ -113,7 +113,6 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
     ("peer_id", "pgtide has no peering: one pgtide process uses every core (worker_threads), so there is no group of processes to forward cancel requests between."),
     ("pidfile", "pgtide does not daemonize or write a PID file: run it in the foreground under systemd (or another supervisor), which tracks the process."),
     ("pkt_buf", "pgtide sizes its buffers itself (they grow as needed and shrink back); max_message_size bounds one message."),
-    ("query_timeout", "pgtide does not cancel long queries: set statement_timeout in PostgreSQL (ALTER ROLE ... SET statement_timeout = '...')."),
     ("query_wait_notify", "pgtide sends no notice while a client waits; waits show in SHOW POOLS and the pgtide_ metrics."),
     ("reserve_pool_size", RESERVE),
     ("reserve_pool_timeout", RESERVE),
@@ -178,6 +177,7 @@ const MAPPED: &[&str] = &[
     "max_prepared_statements",
     "min_pool_size",
     "pool_mode",
+    "query_timeout",
     "query_wait_timeout",
     "server_connect_timeout",
     "server_idle_timeout",
@@ -737,6 +737,7 @@ fn map_general(
         "server_idle_timeout",
         "idle_transaction_timeout",
         "client_idle_timeout",
+        "query_timeout",
     ] {
         if let Some(e) = s.get(key) {
             out.set(key, duration(seconds(e)?));

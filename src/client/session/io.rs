@@ -92,6 +92,9 @@ pub(super) fn write_some(
     stream.try_flush()
 }
 
+/// How long a server has to answer query_timeout's cancel before it is disconnected.
+const QUERY_CANCEL_GRACE: Duration = Duration::from_secs(2);
+
 impl Session {
     /// Waits for the next thing to do; `phase` is the shutdown phase the caller acted on.
     pub(super) async fn wait(&mut self, phase: Phase) -> Event {
@@ -99,12 +102,30 @@ impl Session {
             // Read once per wait, not held across it (a reload may swap the config).
             let config = self.shared.config();
             let g = &config.pgtide;
+            let now = tokio::time::Instant::now;
+            if self.pending == 0 {
+                self.query_since = None;
+                self.query_cancelled = false;
+            }
             match &self.server {
-                None => g.client_idle_timeout.enabled(),
+                None => g.client_idle_timeout.enabled().map(|d| now() + d),
                 Some(_)
                     if self.pending == 0 && self.tx_status != status::IDLE && self.c_ready == 0 =>
                 {
-                    g.idle_transaction_timeout.enabled()
+                    g.idle_transaction_timeout.enabled().map(|d| now() + d)
+                }
+                // A request the server owes: query_timeout counts from its first wait,
+                // and once cancelled the server has QUERY_CANCEL_GRACE more to answer.
+                Some(_) if self.pending > 0 => {
+                    config.query_timeout(self.login.database()).map(|d| {
+                        let since = *self.query_since.get_or_insert_with(now);
+                        let grace = if self.query_cancelled {
+                            QUERY_CANCEL_GRACE
+                        } else {
+                            Duration::ZERO
+                        };
+                        since + d + grace
+                    })
                 }
                 Some(_) => None,
             }
@@ -120,10 +141,9 @@ impl Session {
         };
         let want_client_write = client_bytes > 0 || self.client.wants_flush();
         let mut timer = match timer {
-            Some(d) => {
+            Some(deadline) => {
                 // One timer per session, made the first time one is needed and reset
                 // for every wait after that.
-                let deadline = tokio::time::Instant::now() + d;
                 match &mut self.timer {
                     Some(t) => t.as_mut().reset(deadline),
                     None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -177,6 +197,56 @@ impl Session {
             Poll::Pending
         })
         .await
+    }
+
+    /// query_timeout passed for the request the server owes: the first time, the query
+    /// is cancelled on the server (which answers 57014 itself); if the server has not
+    /// answered QUERY_CANCEL_GRACE later, it is disconnected and the client told 57014 —
+    /// as an ERROR outside a transaction (it stays connected), as a FATAL inside one
+    /// (the transaction is gone).
+    pub(super) async fn query_timed_out(&mut self) -> Result<(), End> {
+        let Some(server) = self.server.as_ref() else {
+            return Ok(());
+        };
+        let limit = self
+            .shared
+            .config()
+            .query_timeout(self.login.database())
+            .unwrap_or_default();
+        if !self.query_cancelled {
+            self.query_cancelled = true;
+            tracing::info!(user = %self.login.user(), database = %self.login.database(), server = %server.pool().target().address(), "query_timeout: cancelling the query");
+            let _ = crate::server::send_cancel(server.cancel.clone(), QUERY_CANCEL_GRACE).await;
+            return Ok(());
+        }
+        let address = server.pool().target().address();
+        tracing::warn!(user = %self.login.user(), database = %self.login.database(), server = %address, "query_timeout: the server did not answer the cancel; disconnecting it");
+        let message = format!(
+            "canceling statement due to query_timeout ({}): the server {address} did not answer and was disconnected; the statement's outcome is unknown",
+            humantime::format_duration(limit)
+        );
+        let in_transaction = self.tx_status != status::IDLE;
+        let owed = self.pending;
+        let lost = self.server_lost("query_timeout");
+        drop(lost);
+        self.query_since = None;
+        self.query_cancelled = false;
+        let e = Error::server(crate::protocol::sqlstate::QUERY_CANCELED, message);
+        if in_transaction {
+            return Err(self.tell(e).await);
+        }
+        // As PostgreSQL answers a failed request: the error, then the ReadyForQuery of
+        // every request it owed.
+        let mut out = BytesMut::new();
+        crate::protocol::backend::error(&mut out, &e.code, &e.message);
+        for _ in 0..owed.max(1) {
+            crate::protocol::backend::ready_for_query(&mut out, status::IDLE);
+        }
+        let at = self.s_ready;
+        splice(&mut self.s2c, at..at, &out);
+        self.s_ready += out.len();
+        self.set_state(crate::registry::ClientState::Idle);
+        Ok(())
     }
 
     /// Sends the client a FATAL and ends the session. Boxed, like every rare await of

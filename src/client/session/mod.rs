@@ -138,6 +138,10 @@ struct Session {
     signal: ShutdownSignal,
     /// The idle timeouts' timer, once one was needed (reset for each wait).
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// query_timeout: when the server began to owe the current request (set by the
+    /// first wait for it), and whether it was cancelled already.
+    query_since: Option<tokio::time::Instant>,
+    query_cancelled: bool,
     /// Bytes from the client; `c2s[..c_ready]` is framed and goes to the server.
     c2s: BytesMut,
     c_scan: Scanner,
@@ -263,6 +267,8 @@ impl Session {
             login,
             signal,
             timer: None,
+            query_since: None,
+            query_cancelled: false,
             c2s: BytesMut::new(),
             c_scan: Scanner::new(max),
             c_ready: 0,
@@ -557,6 +563,9 @@ impl Session {
             Event::Phase => Ok(()),
             Event::ServerWritable | Event::ClientWritable => Ok(()),
             Event::Killed => Err(self.killed().await),
+            Event::Timeout if self.server.is_some() && self.pending > 0 => {
+                Box::pin(self.query_timed_out()).await
+            }
             Event::Timeout => {
                 if self.server.is_some() {
                     Err(self
