@@ -425,6 +425,10 @@ impl Session {
         if let Some(p) = self.prepared.as_mut() {
             p.pipeline = Pipeline::default();
         }
+        if let Some(r) = self.rare.as_mut() {
+            // Nothing ran: no answer to hold back for a retry.
+            r.retry = None;
+        }
         let at = self.s_ready;
         super::io::splice(&mut self.s2c, at..at, &out);
         self.s_ready += out.len();

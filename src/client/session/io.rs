@@ -229,11 +229,18 @@ impl Session {
         let owed = self.pending;
         let lost = self.server_lost("query_timeout");
         drop(lost);
+        // What the gone server had half sent belongs to no message.
+        self.s2c.truncate(self.s_ready);
+        self.s_scan = crate::protocol::Scanner::new(self.shared.config().pgtide.max_message_size);
         self.query_since = None;
         self.query_cancelled = false;
         let e = Error::server(crate::protocol::sqlstate::QUERY_CANCELED, message);
         if in_transaction {
             return Err(self.tell(e).await);
+        }
+        if let Some(r) = self.rare.as_mut() {
+            // The server is gone: nothing to retry, no answer to hold back.
+            r.retry = None;
         }
         // As PostgreSQL answers a failed request: the error, then the ReadyForQuery of
         // every request it owed.
