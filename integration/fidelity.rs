@@ -377,3 +377,49 @@ async fn query_timeout_cancels_and_survives_a_frozen_server() {
         .expect("the client carries on once PostgreSQL is back");
     assert!(!rows.is_empty());
 }
+
+// transaction_timeout: a transaction (or autocommit statement) that lasts longer ends the
+// client's session with 25P04; short transactions, however many, are never affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_timeout_ends_long_transactions_only() {
+    let db = harness::fresh_database("fid_txt");
+    let mut cfg = harness::config_for(&db);
+    cfg.pgtide.pool_size = 1;
+    cfg.pgtide.transaction_timeout = pgtide::config::ConfigDuration::secs(1);
+    let pooler = harness::start_pgtide(cfg).await;
+    let addr = pooler.local_addr();
+
+    // Many short transactions over more than the timeout.
+    let mut quick = RawPg::login(addr, USER, &db, &[]).await;
+    for i in 0..15 {
+        quick.simple("BEGIN").await;
+        assert_eq!(quick.one(&format!("SELECT {i}")).await, i.to_string());
+        quick.simple("COMMIT").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(quick);
+
+    // An open transaction left idle past the timeout.
+    let mut idle = RawPg::login(addr, USER, &db, &[]).await;
+    idle.simple("BEGIN").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let f = fatal_before_eof(&mut idle).await;
+    assert_eq!(f.sqlstate().as_deref(), Some("25P04"), "{:?}", f.message());
+    assert_eq!(f.severity().as_deref(), Some("FATAL"));
+
+    // An autocommit statement running past it.
+    let mut long = RawPg::login(addr, USER, &db, &[]).await;
+    long.send(&rawpg::query("SELECT pg_sleep(5)")).await;
+    let started = std::time::Instant::now();
+    let f = fatal_before_eof(&mut long).await;
+    assert_eq!(f.sqlstate().as_deref(), Some("25P04"));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The one server connection serves the next client.
+    let mut next = RawPg::login(addr, USER, &db, &[]).await;
+    assert_eq!(next.one("SELECT 'fine'").await, "fine");
+}

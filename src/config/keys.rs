@@ -59,6 +59,7 @@ pub const GENERAL_KEYS: &[(&str, Reload)] = &[
     ("server_lifetime", Live),
     ("idle_transaction_timeout", Live),
     ("query_timeout", Live),
+    ("transaction_timeout", Live),
     ("client_idle_timeout", Live),
     ("client_login_timeout", Live),
     ("shutdown_timeout", Live),

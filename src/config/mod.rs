@@ -349,6 +349,9 @@ pub struct General {
     /// this is cancelled on the server: the client gets 57014 and stays. A server that
     /// does not answer the cancel within 2 s more is disconnected. 0 = off.
     pub query_timeout: ConfigDuration,
+    /// A client whose transaction (or autocommit statement) has lasted longer than this
+    /// is disconnected with 25P04; the server's transaction is rolled back. 0 = off.
+    pub transaction_timeout: ConfigDuration,
     /// A client idle outside a transaction this long is disconnected; 0 = never.
     pub client_idle_timeout: ConfigDuration,
     /// A client must finish startup and authentication within this.
@@ -485,6 +488,7 @@ impl Default for General {
             server_lifetime: ConfigDuration::secs(3600),
             idle_transaction_timeout: ConfigDuration::secs(0),
             query_timeout: ConfigDuration::secs(0),
+            transaction_timeout: ConfigDuration::secs(0),
             client_idle_timeout: ConfigDuration::secs(0),
             client_login_timeout: ConfigDuration::secs(60),
             shutdown_timeout: ConfigDuration::secs(30),
@@ -622,6 +626,8 @@ pub struct Database {
     pub health_check_user: Option<String>,
     /// Overrides `[pgtide].query_timeout` for this database.
     pub query_timeout: Option<ConfigDuration>,
+    /// Overrides `[pgtide].transaction_timeout` for this database.
+    pub transaction_timeout: Option<ConfigDuration>,
     /// Overrides `[pgtide].server_tls_sslmode`.
     pub server_tls_sslmode: Option<ServerSslMode>,
     /// Overrides `[pgtide].server_tls_ca_file`.
@@ -663,6 +669,7 @@ impl Default for Database {
             health_check_backoff_max: None,
             health_check_user: None,
             query_timeout: None,
+            transaction_timeout: None,
             server_tls_sslmode: None,
             server_tls_ca_file: None,
             server_tls_cert_file: None,
@@ -871,6 +878,15 @@ impl Config {
             .get(database)
             .and_then(|d| d.query_timeout)
             .unwrap_or(self.pgtide.query_timeout)
+            .enabled()
+    }
+
+    /// `transaction_timeout` for `database` (its own, else `[pgtide]`'s); `None` when off.
+    pub fn transaction_timeout(&self, database: &str) -> Option<Duration> {
+        self.databases
+            .get(database)
+            .and_then(|d| d.transaction_timeout)
+            .unwrap_or(self.pgtide.transaction_timeout)
             .enabled()
     }
 

@@ -183,6 +183,7 @@ fn key_tables_match_the_types() {
         health_check_backoff_max: Some(ConfigDuration::secs(1)),
         health_check_user: Some("mon".into()),
         query_timeout: Some(ConfigDuration::secs(1)),
+        transaction_timeout: Some(ConfigDuration::secs(1)),
         server_tls_sslmode: Some(ServerSslMode::Require),
         server_tls_ca_file: Some("ca.pem".into()),
         server_tls_cert_file: Some("c.pem".into()),

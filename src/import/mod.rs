@@ -143,7 +143,6 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
     ("tcp_keepintvl", TCP),
     ("tcp_socket_buffer", TCP),
     ("tcp_user_timeout", TCP),
-    ("transaction_timeout", "pgtide does not end long transactions: set transaction_timeout in PostgreSQL 17 or later (ALTER ROLE ... SET transaction_timeout = '...'); idle_transaction_timeout covers idle ones."),
     ("unix_socket_dir", UNIX_SOCKET),
     ("unix_socket_group", UNIX_SOCKET),
     ("unix_socket_mode", UNIX_SOCKET),
@@ -188,6 +187,7 @@ const MAPPED: &[&str] = &[
     "server_tls_key_file",
     "server_tls_sslmode",
     "track_extra_parameters",
+    "transaction_timeout",
 ];
 
 /// Comment lines (`# ...`), wrapped at 90 columns. Control characters (which a TOML
@@ -738,6 +738,7 @@ fn map_general(
         "idle_transaction_timeout",
         "client_idle_timeout",
         "query_timeout",
+        "transaction_timeout",
     ] {
         if let Some(e) = s.get(key) {
             out.set(key, duration(seconds(e)?));

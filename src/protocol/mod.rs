@@ -85,6 +85,7 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    pub const TRANSACTION_TIMEOUT: &str = "25P04";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const INTERNAL_ERROR: &str = "XX000";

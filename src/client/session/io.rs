@@ -107,7 +107,16 @@ impl Session {
                 self.query_since = None;
                 self.query_cancelled = false;
             }
-            match &self.server {
+            let busy =
+                self.server.is_some() && (self.pending > 0 || self.tx_status != status::IDLE);
+            let tx_deadline = match config.transaction_timeout(self.login.database()) {
+                Some(d) if busy => Some(*self.tx_since.get_or_insert_with(now) + d),
+                _ => {
+                    self.tx_since = None;
+                    None
+                }
+            };
+            let other = match &self.server {
                 None => g.client_idle_timeout.enabled().map(|d| now() + d),
                 Some(_)
                     if self.pending == 0 && self.tx_status != status::IDLE && self.c_ready == 0 =>
@@ -128,6 +137,10 @@ impl Session {
                     })
                 }
                 Some(_) => None,
+            };
+            match (other, tx_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             }
         };
         let server = self.server.as_ref().map(|s| &s.stream);
@@ -197,6 +210,17 @@ impl Session {
             Poll::Pending
         })
         .await
+    }
+
+    /// Whether the current transaction has outlived transaction_timeout.
+    pub(super) fn transaction_timed_out(&self) -> bool {
+        let Some(since) = self.tx_since else {
+            return false;
+        };
+        self.shared
+            .config()
+            .transaction_timeout(self.login.database())
+            .is_some_and(|d| tokio::time::Instant::now() >= since + d)
     }
 
     /// query_timeout passed for the request the server owes: the first time, the query

@@ -142,6 +142,9 @@ struct Session {
     /// first wait for it), and whether it was cancelled already.
     query_since: Option<tokio::time::Instant>,
     query_cancelled: bool,
+    /// transaction_timeout: when the current transaction (or autocommit request) began,
+    /// as the waits saw it.
+    tx_since: Option<tokio::time::Instant>,
     /// Bytes from the client; `c2s[..c_ready]` is framed and goes to the server.
     c2s: BytesMut,
     c_scan: Scanner,
@@ -269,6 +272,7 @@ impl Session {
             timer: None,
             query_since: None,
             query_cancelled: false,
+            tx_since: None,
             c2s: BytesMut::new(),
             c_scan: Scanner::new(max),
             c_ready: 0,
@@ -563,6 +567,12 @@ impl Session {
             Event::Phase => Ok(()),
             Event::ServerWritable | Event::ClientWritable => Ok(()),
             Event::Killed => Err(self.killed().await),
+            Event::Timeout if self.transaction_timed_out() => Err(self
+                .tell(Error::pooler(
+                    sqlstate::TRANSACTION_TIMEOUT,
+                    "terminating connection due to transaction timeout (transaction_timeout)",
+                ))
+                .await),
             Event::Timeout if self.server.is_some() && self.pending > 0 => {
                 Box::pin(self.query_timed_out()).await
             }
