@@ -109,13 +109,16 @@ impl Session {
             }
             let busy =
                 self.server.is_some() && (self.pending > 0 || self.tx_status != status::IDLE);
-            let tx_deadline = match config.transaction_timeout(self.login.database()) {
-                Some(d) if busy => Some(*self.tx_since.get_or_insert_with(now) + d),
-                _ => {
-                    self.tx_since = None;
-                    None
-                }
+            // Looked up only while a server is busy for the client (not per idle wait).
+            let tx_deadline = match busy {
+                true => config
+                    .transaction_timeout(self.login.database())
+                    .map(|d| *self.tx_since.get_or_insert_with(now) + d),
+                false => None,
             };
+            if tx_deadline.is_none() {
+                self.tx_since = None;
+            }
             let other = match &self.server {
                 None => g.client_idle_timeout.enabled().map(|d| now() + d),
                 Some(_)
