@@ -154,15 +154,12 @@ fn psql(lc: &Arc<LocalCluster>, port: u16, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_outage_and_promotion_on_a_cluster_of_its_own() {
-    let lc = blocking(|| {
-        LocalCluster::start(&ClusterOptions {
-            users: vec![("mon".to_string(), "monpass".to_string(), true)],
-            databases: vec!["mon".to_string()],
-            with_replica: true,
-        })
+    let lc = harness::own_cluster(ClusterOptions {
+        users: vec![("mon".to_string(), "monpass".to_string(), true)],
+        databases: vec!["mon".to_string()],
+        with_replica: true,
     })
-    .await
-    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    .await;
     let lc = Arc::new(lc);
     let (pport, rport) = (lc.primary_port, lc.replica_port.expect("a replica"));
     let cluster = Cluster::with_login(

@@ -77,17 +77,14 @@ use crate::routing::blocking;
 // one that waits longer gets an ERROR, not a FATAL, and its client carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgresql_restart_costs_clients_a_delay_not_their_connections() {
-    use pgtide::demo::{ClusterOptions, LocalCluster};
+    use pgtide::demo::ClusterOptions;
     use std::sync::Arc;
-    let lc = blocking(|| {
-        LocalCluster::start(&ClusterOptions {
-            users: vec![("rs".to_string(), "rspass".to_string(), false)],
-            databases: vec!["rs".to_string()],
-            with_replica: false,
-        })
+    let lc = harness::own_cluster(ClusterOptions {
+        users: vec![("rs".to_string(), "rspass".to_string(), false)],
+        databases: vec!["rs".to_string()],
+        with_replica: false,
     })
-    .await
-    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    .await;
     let lc = Arc::new(lc);
     let pooler_with = |wait: u64| {
         let mut cfg = harness::config_for("rs");
@@ -125,6 +122,8 @@ async fn a_postgresql_restart_costs_clients_a_delay_not_their_connections() {
         .await
         .expect("before the restart");
 
+    // No cluster may start on the port while it is free (it is used again below).
+    let ports = harness::CLUSTER_PORTS.lock().await;
     let l = lc.clone();
     blocking(move || crate::cluster::pg_ctl(&l, "primary", &["-m", "fast", "-w", "stop"])).await;
     // Queries sent while PostgreSQL is down.
@@ -153,6 +152,7 @@ async fn a_postgresql_restart_costs_clients_a_delay_not_their_connections() {
         crate::cluster::pg_ctl(&l, "primary", &["-l", &log, "-w", "-t", "60", "start"]);
     })
     .await;
+    drop(ports);
     for r in running {
         harness::to("a query sent during the restart", r)
             .await
@@ -321,16 +321,13 @@ fn signal_all(pids: &[i32], sig: libc::c_int) {
 // client told 57014 as an ERROR, and carries on once PostgreSQL is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_timeout_cancels_and_survives_a_frozen_server() {
-    use pgtide::demo::{ClusterOptions, LocalCluster};
-    let lc = blocking(|| {
-        LocalCluster::start(&ClusterOptions {
-            users: vec![("qt".to_string(), "qtpass".to_string(), false)],
-            databases: vec!["qt".to_string()],
-            with_replica: false,
-        })
+    use pgtide::demo::ClusterOptions;
+    let lc = harness::own_cluster(ClusterOptions {
+        users: vec![("qt".to_string(), "qtpass".to_string(), false)],
+        databases: vec!["qt".to_string()],
+        with_replica: false,
     })
-    .await
-    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    .await;
     let mut cfg = harness::config_for("qt");
     cfg.databases.get_mut("qt").unwrap().port = lc.primary_port;
     cfg.users.insert(

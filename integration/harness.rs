@@ -192,3 +192,19 @@ pub async fn setup(
     let addr = pooler.local_addr();
     (db, pooler, addr)
 }
+
+/// Taken while a test starts a PostgreSQL cluster of its own, and while a test has
+/// stopped one of its servers that it starts again on the same port: a cluster started
+/// in that window could take the freed port, and the restarted test would then talk to a
+/// stranger's server.
+pub static CLUSTER_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Starts a cluster of the test's own (off the runtime's threads, under
+/// [`CLUSTER_PORTS`]); panics if it cannot.
+pub async fn own_cluster(opts: pgtide::demo::ClusterOptions) -> pgtide::demo::LocalCluster {
+    let _ports = CLUSTER_PORTS.lock().await;
+    tokio::task::spawn_blocking(move || pgtide::demo::LocalCluster::start(&opts))
+        .await
+        .expect("starting a cluster panicked")
+        .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"))
+}

@@ -386,16 +386,13 @@ async fn lag_outage_and_failover_keep_clients_working() {
 /// A primary and streaming replica of the test's own, with user app and database `rt`
 /// (pausing replay or stopping servers of the shared cluster would stall other tests).
 pub(crate) async fn own_cluster() -> std::sync::Arc<pgtide::demo::LocalCluster> {
-    use pgtide::demo::{ClusterOptions, LocalCluster};
-    let lc = blocking(|| {
-        LocalCluster::start(&ClusterOptions {
-            users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
-            databases: vec!["rt".to_string()],
-            with_replica: true,
-        })
+    use pgtide::demo::ClusterOptions;
+    let lc = harness::own_cluster(ClusterOptions {
+        users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
+        databases: vec!["rt".to_string()],
+        with_replica: true,
     })
-    .await
-    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    .await;
     std::sync::Arc::new(lc)
 }
 

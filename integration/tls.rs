@@ -879,18 +879,14 @@ async fn pgbench_over_tls_has_no_failures() {
 /// for the name `localhost` only (not 127.0.0.1), and only `hostssl` rules for TCP.
 /// Database `tlsdb`, user app (SCRAM).
 async fn tls_only_server(certs: &Certs) -> Arc<pgtide::demo::LocalCluster> {
-    use pgtide::demo::{ClusterOptions, LocalCluster};
+    use pgtide::demo::ClusterOptions;
     use std::os::unix::fs::MetadataExt;
-    let lc = tokio::task::spawn_blocking(|| {
-        LocalCluster::start(&ClusterOptions {
-            users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
-            databases: vec!["tlsdb".to_string()],
-            with_replica: false,
-        })
+    let lc = harness::own_cluster(ClusterOptions {
+        users: vec![(APP_USER.to_string(), APP_PASSWORD.to_string(), true)],
+        databases: vec!["tlsdb".to_string()],
+        with_replica: false,
     })
-    .await
-    .expect("join")
-    .unwrap_or_else(|e| panic!("cannot start a cluster: {e}"));
+    .await;
     let data = lc.dir.join("primary");
     let owner = std::fs::metadata(&data).expect("data dir");
     let (cert, key) = certs.ca.issue("postgres", &["localhost"], false);
