@@ -236,14 +236,7 @@ async fn notifications_name_the_sender_by_the_pid_it_was_given() {
         let pooler = harness::start_pgtide(cfg).await;
         let mut listener = RawPg::login(pooler.local_addr(), USER, &db, &[]).await;
         let mut sender = RawPg::login(pooler.local_addr(), USER, &db, &[]).await;
-        let key = |c: &RawPg| {
-            let k = c
-                .login_msgs
-                .iter()
-                .find(|m| m.tag == b'K')
-                .expect("BackendKeyData");
-            i32::from_be_bytes([k.body[0], k.body[1], k.body[2], k.body[3]])
-        };
+        let key = RawPg::key_pid;
         listener.simple("LISTEN fid_channel").await;
         // Its own notification.
         listener

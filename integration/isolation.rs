@@ -66,16 +66,6 @@ fn backend_alive(db: &str, pid: i32) -> bool {
         == "1"
 }
 
-/// The backend pid a direct connection reported in BackendKeyData.
-fn key_pid(c: &RawPg) -> i32 {
-    let k = c
-        .login_msgs
-        .iter()
-        .find(|m| m.tag == b'K')
-        .expect("BackendKeyData");
-    i32::from_be_bytes([k.body[0], k.body[1], k.body[2], k.body[3]])
-}
-
 /// Reads messages until one with tag `t` (panics on EOF).
 async fn until_tag(c: &mut RawPg, t: u8) -> Vec<Msg> {
     let mut seen = Vec::new();
@@ -286,7 +276,7 @@ fn patterns() -> Vec<Pattern> {
 /// direct backend (for direct connections).
 async fn abandon(addr: SocketAddr, db: &str, p: &Pattern, tag: &str, how: Leave) -> i32 {
     let mut c = RawPg::login(addr, USER, db, &[]).await;
-    let pid = key_pid(&c);
+    let pid = c.key_pid();
     (p.run)(&mut c, tag).await;
     leave(c, how).await;
     pid

@@ -246,6 +246,16 @@ impl RawPg {
         c
     }
 
+    /// The PID of the BackendKeyData the login reply carried.
+    pub fn key_pid(&self) -> i32 {
+        let k = self
+            .login_msgs
+            .iter()
+            .find(|m| m.tag == b'K')
+            .expect("BackendKeyData");
+        i32::from_be_bytes([k.body[0], k.body[1], k.body[2], k.body[3]])
+    }
+
     /// Reads the login reply up to ReadyForQuery; panics on ErrorResponse or EOF.
     pub async fn finish_login(&mut self) {
         loop {

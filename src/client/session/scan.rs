@@ -147,34 +147,31 @@ impl Session {
             let frame_tag = frame.tag;
             // Transaction mode: session state this message would create.
             let guard = self.guards_session_state();
-            let mut state = None;
+            // The statement text of a Query or a Parse.
+            let text = match frame.tag {
+                tag::QUERY => frame.body.and_then(frontend::query_text),
+                tag::PARSE => frame
+                    .body
+                    .and_then(frontend::parse_statement)
+                    .map(|(_, sql)| sql),
+                _ => None,
+            };
+            let state = text.and_then(|sql| {
+                note_statement(
+                    sql,
+                    guard,
+                    &mut self.login.params,
+                    &mut self.settings_changed,
+                    self.rare.as_deref_mut(),
+                )
+            });
             match frame.tag {
                 tag::QUERY => {
                     self.pending += 1;
                     self.copy_window_open = true;
                     self.copy_window_syncs = 0;
-                    if let Some(sql) = frame.body.and_then(frontend::query_text) {
-                        state = note_statement(
-                            sql,
-                            guard,
-                            &mut self.login.params,
-                            &mut self.settings_changed,
-                            self.rare.as_deref_mut(),
-                        );
-                    }
                 }
-                tag::PARSE => {
-                    self.unsynced = true;
-                    if let Some((_, sql)) = frame.body.and_then(frontend::parse_statement) {
-                        state = note_statement(
-                            sql,
-                            guard,
-                            &mut self.login.params,
-                            &mut self.settings_changed,
-                            self.rare.as_deref_mut(),
-                        );
-                    }
-                }
+                tag::PARSE => self.unsynced = true,
                 tag::SYNC => {
                     self.unsynced = false;
                     // A Sync sent during COPY IN is ignored by the server.
