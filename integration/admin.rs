@@ -181,7 +181,7 @@ async fn every_show_command_returns_pgbouncer_columns() {
         ("CONFIG", "key|value|default|changeable"),
         ("VERSION", "version"),
         ("LISTS", "list|items"),
-        ("HOSTS", "database|host|port|configured_role|role|weight|health|breaker|consecutive_failures|lag_bytes|lag_seconds|replay_lsn|last_check_ms_ago|last_error"),
+        ("HOSTS", "database|host|port|configured_role|role|weight|health|breaker|consecutive_failures|lag_bytes|lag_seconds|replay_lsn|last_check_ms_ago|last_error|timeline|writes_refused"),
     ];
     for (what, columns) in expected {
         // Lower case and a trailing semicolon are accepted too.

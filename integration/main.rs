@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod credentials;
 mod drivers;
+mod failover;
 mod fidelity;
 mod harness;
 mod import;

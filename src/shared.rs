@@ -539,9 +539,13 @@ impl Probe for Shared {
                         },
                         lag_bytes: h.lag_bytes,
                         lag_seconds: h.lag_seconds,
+                        timeline: h.timeline,
+                        passed_over: h.passed_over.is_some(),
                     },
                 );
             }
+            self.metrics
+                .set_writes_refused(database, cluster.write_refusal().is_some());
         }
     }
 
@@ -554,7 +558,10 @@ impl Probe for Shared {
                 let state = match cluster.primary().and_then(|id| cluster.host(id)) {
                     Some(h) if h.up => Ok(()),
                     Some(h) => Err(format!("the primary {} is down", h.addr)),
-                    None => Err("no host is up and out of recovery (no primary)".to_string()),
+                    None => Err(cluster.write_refusal().map_or_else(
+                        || "no host is up and out of recovery (no primary)".to_string(),
+                        |why| format!("writes refused: {why}"),
+                    )),
                 };
                 out.push(PrimaryCheck::Known {
                     database: name.clone(),

@@ -529,6 +529,8 @@ fn hosts(shared: &Shared) -> ResultSet {
         ("replay_lsn", T),
         ("last_check_ms_ago", I),
         ("last_error", T),
+        ("timeline", I),
+        ("writes_refused", T),
     ]);
     for (name, d) in &config.databases {
         let hosts = d.host_list();
@@ -558,6 +560,8 @@ fn hosts(shared: &Shared) -> ResultSet {
                         st.replay_lsn.map(|v| v.to_string()),
                         st.last_check.map(|t| t.elapsed().as_millis().to_string()),
                         st.last_error.clone(),
+                        st.timeline.map(|t| t.to_string()),
+                        st.passed_over.clone(),
                     ]);
                 }
             }
@@ -576,6 +580,8 @@ fn hosts(shared: &Shared) -> ResultSet {
                     s("unmonitored"),
                     s("closed"),
                     s(0),
+                    None,
+                    None,
                     None,
                     None,
                     None,

@@ -17,10 +17,11 @@
 //! A host's current role is what `pg_is_in_recovery()` said at its last successful
 //! check, whatever its configured role: a configured primary in recovery is used as a
 //! replica, a configured replica out of recovery (promoted) is a primary candidate; both
-//! are logged. The primary is chosen among the hosts that are up and not in recovery: the
-//! current primary stays while it is up and not in recovery (so a restarted old primary
-//! cannot take writes back after a failover); otherwise the configured primary, then an
-//! `auto` host, then a promoted replica, in configuration order. Every change of the
+//! are logged. The primary is chosen among the hosts that are up and not in recovery by
+//! their timelines (see `choose_primary`): an old primary that comes back out of recovery
+//! after a failover is on an older timeline and never takes writes, also after the new one
+//! goes down; primaries that cannot be ordered (a split brain on one timeline, different
+//! clusters) take none, and [`Cluster::write_refusal`] says why. Every change of the
 //! primary is published on a `watch` channel ([`Cluster::primary_changes`]).
 //!
 //! # Lag
@@ -47,7 +48,8 @@ mod probe;
 
 pub use breaker::{Breaker, Health};
 pub use probe::{
-    replica_lag, FnProbe, Lsn, MonitorLogin, PgProbe, Probe, ProbeFuture, ProbeResult, HEALTH_QUERY,
+    replica_lag, FnProbe, Lsn, MonitorLogin, PgProbe, Probe, ProbeFuture, ProbeResult,
+    ServerIdentity, HEALTH_QUERY,
 };
 
 use std::fmt;
@@ -111,6 +113,11 @@ pub struct HostStatus {
     pub last_error: Option<String>,
     /// When the last check (of either outcome) finished.
     pub last_check: Option<Instant>,
+    /// A primary's timeline, from its last successful check.
+    pub timeline: Option<u32>,
+    /// Why this host, out of recovery, takes no writes (diverged, or a conflict with
+    /// another primary); `None` otherwise.
+    pub passed_over: Option<String>,
 }
 
 struct HostState {
@@ -122,12 +129,40 @@ struct HostState {
     replay_age: Option<f64>,
     last_error: Option<String>,
     last_check: Option<Instant>,
+    /// Who answered the last successful check.
+    server: Option<ServerIdentity>,
+    /// Why this host takes no writes although it is out of recovery.
+    passed_over: Option<String>,
+}
+
+impl HostState {
+    /// Up and out of recovery: it could take writes.
+    fn is_candidate(&self) -> bool {
+        self.breaker.health() == Health::Up && self.current_role == CurrentRole::Primary
+    }
+
+    fn timeline(&self) -> Option<u32> {
+        self.server.as_ref().and_then(|s| s.timeline)
+    }
+}
+
+/// The newest timeline a chosen primary was on: a primary of the same cluster (system
+/// identifier) on an older timeline has diverged from it and never takes writes.
+#[derive(Clone, Debug)]
+struct Newest {
+    system_id: u64,
+    timeline: u32,
+    addr: String,
 }
 
 struct State {
     hosts: Vec<HostState>,
     /// The chosen primary's WAL position at its last check; kept when it goes down.
     primary_lsn: Option<Lsn>,
+    /// See [`Newest`]; kept for the life of the cluster (not across restarts).
+    newest: Option<Newest>,
+    /// Why writes are refused while hosts are out of recovery (see [`Cluster::write_refusal`]).
+    refusal: Option<String>,
 }
 
 /// What the router reads: every host's view and the primary, published together.
@@ -190,11 +225,15 @@ impl Cluster {
                 replay_age: None,
                 last_error: None,
                 last_check: None,
+                server: None,
+                passed_over: None,
             })
             .collect();
         let state = State {
             hosts,
             primary_lsn: None,
+            newest: None,
+            refusal: None,
         };
         let snapshot = route_snapshot(&state, None);
         Arc::new(Cluster {
@@ -283,6 +322,14 @@ impl Cluster {
         *self.primary.borrow()
     }
 
+    /// Why no host takes writes although some are up and out of recovery: they are
+    /// primaries pgtide cannot order (different clusters, or several on the newest
+    /// timeline), or the only ones up are behind a newer timeline. `None` when there is a
+    /// primary, or when there simply is none (a failover under way).
+    pub fn write_refusal(&self) -> Option<String> {
+        self.lock().refusal.clone()
+    }
+
     /// Fires whenever [`Cluster::primary`] changes: writes waiting for a primary wait on
     /// `changed()` (under their own timeout).
     pub fn primary_changes(&self) -> watch::Receiver<Option<HostId>> {
@@ -334,6 +381,7 @@ impl Cluster {
                 }
                 h.lsn = p.lsn;
                 h.replay_age = p.replay_age;
+                h.server = p.server;
                 h.breaker.record(true)
             }
             Err(e) => {
@@ -388,10 +436,48 @@ impl Cluster {
     fn choose_and_publish(&self, st: &mut State) {
         let db = self.database.as_str();
         let current = *self.primary.borrow();
-        let chosen = choose_primary(&st.hosts, current);
+        let choice = choose_primary(&st.hosts, current, st.newest.as_ref());
+        let chosen = choice.primary;
+        for (i, h) in st.hosts.iter_mut().enumerate() {
+            let note = choice
+                .passed_over
+                .iter()
+                .find(|(j, _)| *j == i)
+                .map(|(_, why)| why.clone());
+            if note != h.passed_over {
+                if let Some(why) = &note {
+                    tracing::error!(database = db, host = %h.addr, "host out of recovery takes no writes: {why}");
+                }
+                h.passed_over = note;
+            }
+        }
+        if choice.refusal != st.refusal {
+            match &choice.refusal {
+                Some(why) => tracing::error!(database = db, "writes refused: {why}"),
+                None => tracing::info!(database = db, "writes are no longer refused"),
+            }
+            st.refusal = choice.refusal;
+        }
         if let Some(p) = chosen {
-            if let Some(lsn) = st.hosts[p.0].lsn {
+            let h = &st.hosts[p.0];
+            if let Some(lsn) = h.lsn {
                 st.primary_lsn = Some(st.primary_lsn.map_or(lsn, |old| old.max(lsn)));
+            }
+            if let Some((system_id, timeline)) = h
+                .server
+                .as_ref()
+                .and_then(|s| Some((s.system_id, s.timeline?)))
+            {
+                let newer = st.newest.as_ref().is_none_or(|n| {
+                    n.system_id != system_id || n.timeline < timeline || n.addr != h.addr
+                });
+                if newer {
+                    st.newest = Some(Newest {
+                        system_id,
+                        timeline,
+                        addr: h.addr.clone(),
+                    });
+                }
             }
         }
         if chosen != current {
@@ -535,6 +621,10 @@ fn status(id: HostId, h: &HostState, primary_lsn: Option<Lsn>) -> HostStatus {
         consecutive_successes: h.breaker.consecutive_successes(),
         last_error: h.last_error.clone(),
         last_check: h.last_check,
+        timeline: (h.current_role == CurrentRole::Primary)
+            .then(|| h.timeline())
+            .flatten(),
+        passed_over: h.passed_over.clone(),
     }
 }
 
@@ -567,26 +657,196 @@ fn log_role(database: &str, h: &HostState, role: CurrentRole) {
     }
 }
 
-/// The primary: `current` while it is up and out of recovery, else the best candidate.
-fn choose_primary(hosts: &[HostState], current: Option<HostId>) -> Option<HostId> {
-    let candidate =
-        |h: &HostState| h.breaker.health() == Health::Up && h.current_role == CurrentRole::Primary;
-    if let Some(c) = current {
-        if hosts.get(c.0).is_some_and(candidate) {
-            return Some(c);
+/// The outcome of [`choose_primary`].
+#[derive(Debug, Default, PartialEq)]
+struct Choice {
+    primary: Option<HostId>,
+    /// Why writes are refused while hosts are out of recovery.
+    refusal: Option<String>,
+    /// Hosts out of recovery that take no writes, and why.
+    passed_over: Vec<(usize, String)>,
+}
+
+/// The primary among the hosts that are up and out of recovery (the candidates):
+///
+/// 1. A candidate of the newest cluster pgtide has used on an older timeline than the
+///    newest it saw there has diverged (an old primary that came back after a failover):
+///    never chosen.
+/// 2. The others are grouped by server (system identifier and start time: two entries
+///    for one server are one). With one server, it is the primary. With several, they
+///    must be of one cluster and one of them on a higher timeline than the rest; it is the
+///    primary and the rest have diverged. Otherwise pgtide cannot tell which one is
+///    right, and no host takes writes (`refusal`).
+/// 3. Among the entries of the chosen server: `current` if it is one, else the configured
+///    primary, then an `auto` host, then a promoted replica, in configuration order.
+///
+/// While a host of a several-host cluster has not been checked yet (health unknown), a
+/// new primary is not chosen: it may be the newer one. `current` stays meanwhile if the
+/// rules keep it.
+fn choose_primary(hosts: &[HostState], current: Option<HostId>, newest: Option<&Newest>) -> Choice {
+    let mut choice = Choice::default();
+    let behind = |h: &HostState| match (newest, &h.server) {
+        (Some(n), Some(s)) => {
+            s.system_id == n.system_id && s.timeline.is_some_and(|t| t < n.timeline)
+        }
+        _ => false,
+    };
+    let mut rest: Vec<usize> = Vec::new();
+    for (i, h) in hosts.iter().enumerate().filter(|(_, h)| h.is_candidate()) {
+        if behind(h) {
+            let n = newest.expect("behind implies newest");
+            choice.passed_over.push((
+                i,
+                format!(
+                    "diverged: on timeline {}, behind timeline {} of {}, the primary pgtide used before",
+                    h.timeline().unwrap_or_default(),
+                    n.timeline,
+                    n.addr
+                ),
+            ));
+        } else {
+            rest.push(i);
         }
     }
+    // One representative per server; a host without identity is a server of its own.
+    let same_server = |a: &HostState, b: &HostState| match (&a.server, &b.server) {
+        (Some(x), Some(y)) => x.system_id == y.system_id && x.started == y.started,
+        _ => false,
+    };
+    let mut servers: Vec<usize> = Vec::new();
+    for &i in &rest {
+        if !servers.iter().any(|&j| same_server(&hosts[i], &hosts[j])) {
+            servers.push(i);
+        }
+    }
+    let winner = match servers.as_slice() {
+        [] => None,
+        [one] => Some(*one),
+        many => match order_primaries(hosts, many) {
+            Ok(w) => {
+                for &j in &rest {
+                    if !same_server(&hosts[j], &hosts[w]) {
+                        choice.passed_over.push((
+                            j,
+                            format!(
+                                "diverged: on timeline {}, behind timeline {} of {}",
+                                hosts[j].timeline().unwrap_or_default(),
+                                hosts[w].timeline().unwrap_or_default(),
+                                hosts[w].addr
+                            ),
+                        ));
+                    }
+                }
+                Some(w)
+            }
+            Err(why) => {
+                for &j in &rest {
+                    choice.passed_over.push((j, format!("conflict: {why}")));
+                }
+                choice.refusal = Some(why);
+                None
+            }
+        },
+    };
+    choice.passed_over.sort();
+    if winner.is_none() && choice.refusal.is_none() && !choice.passed_over.is_empty() {
+        choice.refusal = Some(
+            choice
+                .passed_over
+                .iter()
+                .map(|(i, why)| format!("{} {why}", hosts[*i].addr))
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+    }
+    let Some(w) = winner else {
+        return choice;
+    };
+    let entries = rest
+        .iter()
+        .copied()
+        .filter(|&j| same_server(&hosts[j], &hosts[w]) || j == w);
     let rank = |r: HostRole| match r {
         HostRole::Primary => 0,
         HostRole::Auto => 1,
         HostRole::Replica => 2,
     };
-    hosts
+    let primary = match current {
+        Some(c) if entries.clone().any(|j| j == c.0) => c,
+        _ => HostId(
+            entries
+                .min_by_key(|&j| (rank(hosts[j].config.role), j))
+                .expect("the winner is an entry"),
+        ),
+    };
+    let still_learning =
+        hosts.len() > 1 && hosts.iter().any(|h| h.breaker.health() == Health::Unknown);
+    if Some(primary) != current && still_learning {
+        return Choice {
+            passed_over: choice.passed_over,
+            ..Choice::default()
+        };
+    }
+    choice.primary = Some(primary);
+    choice
+}
+
+/// Of several servers out of recovery, the one on the highest timeline, if they are of
+/// one cluster and it is the only one there; else why pgtide cannot tell.
+fn order_primaries(hosts: &[HostState], servers: &[usize]) -> Result<usize, String> {
+    let names = || {
+        servers
+            .iter()
+            .map(|&i| hosts[i].addr.as_str())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    let mut known = Vec::with_capacity(servers.len());
+    for &i in servers {
+        match hosts[i]
+            .server
+            .as_ref()
+            .and_then(|s| Some((s.system_id, s.timeline?)))
+        {
+            Some(k) => known.push((i, k)),
+            None => {
+                return Err(format!(
+                    "{} are all out of recovery and {} did not report its timeline",
+                    names(),
+                    hosts[i].addr
+                ))
+            }
+        }
+    }
+    let system_id = known[0].1 .0;
+    if known.iter().any(|(_, (s, _))| *s != system_id) {
+        return Err(format!(
+            "{} are all out of recovery and belong to different clusters (system identifiers {})",
+            names(),
+            known
+                .iter()
+                .map(|(_, (s, _))| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let top = known.iter().map(|(_, (_, t))| *t).max().unwrap_or_default();
+    let at_top: Vec<usize> = known
         .iter()
-        .enumerate()
-        .filter(|(_, h)| candidate(h))
-        .min_by_key(|(i, h)| (rank(h.config.role), *i))
-        .map(|(i, _)| HostId(i))
+        .filter(|(_, (_, t))| *t == top)
+        .map(|(i, _)| *i)
+        .collect();
+    match at_top.as_slice() {
+        [one] => Ok(*one),
+        _ => Err(format!(
+            "{} are all out of recovery on timeline {top}: a split brain, pgtide cannot tell which one is right",
+            at_top
+                .iter()
+                .map(|&i| hosts[i].addr.as_str())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        )),
+    }
 }
 
 /// Checks one host on the cluster's interval (backing off while it is down) and records

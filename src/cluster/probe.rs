@@ -12,11 +12,17 @@ use crate::auth::{SaltedPasswordCache, StoredCredential};
 use crate::server::{ServerConn, ServerTarget};
 
 /// The query of every check: whether the host is in recovery, its WAL position (replayed
-/// for a standby, current for a primary), and for a standby the age of the last
-/// transaction it replayed, in seconds.
+/// for a standby, current for a primary), for a standby the age of the last transaction
+/// it replayed, in seconds, for a primary its timeline (the first 8 hex digits of the
+/// name of the WAL file it writes), the cluster's system identifier, and when the server
+/// started (with the system identifier, what tells two servers apart). Every function in
+/// it is open to any user.
 pub const HEALTH_QUERY: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
-     CASE WHEN pg_is_in_recovery() THEN extract(epoch from now() - pg_last_xact_replay_timestamp()) END";
+     CASE WHEN pg_is_in_recovery() THEN extract(epoch from now() - pg_last_xact_replay_timestamp()) END, \
+     CASE WHEN NOT pg_is_in_recovery() THEN substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, \
+     (SELECT system_identifier FROM pg_control_system()), \
+     extract(epoch from pg_postmaster_start_time())";
 
 /// A WAL position (`pg_lsn`), as a byte offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -39,7 +45,7 @@ impl fmt::Display for Lsn {
 }
 
 /// What one successful check found.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProbeResult {
     /// `pg_is_in_recovery()`.
     pub in_recovery: bool,
@@ -49,6 +55,22 @@ pub struct ProbeResult {
     /// Seconds since the last transaction a standby replayed was committed on the
     /// primary; `None` on a primary or when the standby has replayed none.
     pub replay_age: Option<f64>,
+    /// Which server answered; `None` when it did not say.
+    pub server: Option<ServerIdentity>,
+}
+
+/// What tells servers apart, and primaries of one cluster in time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerIdentity {
+    /// `pg_control_system()`'s `system_identifier`: the same for a primary and every
+    /// standby made from it (and for a standby promoted later), different for a cluster
+    /// made by another `initdb`.
+    pub system_id: u64,
+    /// A primary's timeline; `None` on a standby. Every promotion starts a higher one.
+    pub timeline: Option<u32>,
+    /// `pg_postmaster_start_time()` as text: two host entries naming one server (an alias,
+    /// another address) have the same system identifier and start time.
+    pub started: String,
 }
 
 impl ProbeResult {
@@ -70,10 +92,36 @@ impl ProbeResult {
                     .map_err(|_| format!("{s:?} is not a number of seconds"))?,
             ),
         };
+        let timeline = match row.get(3).and_then(|v| v.as_deref()) {
+            None => None,
+            Some(s) => Some(
+                u32::from_str_radix(s, 16)
+                    .ok()
+                    .filter(|_| s.len() == 8)
+                    .ok_or_else(|| format!("{s:?} is not a timeline"))?,
+            ),
+        };
+        let system_id = match row.get(4).and_then(|v| v.as_deref()) {
+            None => None,
+            Some(s) => Some(
+                s.parse::<u64>()
+                    .map_err(|_| format!("{s:?} is not a system identifier"))?,
+            ),
+        };
+        let started = row.get(5).and_then(|v| v.clone());
+        let server = match (system_id, started) {
+            (Some(system_id), Some(started)) => Some(ServerIdentity {
+                system_id,
+                timeline,
+                started,
+            }),
+            _ => None,
+        };
         Ok(ProbeResult {
             in_recovery,
             lsn,
             replay_age,
+            server,
         })
     }
 }
@@ -227,21 +275,53 @@ mod tests {
     #[test]
     fn rows_of_the_health_query() {
         let s = |v: &str| Some(v.to_string());
-        let primary = ProbeResult::from_row(&[s("f"), s("0/3000060"), None]).unwrap();
+        let sysid = s("7715282495757495335");
+        let started = s("1796354190.436766");
+        let primary = ProbeResult::from_row(&[
+            s("f"),
+            s("0/3000060"),
+            None,
+            s("0000000A"),
+            sysid.clone(),
+            started.clone(),
+        ])
+        .unwrap();
         assert_eq!(
             primary,
             ProbeResult {
                 in_recovery: false,
                 lsn: Some(Lsn(0x300_0060)),
-                replay_age: None
+                replay_age: None,
+                server: Some(ServerIdentity {
+                    system_id: 7_715_282_495_757_495_335,
+                    timeline: Some(10),
+                    started: "1796354190.436766".to_string(),
+                }),
             }
         );
-        let replica = ProbeResult::from_row(&[s("t"), s("0/3000000"), s("1.25")]).unwrap();
+        let replica = ProbeResult::from_row(&[
+            s("t"),
+            s("0/3000000"),
+            s("1.25"),
+            None,
+            sysid.clone(),
+            started.clone(),
+        ])
+        .unwrap();
         assert!(replica.in_recovery);
         assert_eq!(replica.replay_age, Some(1.25));
+        assert_eq!(replica.server.unwrap().timeline, None);
+        // A server that does not say who it is (a short row): no identity.
+        let short = ProbeResult::from_row(&[s("f"), s("0/1"), None]).unwrap();
+        assert_eq!(short.server, None);
         assert!(ProbeResult::from_row(&[s("maybe"), None, None]).is_err());
         assert!(ProbeResult::from_row(&[s("t"), s("nope"), None]).is_err());
         assert!(ProbeResult::from_row(&[s("t"), s("0/1"), s("soon")]).is_err());
+        assert!(ProbeResult::from_row(&[s("f"), s("0/1"), None, s("1"), None, None]).is_err());
+        assert!(
+            ProbeResult::from_row(&[s("f"), s("0/1"), None, s("0000000G"), None, None]).is_err()
+        );
+        assert!(ProbeResult::from_row(&[s("f"), s("0/1"), None, None, s("x"), None]).is_err());
         assert!(ProbeResult::from_row(&[]).is_err());
     }
 

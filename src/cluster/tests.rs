@@ -43,12 +43,28 @@ fn cluster(roles: &[HostRole]) -> Arc<Cluster> {
     )
 }
 
-fn primary_at(lsn: u64) -> Result<ProbeResult, String> {
+/// A check of server number `server` of cluster 1, out of recovery on `timeline`.
+fn primary(server: u8, timeline: u32, lsn: u64) -> Result<ProbeResult, String> {
+    primary_of(1, server, timeline, lsn)
+}
+
+/// The same of a cluster of system identifier `system_id`.
+fn primary_of(system_id: u64, server: u8, timeline: u32, lsn: u64) -> Result<ProbeResult, String> {
     Ok(ProbeResult {
         in_recovery: false,
         lsn: Some(Lsn(lsn)),
         replay_age: None,
+        server: Some(ServerIdentity {
+            system_id,
+            timeline: Some(timeline),
+            started: format!("started-{server}"),
+        }),
     })
+}
+
+/// The first server of cluster 1 on timeline 1.
+fn primary_at(lsn: u64) -> Result<ProbeResult, String> {
+    primary(0, 1, lsn)
 }
 
 fn replica_at(lsn: u64, age: f64) -> Result<ProbeResult, String> {
@@ -56,6 +72,7 @@ fn replica_at(lsn: u64, age: f64) -> Result<ProbeResult, String> {
         in_recovery: true,
         lsn: Some(Lsn(lsn)),
         replay_age: Some(age),
+        server: None,
     })
 }
 
@@ -162,18 +179,149 @@ fn failover_to_a_promoted_replica_is_announced() {
     assert_eq!(c.primary(), None);
     assert!(changes.has_changed().unwrap());
     assert_eq!(*changes.borrow_and_update(), None);
-    // The replica is promoted.
-    c.record(R, primary_at(200));
+    // The replica is promoted: a new timeline.
+    c.record(R, primary(1, 2, 200));
     assert_eq!(c.primary(), Some(R));
     assert_eq!(*changes.borrow_and_update(), Some(R));
     assert_eq!(c.host(R).unwrap().current_role, CurrentRole::Primary);
     assert!(c.replicas_within(0, NO_LIMIT).is_empty());
     // The old primary comes back out of recovery: writes stay with the new one.
-    c.record(P, primary_at(150));
-    c.record(P, primary_at(150));
+    c.record(P, primary(0, 1, 150));
+    c.record(P, primary(0, 1, 150));
     assert!(c.host(P).unwrap().up);
     assert_eq!(c.primary(), Some(R));
     assert!(!changes.has_changed().unwrap());
+    let old = c.host(P).unwrap();
+    assert_eq!(old.timeline, Some(1));
+    assert!(
+        old.passed_over
+            .as_deref()
+            .is_some_and(|w| w.starts_with("diverged: on timeline 1")),
+        "{old:?}"
+    );
+    assert_eq!(c.host(R).unwrap().passed_over, None);
+    assert_eq!(c.write_refusal(), None);
+    // The new primary goes down: the diverged one never takes writes, and writes are
+    // refused with the reason (not left to a fall-back).
+    c.record(R, fail());
+    c.record(R, fail());
+    assert_eq!(c.primary(), None);
+    let why = c.write_refusal().expect("writes are refused");
+    assert!(
+        why.contains("h0:5432 diverged: on timeline 1, behind timeline 2 of h1:5432"),
+        "{why}"
+    );
+    // Back: the new primary again, no refusal.
+    c.record(R, primary(1, 2, 300));
+    c.record(R, primary(1, 2, 300));
+    assert_eq!(c.primary(), Some(R));
+    assert_eq!(c.write_refusal(), None);
+}
+
+#[test]
+fn after_a_restart_the_newest_timeline_wins_whichever_host_answers_first() {
+    // Old primary (timeline 1) and the promoted node (timeline 2) are both up when
+    // pgtide starts: no matter the configured order nor the order of the answers, the
+    // promoted one takes writes, and nothing is chosen before both have answered.
+    for roles in [
+        [HostRole::Primary, HostRole::Replica],
+        [HostRole::Auto, HostRole::Auto],
+        [HostRole::Replica, HostRole::Primary],
+    ] {
+        for old_first in [true, false] {
+            let (old, new) = (HostId(0), HostId(1));
+            let c = cluster(&roles);
+            let mut answers = [(old, primary(0, 1, 500)), (new, primary(1, 2, 400))];
+            if !old_first {
+                answers.reverse();
+            }
+            let [(first, a), (second, b)] = answers;
+            c.record(first, a);
+            assert_eq!(
+                c.primary(),
+                None,
+                "{roles:?}: nothing chosen before every host answered"
+            );
+            c.record(second, b);
+            assert_eq!(c.primary(), Some(new), "{roles:?} old first: {old_first}");
+            assert!(c.host(old).unwrap().passed_over.is_some());
+            assert_eq!(c.write_refusal(), None);
+        }
+    }
+}
+
+#[test]
+fn a_host_that_never_answers_delays_the_choice_until_it_is_down() {
+    let c = cluster(&[HostRole::Primary, HostRole::Replica]);
+    c.record(P, primary_at(100));
+    assert_eq!(c.primary(), None);
+    c.record(R, fail());
+    assert_eq!(c.primary(), None, "one failure: still unknown");
+    c.record(R, fail());
+    assert_eq!(
+        c.primary(),
+        Some(P),
+        "down: it cannot be a newer primary now"
+    );
+    // A primary that stays keeps its place while another host is unknown.
+    let c = cluster(&[HostRole::Primary, HostRole::Replica, HostRole::Replica]);
+    c.record(P, primary_at(100));
+    c.record(R, replica_at(100, 0.0));
+    c.record(HostId(2), fail());
+    c.record(HostId(2), fail());
+    assert_eq!(c.primary(), Some(P));
+}
+
+#[test]
+fn primaries_pgtide_cannot_order_take_no_writes() {
+    // Split brain: two servers of one cluster on the same timeline.
+    let c = cluster(&[HostRole::Auto, HostRole::Auto]);
+    c.record(P, primary(0, 2, 100));
+    c.record(R, primary(1, 2, 100));
+    assert_eq!(c.primary(), None);
+    let why = c.write_refusal().expect("refused");
+    assert!(
+        why.contains("h0:5432 and h1:5432 are all out of recovery on timeline 2"),
+        "{why}"
+    );
+    assert!(c.snapshot().iter().all(|h| h
+        .passed_over
+        .as_deref()
+        .is_some_and(|w| w.starts_with("conflict: "))));
+    // One is demoted: the other takes writes.
+    c.record(R, replica_at(100, 0.0));
+    assert_eq!(c.primary(), Some(P));
+    assert_eq!(c.write_refusal(), None);
+    assert!(c.snapshot().iter().all(|h| h.passed_over.is_none()));
+
+    // Two clusters made by different initdb runs.
+    let c = cluster(&[HostRole::Primary, HostRole::Replica]);
+    c.record(P, primary_of(1, 0, 1, 100));
+    c.record(R, primary_of(2, 1, 3, 100));
+    assert_eq!(c.primary(), None);
+    let why = c.write_refusal().expect("refused");
+    assert!(
+        why.contains("different clusters (system identifiers 1, 2)"),
+        "{why}"
+    );
+
+    // A server that does not say which timeline it is on cannot be ordered.
+    let c = cluster(&[HostRole::Primary, HostRole::Replica]);
+    c.record(P, primary_at(100));
+    c.record(
+        R,
+        Ok(ProbeResult {
+            in_recovery: false,
+            lsn: Some(Lsn(1)),
+            replay_age: None,
+            server: None,
+        }),
+    );
+    assert_eq!(c.primary(), None);
+    assert!(c
+        .write_refusal()
+        .unwrap()
+        .contains("did not report its timeline"));
 }
 
 #[test]
@@ -188,14 +336,20 @@ fn a_configured_primary_in_recovery_is_a_replica() {
 
 #[test]
 fn the_configured_primary_wins_over_auto_hosts() {
+    // Two entries naming one server (same system identifier and start time).
     let c = cluster(&[HostRole::Auto, HostRole::Primary]);
     c.record(HostId(1), primary_at(1));
     c.record(HostId(0), primary_at(1));
     assert_eq!(c.primary(), Some(HostId(1)));
+    assert_eq!(c.write_refusal(), None);
     // Among equals, the first configured; chosen fresh only when there is none.
-    let c = cluster(&[HostRole::Replica, HostRole::Auto]);
+    let c = cluster(&[HostRole::Replica, HostRole::Auto, HostRole::Auto]);
     c.record(HostId(0), primary_at(1));
+    c.record(HostId(1), fail());
+    c.record(HostId(1), fail());
+    c.record(HostId(2), replica_at(1, 0.0));
     assert_eq!(c.primary(), Some(HostId(0)));
+    c.record(HostId(1), primary_at(1));
     c.record(HostId(1), primary_at(1));
     assert_eq!(c.primary(), Some(HostId(0)), "the current primary stays");
 }

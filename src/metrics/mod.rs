@@ -51,6 +51,9 @@ pub struct Metrics {
     host_health: IntGaugeVec,
     host_lag_bytes: IntGaugeVec,
     host_lag_seconds: prometheus::GaugeVec,
+    host_timeline: IntGaugeVec,
+    host_passed_over: IntGaugeVec,
+    writes_refused: IntGaugeVec,
     /// Failed client logins (not labelled: user names come from the network).
     pub auth_failures: IntCounter,
 }
@@ -121,6 +124,10 @@ pub struct HostSample<'a> {
     pub health: &'a str,
     pub lag_bytes: Option<u64>,
     pub lag_seconds: Option<f64>,
+    /// A primary's timeline.
+    pub timeline: Option<u32>,
+    /// Out of recovery, but takes no writes.
+    pub passed_over: bool,
 }
 
 /// Server connections of one pool by state, at scrape time.
@@ -309,6 +316,24 @@ impl Metrics {
                     .expect("metric names are unique");
                 g
             },
+            host_timeline: gauge(
+                &registry,
+                "host_timeline",
+                "The timeline a host out of recovery is on (absent for replicas)",
+                &["database", "host"],
+            ),
+            host_passed_over: gauge(
+                &registry,
+                "host_passed_over",
+                "1 when the host is out of recovery but takes no writes: it is behind a newer timeline, or pgtide cannot order it against another primary",
+                &["database", "host"],
+            ),
+            writes_refused: gauge(
+                &registry,
+                "writes_refused",
+                "1 while pgtide refuses to use any primary of the database: hosts out of recovery it cannot order (split brain, different clusters), or only diverged ones up",
+                &["database"],
+            ),
             server_connects: counter(&registry, "server_connects_total", "Server connections opened", du),
             server_connect_failures: counter(
                 &registry,
@@ -400,6 +425,22 @@ impl Metrics {
                 let _ = self.host_lag_seconds.remove_label_values(&dh);
             }
         }
+        match h.timeline {
+            Some(t) => self.host_timeline.with_label_values(&dh).set(i64::from(t)),
+            None => {
+                let _ = self.host_timeline.remove_label_values(&dh);
+            }
+        }
+        self.host_passed_over
+            .with_label_values(&dh)
+            .set(i64::from(h.passed_over));
+    }
+
+    /// Whether pgtide refuses every primary of `database` (see `pgtide_writes_refused`).
+    pub fn set_writes_refused(&self, database: &str, refused: bool) {
+        self.writes_refused
+            .with_label_values(&[database])
+            .set(i64::from(refused));
     }
 
     /// The text exposition of every metric.
@@ -626,6 +667,8 @@ mod tests {
                 health: "up",
                 lag_bytes: Some(4096),
                 lag_seconds: None,
+                timeline: None,
+                passed_over: false,
             },
         );
         let text = String::from_utf8(m.encode()).unwrap();

@@ -122,6 +122,20 @@ impl Session {
             if !error.is_transient() || now >= deadline {
                 break;
             }
+            if !self.on_replica {
+                if self.refusal().is_some() {
+                    // No primary will do (the caller says why).
+                    break;
+                }
+                // A failover meanwhile: the new primary runs it.
+                if self
+                    .shared
+                    .cluster(self.login.database())
+                    .is_some_and(|c| c.primary().is_some())
+                {
+                    pool = self.login.primary_pool(&self.shared);
+                }
+            }
             let nap = backoff.min(deadline - now);
             backoff = (backoff * 2).min(Duration::from_secs(1));
             r = tokio::select! {
@@ -222,7 +236,13 @@ impl Session {
                     waiting_since,
                 } => {
                     if wait_primary {
-                        pool = self.wait_for_primary().await;
+                        pool = match self.wait_for_primary().await {
+                            Ok(p) => p,
+                            Err(e) => {
+                                next = Attaching::Fail(e);
+                                continue;
+                            }
+                        };
                     }
                     let wait = self.shared.config().pgtide.query_wait_timeout.0;
                     let r = match pool.try_checkout() {
@@ -315,6 +335,10 @@ impl Session {
                 ));
             }
             Err((pool, e)) => {
+                if let Some(refused) = self.refusal().filter(|_| !self.on_replica) {
+                    // The primary went away and the one left up is refused.
+                    return Attaching::Fail(refused);
+                }
                 let msg = format!(
                     "pgtide could not connect to the server {}: {e}; the statement did not run",
                     pool.target().address()

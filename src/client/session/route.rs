@@ -248,11 +248,33 @@ impl Session {
             .is_some_and(|c| c.primary().is_none())
     }
 
+    /// Why pgtide refuses every primary of the client's database right now (see
+    /// [`crate::cluster::Cluster::write_refusal`]), as the client's error.
+    pub(super) fn refusal(&self) -> Option<Error> {
+        let cluster = self.shared.cluster(self.login.database())?;
+        if cluster.primary().is_some() {
+            return None;
+        }
+        let why = cluster.write_refusal()?;
+        Some(Error::pooler(
+            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            format!(
+                "pgtide refuses to use a primary of database \"{}\": {why} (SHOW HOSTS on the admin console lists the hosts)",
+                cluster.database()
+            ),
+        ))
+    }
+
     /// A database whose monitor knows no primary (failover under way): wait up to
-    /// `primary_wait_timeout` for one, then take its pool.
-    pub(super) async fn wait_for_primary(&mut self) -> Arc<Pool> {
+    /// `primary_wait_timeout` for one, then take its pool. Refused at once (an ERROR, the
+    /// client stays) while the monitor refuses every primary: hosts out of recovery it
+    /// cannot order, or only diverged ones up.
+    pub(super) async fn wait_for_primary(&mut self) -> Result<Arc<Pool>, Error> {
         if let Some(cluster) = self.shared.cluster(self.login.database()) {
             if cluster.primary().is_none() {
+                if let Some(e) = self.refusal() {
+                    return Err(e);
+                }
                 let wait = self
                     .login
                     .pools
@@ -265,9 +287,12 @@ impl Session {
                     changes.wait_for(|p| p.is_some()),
                 ))
                 .await;
+                if let Some(e) = self.refusal() {
+                    return Err(e);
+                }
             }
         }
-        self.login.primary_pool(&self.shared)
+        Ok(self.login.primary_pool(&self.shared))
     }
 
     /// read_your_writes = lsn: after a transaction on the primary, remembers where its
