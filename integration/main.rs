@@ -16,6 +16,7 @@ mod layers;
 mod metrics;
 mod pgbench;
 mod pooling;
+mod positions;
 mod prepared;
 mod protocol;
 mod rawpg;

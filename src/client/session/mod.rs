@@ -487,6 +487,18 @@ impl Session {
                 return Box::pin(self.retry_on_primary()).await;
             }
         }
+        if self.server.is_some()
+            && self.login.mode == PoolMode::Transaction
+            && self.server_idle()
+            && self.pinned().is_none()
+            && self.rare.as_ref().is_some_and(|r| r.server_fatal.is_none())
+            && self.tracks_this_write()
+        {
+            // read_your_writes = "lsn": released before the answer goes out, so that the
+            // write's position (learned at release) reaches the client before its
+            // ReadyForQuery: the client has it when its commit returns.
+            self.release().await;
+        }
         let writable = match self.retry_mark() {
             Some(mark) => self.s_ready.min(mark),
             None => self.s_ready,

@@ -7,13 +7,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
+
+use super::io::splice;
 use super::{End, Session};
 use crate::config::PoolMode;
 use crate::error::Error;
 use crate::pool::Pool;
-use crate::protocol::{cstr, frontend, sqlstate, tag, Scanner};
+use crate::protocol::{backend, cstr, frontend, sqlstate, tag, Scanner};
 use crate::router::route::{self, Decision, Facts, NoReplica, Outcome, Pick, Target};
 use crate::server::ServerConn;
+
+/// The ParameterStatus that tells a client the WAL position of its last write.
+pub const LAST_WRITE_LSN: &str = "pgtide.last_write_lsn";
+/// The setting with which a client asks its reads to have seen a position.
+pub const MIN_LSN: &str = "pgtide.min_lsn";
 
 /// Where a transaction runs, as [`Session::choose_pool`] decides.
 pub(super) struct Choice {
@@ -110,7 +118,7 @@ impl Session {
                 self.login.params.value("default_transaction_read_only"),
             ),
             complete: false,
-            written_lsn: rare.and_then(|r| r.written_lsn),
+            written_lsn: self.min_lsn(),
         }
     }
 
@@ -295,19 +303,26 @@ impl Session {
         Ok(self.login.primary_pool(&self.shared))
     }
 
-    /// read_your_writes = lsn: after a transaction on the primary, remembers where its
-    /// WAL ends (one extra round trip), so that the client's reads avoid replicas that
-    /// have not replayed it yet.
-    pub(super) async fn note_written_lsn(&mut self, server: &mut ServerConn) {
+    /// Whether the transaction that just ended on the primary has its WAL position
+    /// learned at release (read_your_writes = lsn).
+    pub(super) fn tracks_this_write(&self) -> bool {
         // Cheap checks first: this runs at every release.
-        if !self.rare.as_ref().is_some_and(|r| r.for_write)
-            || !self
+        self.rare.as_ref().is_some_and(|r| r.for_write)
+            && self
                 .login
                 .pools
                 .routing()
                 .as_deref()
                 .is_some_and(route::tracks_writes)
-        {
+    }
+
+    /// read_your_writes = lsn: after a transaction on the primary, remembers where its
+    /// WAL ends (one extra round trip), so that the client's reads avoid replicas that
+    /// have not replayed it yet, and tells the client (ParameterStatus
+    /// `pgtide.last_write_lsn`, before the transaction's ReadyForQuery when that is still
+    /// here), so that it can hand the position to another connection (`pgtide.min_lsn`).
+    pub(super) async fn note_written_lsn(&mut self, server: &mut ServerConn) {
+        if !self.tracks_this_write() {
             return;
         }
         let timeout = self.shared.internal_timeout();
@@ -321,8 +336,41 @@ impl Session {
                 .and_then(|t| crate::cluster::Lsn::parse(&t));
             if let Some(lsn) = lsn {
                 let rare = self.rare();
-                rare.written_lsn = Some(rare.written_lsn.map_or(lsn.0, |w| w.max(lsn.0)));
+                let newest = rare.written_lsn.map_or(lsn.0, |w| w.max(lsn.0));
+                rare.written_lsn = Some(newest);
+                let mut status = BytesMut::new();
+                backend::parameter_status(
+                    &mut status,
+                    LAST_WRITE_LSN,
+                    &crate::cluster::Lsn(newest).to_string(),
+                );
+                // Before the final ReadyForQuery if it has not gone out yet.
+                let rfq = self
+                    .s_ready
+                    .checked_sub(6)
+                    .filter(|&at| self.s2c.get(at) == Some(&tag::READY_FOR_QUERY));
+                let at = rfq.unwrap_or(self.s_ready);
+                splice(&mut self.s2c, at..at, &status);
+                self.s_ready += status.len();
             }
+        }
+    }
+
+    /// The position the client asked its reads to have seen (`pgtide.min_lsn`, from a
+    /// `SET` or the startup packet), combined with its own last write's. A value that is
+    /// not an LSN asks for everything: reads go to the primary. Empty is unset.
+    fn min_lsn(&self) -> Option<u64> {
+        let own = self.rare.as_deref().and_then(|r| r.written_lsn);
+        let asked = self
+            .login
+            .params
+            .value(MIN_LSN)
+            // Empty: never set, or RESET (what the server reads back for a placeholder).
+            .filter(|v| !v.is_empty())
+            .map(|v| crate::cluster::Lsn::parse(v).map_or(u64::MAX, |l| l.0));
+        match (own, asked) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
         }
     }
 }
