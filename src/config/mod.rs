@@ -711,6 +711,10 @@ pub struct User {
     pub pool_size: Option<u32>,
     /// Where this user's transactions go (wins over the database's `route`).
     pub route: Option<Route>,
+    /// Overrides `query_timeout` for this user (wins over the database's).
+    pub query_timeout: Option<ConfigDuration>,
+    /// Overrides `transaction_timeout` for this user (wins over the database's).
+    pub transaction_timeout: Option<ConfigDuration>,
 }
 
 /// The whole configuration file.
@@ -872,20 +876,28 @@ impl Config {
         Ok(config)
     }
 
-    /// `query_timeout` for `database` (its own, else `[pgtide]`'s); `None` when off.
-    pub fn query_timeout(&self, database: &str) -> Option<Duration> {
-        self.databases
-            .get(database)
-            .and_then(|d| d.query_timeout)
+    /// `query_timeout` for `user` of `database` (the user's, else the database's, else
+    /// `[pgtide]`'s); `None` when off.
+    pub fn query_timeout(&self, database: &str, user: &str) -> Option<Duration> {
+        self.users
+            .get(user)
+            .and_then(|u| u.query_timeout)
+            .or_else(|| self.databases.get(database).and_then(|d| d.query_timeout))
             .unwrap_or(self.pgtide.query_timeout)
             .enabled()
     }
 
-    /// `transaction_timeout` for `database` (its own, else `[pgtide]`'s); `None` when off.
-    pub fn transaction_timeout(&self, database: &str) -> Option<Duration> {
-        self.databases
-            .get(database)
-            .and_then(|d| d.transaction_timeout)
+    /// `transaction_timeout` for `user` of `database` (the user's, else the database's,
+    /// else `[pgtide]`'s); `None` when off.
+    pub fn transaction_timeout(&self, database: &str, user: &str) -> Option<Duration> {
+        self.users
+            .get(user)
+            .and_then(|u| u.transaction_timeout)
+            .or_else(|| {
+                self.databases
+                    .get(database)
+                    .and_then(|d| d.transaction_timeout)
+            })
             .unwrap_or(self.pgtide.transaction_timeout)
             .enabled()
     }

@@ -206,8 +206,40 @@ fn key_tables_match_the_types() {
         session_state: Some(SessionState::Reject),
         pool_size: Some(1),
         route: Some(Route::Primary),
+        query_timeout: Some(ConfigDuration::secs(1)),
+        transaction_timeout: Some(ConfigDuration::secs(2)),
     };
     assert_eq!(serialized_keys(&u), table_keys(USER_KEYS));
+}
+
+#[test]
+fn timeouts_of_a_user_win_over_its_database() {
+    let c = Config::from_toml_str(
+        r#"
+[pgtide]
+query_timeout = "10s"
+transaction_timeout = "1m"
+[databases.app]
+host = "h"
+query_timeout = "20s"
+[databases.other]
+host = "h"
+[users.batch]
+password = "p"
+query_timeout = "5m"
+transaction_timeout = "0"
+[users.web]
+password = "p"
+"#,
+    )
+    .expect("valid");
+    let s = Duration::from_secs;
+    assert_eq!(c.query_timeout("app", "batch"), Some(s(300)));
+    assert_eq!(c.query_timeout("app", "web"), Some(s(20)));
+    assert_eq!(c.query_timeout("other", "web"), Some(s(10)));
+    // A user's 0 turns it off, whatever the database and [pgtide] say.
+    assert_eq!(c.transaction_timeout("app", "batch"), None);
+    assert_eq!(c.transaction_timeout("other", "web"), Some(s(60)));
 }
 
 #[test]

@@ -255,6 +255,8 @@ pub(super) const USER_KEYS: &[(&str, Kind)] = &[
     ("session_state", Kind::Enum(SESSION_STATES)),
     ("pool_size", Kind::Size),
     ("route", Kind::Enum(ROUTES)),
+    ("query_timeout", Kind::Duration),
+    ("transaction_timeout", Kind::Duration),
 ];
 
 const TOP_KEYS: &[&str] = &["pgtide", "databases", "users"];

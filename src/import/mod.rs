@@ -319,6 +319,8 @@ struct UserOut {
     auth_type: Option<AuthType>,
     pool_mode: Option<PoolMode>,
     pool_size: Option<u32>,
+    /// `query_timeout`, `transaction_timeout` (0 = off, as in PgBouncer).
+    timeouts: Vec<(&'static str, Duration)>,
     notes: Vec<String>,
     skip: bool,
 }
@@ -509,6 +511,9 @@ pub fn import(input: &Input) -> Result<Imported, ImportError> {
         }
         if let Some(s) = u.pool_size {
             out.set("pool_size", i64::from(s));
+        }
+        for (k, d) in &u.timeouts {
+            out.set(k, duration(*d));
         }
         carry.push_str(&out.pending);
         user_parent.insert(&name, Item::Table(out.table));
@@ -1038,7 +1043,12 @@ fn map_user(
                 u.pool_size = Some(n.max(1));
             }
             "reserve_pool_size" => u.notes.push(format!("reserve_pool_size={v} (line {}): none in pgtide: {RESERVE}", e.line)),
-            "max_user_connections" | "max_user_client_connections" | "query_timeout" | "transaction_timeout" => {
+            "query_timeout" | "transaction_timeout" => {
+                let d = seconds_of(&k, &v).map_err(|m| at(format!("user {}: {m}", e.key)))?;
+                let key = if k == "query_timeout" { "query_timeout" } else { "transaction_timeout" };
+                u.timeouts.push((key, d));
+            }
+            "max_user_connections" | "max_user_client_connections" => {
                 let what = NO_EQUIVALENT.iter().find(|(n, _)| *n == k).map_or("", |(_, n)| n);
                 u.notes.push(format!("{k}={v} (line {}): none in pgtide: {what}", e.line));
             }

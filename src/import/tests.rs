@@ -141,7 +141,11 @@ fn a_realistic_file_maps_every_option() {
     assert!(!c.databases.contains_key("*"));
     assert_eq!(c.users["admin"].pool_mode, Some(PoolMode::Session));
     assert_eq!(c.users["admin"].pool_size, Some(2));
-    assert!(c.users.contains_key("ops"));
+    assert_eq!(
+        c.users["ops"].query_timeout,
+        Some(crate::config::ConfigDuration::secs(30)),
+        "a user's query_timeout carries over"
+    );
 
     // What has no equivalent is said in comments.
     for text in [
@@ -162,7 +166,6 @@ fn a_realistic_file_maps_every_option() {
         "reserve_pool_size=3",
         "load_balance_hosts=round-robin",
         "max_user_connections=10",
-        "query_timeout=30",
         "PgBouncer's fallback for any database name",
         "Unix socket",
         "clients of this database connect as \"svc\"",

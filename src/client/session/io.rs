@@ -112,7 +112,7 @@ impl Session {
             // Looked up only while a server is busy for the client (not per idle wait).
             let tx_deadline = match busy {
                 true => config
-                    .transaction_timeout(self.login.database())
+                    .transaction_timeout(self.login.database(), self.login.user())
                     .map(|d| *self.tx_since.get_or_insert_with(now) + d),
                 false => None,
             };
@@ -128,8 +128,9 @@ impl Session {
                 }
                 // A request the server owes: query_timeout counts from its first wait,
                 // and once cancelled the server has QUERY_CANCEL_GRACE more to answer.
-                Some(_) if self.pending > 0 => {
-                    config.query_timeout(self.login.database()).map(|d| {
+                Some(_) if self.pending > 0 => config
+                    .query_timeout(self.login.database(), self.login.user())
+                    .map(|d| {
                         let since = *self.query_since.get_or_insert_with(now);
                         let grace = if self.query_cancelled {
                             QUERY_CANCEL_GRACE
@@ -137,8 +138,7 @@ impl Session {
                             Duration::ZERO
                         };
                         since + d + grace
-                    })
-                }
+                    }),
                 Some(_) => None,
             };
             match (other, tx_deadline) {
@@ -222,7 +222,7 @@ impl Session {
         };
         self.shared
             .config()
-            .transaction_timeout(self.login.database())
+            .transaction_timeout(self.login.database(), self.login.user())
             .is_some_and(|d| tokio::time::Instant::now() >= since + d)
     }
 
@@ -238,7 +238,7 @@ impl Session {
         let limit = self
             .shared
             .config()
-            .query_timeout(self.login.database())
+            .query_timeout(self.login.database(), self.login.user())
             .unwrap_or_default();
         if !self.query_cancelled {
             self.query_cancelled = true;
