@@ -2,7 +2,10 @@
 //! count, the histograms have samples and the exposition parses (our parser, and
 //! `promtool check metrics`); `/healthz`; `/readyz` turns unready when a primary cannot be
 //! reached and ready again when it is back; the Grafana dashboard uses only metrics that
-//! a real scrape has.
+//! a real scrape has. The endpoint's HTTP on the wire: keep-alive, `HEAD`, a request in
+//! small pieces, an oversized head, other methods (the header read timeout, the
+//! connection limit and stopping are tested in `src/metrics/http.rs`, with shorter
+//! bounds).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,12 +16,13 @@ use tokio::net::TcpStream;
 use crate::harness::{self, to};
 use crate::pgbench::{init, pgbench};
 
-/// GET `path` from the metrics endpoint: (status code, body).
+/// GET `path` from the metrics endpoint on a connection of its own: (status code, body).
 pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = to("connect to metrics", TcpStream::connect(addr))
         .await
         .expect("the metrics endpoint accepts connections");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: pgtide\r\n\r\n");
+    // `Connection: close`: the server closes after the response, which ends the read.
+    let req = format!("GET {path} HTTP/1.1\r\nHost: pgtide\r\nConnection: close\r\n\r\n");
     to("send request", s.write_all(req.as_bytes()))
         .await
         .expect("write");
@@ -492,4 +496,273 @@ async fn collect_metrics_off_counts_nothing() {
         })
     })
     .await;
+}
+
+/// Reads one HTTP response from `s`: its head (status line and headers, without the
+/// blank line) and a body of its `Content-Length`.
+async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = to("read a response head", s.read(&mut byte))
+            .await
+            .expect("read");
+        assert_eq!(
+            n,
+            1,
+            "the connection closed inside a response head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    head.truncate(head.len() - 4);
+    let head = String::from_utf8(head).expect("an ASCII head");
+    let len = header(&head, "content-length")
+        .unwrap_or_else(|| panic!("no Content-Length in {head:?}"))
+        .parse()
+        .expect("a number");
+    let mut body = vec![0; len];
+    to("read a response body", s.read_exact(&mut body))
+        .await
+        .expect("the whole body");
+    (head, body)
+}
+
+/// The value of header `name` (any case) in a response head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Reads until the server closes `s` (it must, within a few seconds); returns the bytes
+/// that came first.
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    rest
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    let s = to("connect to metrics", TcpStream::connect(addr))
+        .await
+        .expect("the metrics endpoint accepts connections");
+    s.set_nodelay(true).expect("TCP_NODELAY");
+    s
+}
+
+async fn send(s: &mut TcpStream, bytes: &[u8]) {
+    to("send a request", s.write_all(bytes))
+        .await
+        .expect("write");
+}
+
+/// Keep-alive: requests on one connection are answered one after the other, pipelined
+/// ones too, without `Connection: close` until the client asks for it; HTTP/1.0 without
+/// keep-alive gets its response and the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_keep_alive_answers_several_requests() {
+    let (_db, pooler, _addr) = harness::setup("metrics_keepalive", |_| {}).await;
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let mut s = connect(maddr).await;
+
+    send(&mut s, b"GET /healthz HTTP/1.1\r\nHost: pgtide\r\n\r\n").await;
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(header(&head, "content-type"), Some("text/plain"), "{head}");
+    assert_eq!(header(&head, "connection"), None, "kept alive: {head}");
+    assert_eq!(body, b"ok\n");
+
+    // The same connection, a query string (ignored).
+    send(
+        &mut s,
+        b"GET /metrics?since=now HTTP/1.1\r\nHost: pgtide\r\n\r\n",
+    )
+    .await;
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(
+        header(&head, "content-type"),
+        Some("text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert_eq!(header(&head, "connection"), None, "kept alive: {head}");
+    let samples = parse_exposition(std::str::from_utf8(&body).expect("UTF-8"));
+    assert!(samples.keys().any(|k| k.starts_with("pgtide_build_info{")));
+
+    // Two pipelined in one write; the second asks to close.
+    send(
+        &mut s,
+        b"GET /readyz HTTP/1.1\r\nHost: pgtide\r\n\r\n\
+          GET /nope HTTP/1.1\r\nHost: pgtide\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(body, b"ready\n");
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head}");
+    assert_eq!(header(&head, "connection"), Some("close"), "{head}");
+    assert_eq!(body, b"try /metrics, /healthz or /readyz\n");
+    assert!(
+        read_to_close(&mut s).await.is_empty(),
+        "nothing after the last response"
+    );
+
+    // HTTP/1.0 without keep-alive: the response, then the close.
+    let mut s = connect(maddr).await;
+    send(&mut s, b"GET /healthz HTTP/1.0\r\n\r\n").await;
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    assert_eq!(body, b"ok\n");
+    assert!(read_to_close(&mut s).await.is_empty());
+}
+
+/// `HEAD`: the status and headers of the `GET`, `Content-Length` included, and no body
+/// (what comes before the server closes is the head alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_head_has_the_headers_and_no_body() {
+    let (_db, pooler, _addr) = harness::setup("metrics_head", |_| {}).await;
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let head_of = |path: &'static str| async move {
+        let mut s = connect(maddr).await;
+        let req = format!("HEAD {path} HTTP/1.1\r\nHost: pgtide\r\nConnection: close\r\n\r\n");
+        send(&mut s, req.as_bytes()).await;
+        let raw = String::from_utf8(read_to_close(&mut s).await).expect("ASCII");
+        let (head, body) = raw
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("a response head: {raw:?}"));
+        assert_eq!(body, "", "HEAD {path} has no body");
+        head.to_string()
+    };
+
+    let head = head_of("/healthz").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(header(&head, "content-type"), Some("text/plain"), "{head}");
+    assert_eq!(header(&head, "content-length"), Some("3"), "{head}");
+
+    let head = head_of("/nope").await;
+    assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head}");
+    let not_found = "try /metrics, /healthz or /readyz\n".len().to_string();
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(not_found.as_str()),
+        "{head}"
+    );
+
+    let head = head_of("/metrics").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(
+        header(&head, "content-type"),
+        Some("text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let len: usize = header(&head, "content-length")
+        .expect("a Content-Length")
+        .parse()
+        .expect("a number");
+    let (status, body) = get(maddr, "/metrics").await;
+    assert_eq!(status, 200);
+    // Scrape-time values may differ between the two, the size only by a little.
+    assert!(
+        len.abs_diff(body.len()) < body.len() / 10,
+        "HEAD says {len} bytes, GET sent {}",
+        body.len()
+    );
+}
+
+/// A request head that arrives one byte at a time is answered; clients that leave in
+/// the middle of a request leave the endpoint as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_request_in_small_pieces_is_answered() {
+    let (_db, pooler, _addr) = harness::setup("metrics_pieces", |_| {}).await;
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let mut s = connect(maddr).await;
+    for b in b"GET /healthz HTTP/1.1\r\nHost: pgtide\r\nConnection: close\r\n\r\n" {
+        send(&mut s, &[*b]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(body, b"ok\n");
+    assert!(read_to_close(&mut s).await.is_empty());
+
+    // Gone inside a request line, inside the headers, inside a declared body, and
+    // after a request without reading its response.
+    for partial in [
+        &b"GET /metr"[..],
+        b"GET /metrics HTTP/1.1\r\nHost: pg",
+        b"GET /healthz HTTP/1.1\r\nHost: pgtide\r\nContent-Length: 100\r\n\r\nabc",
+        b"GET /metrics HTTP/1.1\r\nHost: pgtide\r\n\r\n",
+    ] {
+        let mut s = connect(maddr).await;
+        send(&mut s, partial).await;
+        drop(s);
+    }
+    let (status, body) = get(maddr, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    assert!(!scrape(maddr).await.is_empty());
+}
+
+/// A head over the bound (16 KiB, or more than 100 headers) is answered 431 and the
+/// connection closed; the endpoint goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_oversized_head_gets_431() {
+    let (_db, pooler, _addr) = harness::setup("metrics_431", |_| {}).await;
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    let long = format!(
+        "GET /metrics HTTP/1.1\r\nHost: pgtide\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let many = format!(
+        "GET /metrics HTTP/1.1\r\nHost: pgtide\r\n{}\r\n",
+        (0..150)
+            .map(|i| format!("X-H{i}: {i}\r\n"))
+            .collect::<String>()
+    );
+    for req in [long, many] {
+        let mut s = connect(maddr).await;
+        // The server may close before it has read it all.
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut raw))
+            .await
+            .expect("the server closes the connection");
+        let raw = String::from_utf8(raw).expect("ASCII");
+        assert!(
+            raw.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{raw:?}"
+        );
+        assert_eq!(header(&raw, "connection"), Some("close"), "{raw:?}");
+    }
+    let (status, body) = get(maddr, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _) = get(maddr, "/metrics").await;
+    assert_eq!(status, 200);
+}
+
+/// Methods other than GET and HEAD get 405 with `Allow: GET, HEAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_other_methods_get_405() {
+    let (_db, pooler, _addr) = harness::setup("metrics_405", |_| {}).await;
+    let maddr = pooler.metrics_addr().expect("the metrics endpoint is on");
+    for req in [
+        &b"POST /metrics HTTP/1.1\r\nHost: pgtide\r\nContent-Length: 0\r\n\r\n"[..],
+        b"DELETE /healthz HTTP/1.1\r\nHost: pgtide\r\n\r\n",
+        b"PUT /nope HTTP/1.1\r\nHost: pgtide\r\nContent-Length: 2\r\n\r\nhi",
+    ] {
+        let mut s = connect(maddr).await;
+        send(&mut s, req).await;
+        let (head, body) = read_response(&mut s).await;
+        assert!(
+            head.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{head}"
+        );
+        assert_eq!(header(&head, "allow"), Some("GET, HEAD"), "{head}");
+        assert_eq!(body, b"use GET or HEAD\n");
+    }
 }

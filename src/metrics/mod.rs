@@ -1,7 +1,8 @@
-//! Prometheus metrics (the `prometheus` crate) and the HTTP endpoint that serves them:
-//! `/metrics` (text exposition), `/healthz` (the process is alive), `/readyz` (listening,
-//! and the primary of every configured database reachable: the health monitor's view for
-//! a database with several hosts, a TCP connect under a short timeout otherwise).
+//! Prometheus metrics (the `prometheus` crate) and the HTTP endpoint that serves them
+//! ([`serve`]; `http.rs`, on hyper's HTTP/1.1 server): `/metrics` (text exposition),
+//! `/healthz` (the process is alive), `/readyz` (listening, and the primary of every
+//! configured database reachable: the health monitor's view for a database with several
+//! hosts, a TCP connect under a short timeout otherwise).
 //!
 //! Labels are bounded: database, user, host (`host:port` from the config), state, role,
 //! routing outcome, SQLSTATE class; never a client or a query.
@@ -11,17 +12,18 @@
 //! are set at scrape time from the pools and the cluster monitors ([`Probe::refresh`]).
 //! `SHOW STATS`' totals and averages are computed from the same handles ([`stats`]).
 
+mod http;
 pub mod stats;
 
-use std::sync::Arc;
+pub use http::serve;
+
 use std::time::Duration;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Every metric pgtide exports.
 pub struct Metrics {
@@ -558,83 +560,6 @@ pub async fn readiness(probe: &dyn Probe) -> Result<(), Vec<String>> {
         down.sort();
         Err(down)
     }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    probe: Arc<dyn Probe>,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            r = listener.accept() => {
-                let Ok((stream, _)) = r else { continue };
-                let metrics = metrics.clone();
-                let probe = probe.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &metrics, &*probe)).await;
-                });
-            }
-            _ = &mut stop => return,
-        }
-    }
-}
-
-async fn respond(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    probe: &dyn Probe,
-) -> std::io::Result<()> {
-    // Read the request head (bounded); only the request line matters.
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let method = parts.next().unwrap_or_default();
-    let path = parts.next().unwrap_or_default();
-    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
-    let (status, content_type, body): (&str, &str, Vec<u8>) = match (method, path) {
-        (b"GET", b"/metrics") => {
-            probe.refresh();
-            ("200 OK", "text/plain; version=0.0.4", metrics.encode())
-        }
-        (b"GET", b"/healthz") => ("200 OK", "text/plain", b"ok\n".to_vec()),
-        (b"GET", b"/readyz") => match readiness(probe).await {
-            Ok(()) => ("200 OK", "text/plain", b"ready\n".to_vec()),
-            Err(down) => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("not ready: {}\n", down.join("; ")).into_bytes(),
-            ),
-        },
-        (b"GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            b"try /metrics, /healthz or /readyz\n".to_vec(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            b"GET only\n".to_vec(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&body).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
