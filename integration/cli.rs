@@ -44,11 +44,11 @@ impl ChildGuard {
         }
     }
 
-    fn pid(&self) -> libc::pid_t {
+    pub(crate) fn pid(&self) -> libc::pid_t {
         self.child.id() as libc::pid_t
     }
 
-    fn signal(&self, sig: libc::c_int) {
+    pub(crate) fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet
         // (we only reap through `wait_timeout`/`Drop`), so the PID cannot be reused.
         let rc = unsafe { libc::kill(self.pid(), sig) };
@@ -65,7 +65,7 @@ impl ChildGuard {
     }
 
     /// The exit status, if the child ends within `timeout`.
-    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -1251,4 +1251,53 @@ fn ready_is_logged_only_when_the_upstream_answers() {
     assert!(!logs.contains("pgtide is ready"), "{logs}");
     child.signal(libc::SIGTERM);
     let _ = child.wait_timeout(Duration::from_secs(10));
+}
+
+/// systemd's notify protocol (Type=notify): with `NOTIFY_SOCKET` set, pgtide sends
+/// `READY=1` once it serves and `STOPPING=1` when a SIGTERM begins its shutdown.
+#[test]
+fn the_service_manager_is_told_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let db = harness::fresh_database("cli_notify");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("read timeout");
+    let listen = free_addr();
+    let mut cmd = Command::new(PGTIDE);
+    cmd.env_remove("DATABASE_URL")
+        .env("NOTIFY_SOCKET", &path)
+        .arg("--upstream")
+        .arg(format!(
+            "postgres://pgtide_trust@127.0.0.1:{}/{db}",
+            harness::primary_port()
+        ))
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0");
+    let mut child = ChildGuard::spawn(cmd, "pgtide (notify)", false);
+    let recv = |what: &str| {
+        let mut buf = [0u8; 256];
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {what} on the notify socket: {e}"));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv("READY=1"), "READY=1");
+    // Ready means serving.
+    let (ok, out, err) = psql_url(
+        &format!("postgres://pgtide_trust@{listen}/{db}"),
+        None,
+        "select 1",
+    );
+    assert!(ok && out == "1", "{err}");
+    child.signal(libc::SIGTERM);
+    assert_eq!(recv("STOPPING=1"), "STOPPING=1");
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("pgtide still running 15 s after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", child.stderr_text());
 }

@@ -122,7 +122,6 @@ fn pgbouncer_sample_config_imports() {
         .collect::<Vec<_>>()
         .join(" ");
     for said in [
-        "so_reuseport = 0 (line 342): none in pgtide",
         "stats_users = stats, root",
         "no read-only role",
         "PgBouncer's fallback for any database name",
@@ -217,6 +216,10 @@ fn a_realistic_pgbouncer_ini_serves_the_same_databases() {
     assert!(!inlined.contains("\nauth_file = "), "{inlined}");
     let kept = import_and_check(&ini, None, &dir.path().join("kept.toml"));
     assert!(kept.contains("\nauth_file = "), "{kept}");
+    assert!(
+        kept.contains("[peers] is listed but peer_id is 0 or not set"),
+        "peers without a peer_id are left out, and the file says so: {kept}"
+    );
 
     for name in ["inlined.toml", "kept.toml"] {
         let file = dir.path().join(name);

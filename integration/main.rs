@@ -14,6 +14,7 @@ mod import;
 mod isolation;
 mod layers;
 mod metrics;
+mod peers;
 mod pgbench;
 mod pooling;
 mod positions;

@@ -8,10 +8,15 @@
 //! ignores it.
 
 use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::server::{send_cancel, CancelTarget};
@@ -57,13 +62,34 @@ impl CancelSlot {
     }
 }
 
+/// The low bits of a key's secret that carry the peer id of the process that handed it
+/// out (when peering is on).
+const PEER_BITS: i32 = 0x3fff;
+
 /// The invented keys of every connected client.
 #[derive(Default)]
 pub struct CancelRegistry {
     map: Mutex<HashMap<i32, (i32, Arc<CancelSlot>)>>,
+    /// This process's `peer_id` (0: no peering), in the low bits of every secret.
+    peer_id: i32,
 }
 
 impl CancelRegistry {
+    /// A registry whose keys carry `peer_id` (0: keys are all random).
+    pub fn new(peer_id: u32) -> CancelRegistry {
+        CancelRegistry {
+            map: Mutex::default(),
+            peer_id: i32::try_from(peer_id).unwrap_or(0) & PEER_BITS,
+        }
+    }
+
+    /// The peer that handed out a key with `secret`, when that is another process than
+    /// this one (peering on and the peer bits differ); `None` for this process's keys.
+    pub fn owner(&self, secret: i32) -> Option<u32> {
+        let id = secret & PEER_BITS;
+        (self.peer_id != 0 && id != self.peer_id).then_some(id as u32)
+    }
+
     /// Invents a (pid, secret) pair for a new client.
     pub fn register(&self) -> (i32, i32, Arc<CancelSlot>) {
         let slot = Arc::new(CancelSlot::default());
@@ -73,7 +99,10 @@ impl CancelRegistry {
             if pid == 0 || map.contains_key(&pid) {
                 continue;
             }
-            let secret = rand::random::<i32>();
+            let secret = match self.peer_id {
+                0 => rand::random::<i32>(),
+                id => (rand::random::<i32>() & !PEER_BITS) | id,
+            };
             map.insert(pid, (secret, slot.clone()));
             return (pid, secret, slot);
         }
@@ -102,5 +131,56 @@ impl CancelRegistry {
             tracing::warn!(error = %e, server = %target.addr, "could not forward a cancel request");
         }
         slot.end();
+    }
+}
+
+/// Forwards a CancelRequest to the peer pgtide at `addr` (its `peer_listen`), which
+/// handles it as its own; waits until the peer has taken it (closed the connection).
+pub async fn forward(addr: SocketAddr, pid: i32, secret: i32, timeout: Duration) -> io::Result<()> {
+    let work = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut out = BytesMut::with_capacity(16);
+        crate::protocol::frontend::forwarded_cancel(&mut out, pid, secret);
+        s.write_all(&out).await?;
+        let mut sink = [0u8; 16];
+        while s.read(&mut sink).await? > 0 {}
+        Ok(())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "forwarding the cancel request timed out",
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_the_peer_id() {
+        let alone = CancelRegistry::new(0);
+        let (_, secret, _) = alone.register();
+        assert_eq!(
+            alone.owner(secret),
+            None,
+            "no peering: every key is this process's"
+        );
+        let one = CancelRegistry::new(1);
+        let two = CancelRegistry::new(2);
+        for _ in 0..100 {
+            let (_, s1, _) = one.register();
+            let (_, s2, _) = two.register();
+            assert_eq!(s1 & PEER_BITS, 1);
+            assert_eq!(one.owner(s1), None);
+            assert_eq!(one.owner(s2), Some(2));
+            assert_eq!(two.owner(s1), Some(1));
+        }
+        // The rest of the secret stays random.
+        let secrets: std::collections::HashSet<i32> = (0..100).map(|_| one.register().1).collect();
+        assert!(secrets.len() > 90);
     }
 }

@@ -20,6 +20,7 @@ use crate::shutdown::{Phase, ShutdownController, ShutdownSignal};
 /// A running pooler.
 pub struct Pooler {
     addr: SocketAddr,
+    peer_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     phase: watch::Sender<Phase>,
     task: JoinHandle<()>,
@@ -39,7 +40,7 @@ pub async fn start_from(config: Config, source: Option<ConfigSource>) -> io::Res
     let tls = crate::tls::Tls::new(config.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let tls = Arc::new(tls);
-    let listener = TcpListener::bind(config.pgtide.listen).await.map_err(|e| {
+    let listener = bind(config.pgtide.listen, config.pgtide.so_reuseport).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!(
@@ -49,6 +50,27 @@ pub async fn start_from(config: Config, source: Option<ConfigSource>) -> io::Res
         )
     })?;
     let addr = listener.local_addr()?;
+    let peer_listener = match config.pgtide.peer_listen.as_str() {
+        "" => None,
+        a => {
+            let a: SocketAddr = a.parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("peer_listen {a:?} is not an address"),
+                )
+            })?;
+            Some(bind(a, false).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {a} (peer_listen): {e}; every process needs an address of its own"),
+                )
+            })?)
+        }
+    };
+    let peer_addr = match &peer_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let metrics_listener = match config.pgtide.metrics_listen.as_str() {
         "" => None,
         a => {
@@ -94,9 +116,15 @@ pub async fn start_from(config: Config, source: Option<ConfigSource>) -> io::Res
     }
     state.start_monitors();
     crate::admin::stats::spawn_stats(state.clone(), controller.signal());
-    let task = tokio::spawn(accept_loop(listener, state.clone(), controller));
+    let task = tokio::spawn(accept_loop(
+        listener,
+        peer_listener,
+        state.clone(),
+        controller,
+    ));
     Ok(Pooler {
         addr,
+        peer_addr,
         metrics_addr,
         phase,
         task,
@@ -108,6 +136,11 @@ impl Pooler {
     /// The address clients connect to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address of `peer_listen`, if set.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
     }
 
     /// The address of the metrics endpoint, if it is on.
@@ -130,14 +163,7 @@ impl Pooler {
     /// Graceful shutdown: stop accepting, let in-flight transactions finish (up to
     /// `shutdown_timeout`), tell idle clients 57P01.
     pub fn shutdown(&self) {
-        self.phase.send_if_modified(|p| {
-            if *p < Phase::Draining {
-                *p = Phase::Draining;
-                true
-            } else {
-                false
-            }
-        });
+        self.shared.shutdown();
     }
 
     /// Reads the configuration file again and applies it (what SIGHUP and the admin
@@ -158,11 +184,36 @@ impl Pooler {
     }
 }
 
-/// Accepts clients until shutdown, then waits for the sessions to end.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, controller: ShutdownController) {
+/// Binds a listening socket (backlog 1024, `SO_REUSEADDR` as tokio does, `SO_REUSEPORT`
+/// when asked).
+fn bind(addr: SocketAddr, reuseport: bool) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Accepts clients (on `listen`, and on `peer_listen` when set) until shutdown, then
+/// waits for the sessions to end.
+async fn accept_loop(
+    listener: TcpListener,
+    peer_listener: Option<TcpListener>,
+    shared: Arc<Shared>,
+    controller: ShutdownController,
+) {
     let mut signal = controller.signal();
     let maintenance = tokio::spawn(maintain(shared.clone(), controller.signal()));
     let waker = tokio::spawn(wake_clients(shared.clone(), controller.phases()));
+    let peer_accept = async |l: &Option<TcpListener>| match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    };
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -173,10 +224,31 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, controller: Shu
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            r = peer_accept(&peer_listener) => match r {
+                Ok((stream, _peer)) => spawn_client(stream, &shared, controller.signal()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed (peer_listen)");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
             _ = signal.reached(Phase::Draining) => break,
         }
     }
     drop(listener);
+    // Queries still running here may be cancelled through a peer until the end.
+    let peer_task = peer_listener.map(|l| {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok((stream, _)) = l.accept().await {
+                    tokio::spawn(crate::client::connection::cancel_only(
+                        stream,
+                        shared.clone(),
+                    ));
+                }
+            }
+        })
+    });
     tracing::info!("shutting down: no longer accepting clients");
     // The monitors stop: draining sessions keep the last known host states.
     shared.stop_monitors().await;
@@ -190,6 +262,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, controller: Shu
     controller.wait().await;
     timer.abort();
     waker.abort();
+    if let Some(t) = peer_task {
+        t.abort();
+    }
     let _ = maintenance.await;
     for pool in shared.pools() {
         pool.close_idle();

@@ -13,7 +13,7 @@ use pgtide::config::{Config, ConfigSource, Overrides};
     name = "pgtide",
     version,
     about = "A PostgreSQL connection pooler",
-    after_help = "Environment:\n  DATABASE_URL  the upstream database (as --upstream)\n  PGTIDE_LOG    the log filter (an EnvFilter directive: info, debug, pgtide=debug, ...)\n\nSignals:\n  SIGTERM, SIGINT  finish in-flight transactions, then exit (a second one exits at once)\n  SIGHUP           reload the configuration file, the auth files and the TLS files"
+    after_help = "Environment:\n  DATABASE_URL  the upstream database (as --upstream)\n  PGTIDE_LOG    the log filter (an EnvFilter directive: info, debug, pgtide=debug, ...)\n  NOTIFY_SOCKET systemd's notify socket: pgtide sends READY=1 and STOPPING=1\n\nSignals:\n  SIGTERM, SIGINT  finish in-flight transactions, then exit (a second one exits at once)\n  SIGHUP           reload the configuration file, the auth files and the TLS files"
 )]
 struct Cli {
     /// Configuration file (TOML). Without it, --upstream or DATABASE_URL is used.
@@ -395,6 +395,15 @@ async fn serve(config: Config, source: Option<ConfigSource>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Installed first, so that a signal during the wait below is not fatal.
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        eprintln!("pgtide: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
     // "Ready" once the primaries answer (as /readyz says); the monitors' first checks
     // take a moment, so wait up to 2 s for them before saying what is missing.
     let mut ready = pooler.readiness().await;
@@ -416,14 +425,8 @@ async fn serve(config: Config, source: Option<ConfigSource>) -> ExitCode {
             "pgtide is accepting clients, but not every primary is reachable yet: their clients wait for it (query_wait_timeout)"
         ),
     }
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        eprintln!("pgtide: cannot install signal handlers");
-        return ExitCode::FAILURE;
-    };
+    // systemd (Type=notify): started, whether or not every primary answers yet.
+    sd_notify("READY=1");
     let mut stopped = Box::pin(pooler.stopped());
     loop {
         tokio::select! {
@@ -442,6 +445,7 @@ async fn serve(config: Config, source: Option<ConfigSource>) -> ExitCode {
         }
     }
     drop(stopped);
+    sd_notify("STOPPING=1");
     tracing::info!(
         "signal received: finishing in-flight transactions (a second signal exits at once)"
     );
@@ -454,5 +458,29 @@ async fn serve(config: Config, source: Option<ConfigSource>) -> ExitCode {
         }
         _ = term.recv() => ExitCode::from(1),
         _ = int.recv() => ExitCode::from(1),
+    }
+}
+
+/// Tells the service manager `state` (`READY=1`, `STOPPING=1`) through the datagram
+/// socket `$NOTIFY_SOCKET` names (a path, or `@name` in the abstract namespace), as
+/// `sd_notify(3)` does; nothing when it is not set. A failure is logged, never fatal.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(&path)?,
+        };
+        let socket = UnixDatagram::unbound()?;
+        socket.send_to_addr(state.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, notify_socket = ?path, state, "could not notify the service manager");
     }
 }

@@ -52,6 +52,8 @@ pub struct Shared {
     tls: Arc<Tls>,
     /// Connected clients (logged in or not), for `max_client_conn`.
     connected: AtomicU32,
+    /// A shutdown has begun (see [`Shared::shutdown`]).
+    stopping: std::sync::atomic::AtomicBool,
     /// The login parameter sets the clients of each pool share.
     login_sets: LoginSets,
     /// Logged-in clients (admin sessions included).
@@ -80,18 +82,20 @@ impl Shared {
             config.pgtide.prepared_statement_cache_bytes as usize,
         );
         let metrics = Arc::new(Metrics::with_collection(config.pgtide.collect_metrics));
+        let peer_id = config.pgtide.peer_id;
         Arc::new(Shared {
             config: ArcSwap::new(config),
             pools: Pools::default(),
             clusters: ArcSwap::from_pointee(clusters),
             monitors: Mutex::new(HashMap::new()),
             replica_turn: AtomicUsize::new(0),
-            cancels: CancelRegistry::default(),
+            cancels: CancelRegistry::new(peer_id),
             credentials,
             statements,
             metrics,
             tls,
             connected: AtomicU32::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             login_sets: LoginSets::default(),
             clients: Arc::default(),
             hooks: PoolHooks::default(),
@@ -149,9 +153,14 @@ impl Shared {
         let _ = self.phase.set(phase);
     }
 
-    /// Starts a graceful shutdown (`SHUTDOWN`).
+    /// Starts a graceful shutdown (a signal, `SHUTDOWN`): `/readyz` says so at once;
+    /// after `shutdown_delay` (0: at once; a second call: at once) pgtide stops accepting
+    /// and drains.
     pub fn shutdown(&self) {
-        if let Some(p) = self.phase.get() {
+        let Some(p) = self.phase.get() else {
+            return;
+        };
+        let drain = |p: &watch::Sender<Phase>| {
             p.send_if_modified(|p| {
                 if *p < Phase::Draining {
                     *p = Phase::Draining;
@@ -160,6 +169,21 @@ impl Shared {
                     false
                 }
             });
+        };
+        let first = !self.stopping.swap(true, Ordering::Relaxed);
+        let delay = self.config().pgtide.shutdown_delay.0;
+        if first && !delay.is_zero() {
+            tracing::info!(
+                shutdown_delay = %humantime::format_duration(delay),
+                "shutting down: /readyz answers 503 from now on; clients are still accepted for shutdown_delay"
+            );
+            let p = p.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                drain(&p);
+            });
+        } else {
+            drain(p);
         }
     }
 
@@ -368,6 +392,42 @@ impl Shared {
         &self.cancels
     }
 
+    /// Handles a CancelRequest: a key another peer handed out goes to that peer (unless
+    /// a peer `forwarded` it here: then it is looked up here only); this process's keys
+    /// cancel the query their client is running. Unknown keys cancel nothing.
+    pub async fn cancel_request(&self, pid: i32, secret: i32, forwarded: bool) {
+        let config = self.config();
+        let timeout = config.pgtide.server_connect_timeout.0;
+        if let Some(owner) = self.cancels.owner(secret).filter(|_| !forwarded) {
+            let addr = config
+                .pgtide
+                .peers
+                .iter()
+                .find(|(id, _)| id.parse::<u32>() == Ok(owner))
+                .and_then(|(_, a)| a.parse::<std::net::SocketAddr>().ok());
+            drop(config);
+            match addr {
+                Some(addr) => {
+                    if let Err(e) = crate::cancel::forward(addr, pid, secret, timeout).await {
+                        tracing::warn!(peer = owner, %addr, error = %e, "could not forward a cancel request to its peer");
+                    }
+                }
+                None => tracing::debug!(
+                    peer = owner,
+                    "cancel request for a peer that is not in [pgtide.peers]; ignored"
+                ),
+            }
+            return;
+        }
+        drop(config);
+        self.cancels.cancel(pid, secret, timeout).await;
+    }
+
+    /// Whether a shutdown has begun, its delay included (`/readyz` then says so).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
     pub fn login_sets(&self) -> &LoginSets {
         &self.login_sets
     }
@@ -547,6 +607,10 @@ impl Probe for Shared {
             self.metrics
                 .set_writes_refused(database, cluster.write_refusal().is_some());
         }
+    }
+
+    fn stopping(&self) -> bool {
+        self.is_stopping()
     }
 
     fn primaries(&self) -> Vec<PrimaryCheck> {

@@ -22,7 +22,9 @@ pub async fn run(
 ) {
     let _ = tcp.set_nodelay(true);
     let shared = slot.shared();
-    if signal.phase() != Phase::Running {
+    // Accepted before the drain began (the listener closes when it does): served, as a
+    // client that connected an instant earlier is; only a forced shutdown refuses it.
+    if signal.phase() == Phase::Now {
         Box::pin(crate::stream::send_fatal(
             &mut tcp,
             sqlstate::ADMIN_SHUTDOWN,
@@ -58,5 +60,33 @@ pub async fn run(
             ))
             .await;
         }
+    }
+}
+
+/// A connection to `peer_listen` while pgtide drains: a CancelRequest (a peer's
+/// forwarded one, or a client's) is still handled, so that the queries still running
+/// here can be cancelled; anything else is told that pgtide is shutting down.
+pub async fn cancel_only(mut tcp: TcpStream, shared: std::sync::Arc<crate::shared::Shared>) {
+    let first = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        login::read_first_packet(&mut tcp),
+    )
+    .await;
+    match first {
+        Ok(Ok(crate::protocol::startup::StartupPacket::CancelRequest {
+            pid,
+            secret,
+            forwarded,
+        })) => shared.cancel_request(pid, secret, forwarded).await,
+        Ok(Ok(_)) => {
+            crate::stream::send_fatal(
+                &mut tcp,
+                sqlstate::ADMIN_SHUTDOWN,
+                "pgtide is shutting down",
+                None,
+            )
+            .await
+        }
+        _ => {}
     }
 }

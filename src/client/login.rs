@@ -212,7 +212,7 @@ async fn accept_tls(tcp: TcpStream, shared: &Shared, direct: bool) -> Option<Str
     Some(stream)
 }
 
-async fn read_first_packet<S: AsyncRead + AsyncWrite + Unpin>(
+pub(super) async fn read_first_packet<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
 ) -> Result<StartupPacket, NoSession> {
     let mut len = [0u8; 4];
@@ -262,9 +262,12 @@ async fn login_inner(
             .await;
             return Err(NoSession::Refused);
         }
-        StartupPacket::CancelRequest { pid, secret } => {
-            let t = shared.config().pgtide.server_connect_timeout.0;
-            shared.cancels().cancel(pid, secret, t).await;
+        StartupPacket::CancelRequest {
+            pid,
+            secret,
+            forwarded,
+        } => {
+            shared.cancel_request(pid, secret, forwarded).await;
             return Err(NoSession::Done);
         }
         StartupPacket::Startup { version, params } => (version, params),

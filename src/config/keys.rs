@@ -25,6 +25,10 @@ pub const GENERAL_KEYS: &[(&str, Reload)] = &[
     // Sockets and threads are set up once.
     ("listen", Restart),
     ("metrics_listen", Restart),
+    ("so_reuseport", Restart),
+    ("peer_listen", Restart),
+    // In every cancel key handed out.
+    ("peer_id", Restart),
     ("worker_threads", Restart),
     // Built once at start.
     ("collect_metrics", Restart),
@@ -63,6 +67,8 @@ pub const GENERAL_KEYS: &[(&str, Reload)] = &[
     ("client_idle_timeout", Live),
     ("client_login_timeout", Live),
     ("shutdown_timeout", Live),
+    ("shutdown_delay", Live),
+    ("peers", Live),
     ("server_reset_query", Live),
     ("auth_type", Live),
     ("auth_file", Live),

@@ -358,6 +358,24 @@ pub struct General {
     pub client_login_timeout: ConfigDuration,
     /// On SIGTERM/SIGINT, in-flight transactions get this long to finish.
     pub shutdown_timeout: ConfigDuration,
+    /// On SIGTERM/SIGINT (or SHUTDOWN), how long pgtide goes on serving, and accepting,
+    /// while `/readyz` says it is shutting down, so that load balancers stop sending it
+    /// clients before it stops accepting; 0 = stop accepting at once.
+    pub shutdown_delay: ConfigDuration,
+    /// Listen with `SO_REUSEPORT`, so that several pgtide processes share `listen` and
+    /// the kernel spreads new connections over them. Needs a restart to change.
+    pub so_reuseport: bool,
+    /// This process's number among peered pgtide processes (1..=16383), encoded in the
+    /// cancel keys it hands out; 0 = no peering. Needs a restart to change.
+    pub peer_id: u32,
+    /// Peers by number: the address where each peer takes forwarded cancel requests
+    /// (its `peer_listen`). A cancel request whose key another peer handed out is
+    /// forwarded there.
+    pub peers: BTreeMap<String, String>,
+    /// An address of this process alone (not shared with `SO_REUSEPORT`) where peers send
+    /// forwarded cancel requests; clients may connect there too. Empty = none. Needs a
+    /// restart to change.
+    pub peer_listen: String,
     /// Run on a session-mode server connection before it returns to the pool.
     pub server_reset_query: String,
     /// Default client authentication method for users without their own `auth_type`.
@@ -492,6 +510,11 @@ impl Default for General {
             client_idle_timeout: ConfigDuration::secs(0),
             client_login_timeout: ConfigDuration::secs(60),
             shutdown_timeout: ConfigDuration::secs(30),
+            shutdown_delay: ConfigDuration::secs(0),
+            so_reuseport: false,
+            peer_id: 0,
+            peers: BTreeMap::new(),
+            peer_listen: String::new(),
             server_reset_query: "DISCARD ALL".to_string(),
             auth_type: AuthType::ScramSha256,
             auth_file: String::new(),

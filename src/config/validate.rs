@@ -88,6 +88,8 @@ pub(super) enum Kind {
     U64,
     /// `hosts = [{ host, port, role, weight }, ...]`.
     Hosts,
+    /// A table of strings (`[pgtide.peers]`: `1 = "127.0.0.1:16432"`).
+    StrMap,
 }
 
 pub(super) const POOL_MODES: &[&str] = &["transaction", "session"];
@@ -166,6 +168,11 @@ pub(super) const GENERAL_KEYS: &[(&str, Kind)] = &[
     ("client_idle_timeout", Kind::Duration),
     ("client_login_timeout", Kind::Duration),
     ("shutdown_timeout", Kind::Duration),
+    ("shutdown_delay", Kind::Duration),
+    ("so_reuseport", Kind::Bool),
+    ("peer_id", Kind::U32),
+    ("peers", Kind::StrMap),
+    ("peer_listen", Kind::Str),
     ("server_reset_query", Kind::Str),
     ("auth_type", Kind::Enum(AUTH_TYPES)),
     ("auth_file", Kind::Str),
@@ -392,6 +399,21 @@ fn check_value(kind: Kind, key: &str, v: &Value, out: &mut Vec<Problem>) {
         }
         (Kind::Hosts, _) => wrong_type(
             "an array of hosts, e.g. [{ host = \"10.0.0.5\", role = \"primary\" }, { host = \"10.0.0.6\", role = \"replica\" }]",
+            v,
+        ),
+        (Kind::StrMap, Value::Table(t)) => {
+            for (k, item) in t {
+                if !item.is_str() {
+                    out.push(Problem::new(
+                        format!("{key}.{k}"),
+                        wrong_type("a string", item),
+                    ));
+                }
+            }
+            return;
+        }
+        (Kind::StrMap, _) => wrong_type(
+            "a table of strings, e.g. [pgtide.peers] with 1 = \"127.0.0.1:16432\"",
             v,
         ),
     };
@@ -639,6 +661,9 @@ pub const ADMIN_DATABASES: &[&str] = &["pgtide", "pgbouncer"];
 const MIN_MESSAGE_SIZE: u32 = 1024;
 const MAX_MESSAGE_SIZE: u32 = 1 << 30;
 
+/// The largest `peer_id`: it takes the low 14 bits of a cancel key's secret.
+pub const MAX_PEER_ID: u32 = 0x3fff;
+
 fn semantic_problems(config: &Config) -> Vec<Problem> {
     let mut out = Vec::new();
     let g = &config.pgtide;
@@ -648,6 +673,48 @@ fn semantic_problems(config: &Config) -> Vec<Problem> {
         push(
             "databases".into(),
             "no database is configured; add a [databases.NAME] table".into(),
+        );
+    }
+    if !g.peer_listen.is_empty() && g.peer_listen.parse::<std::net::SocketAddr>().is_err() {
+        push(
+            "pgtide.peer_listen".into(),
+            format!(
+                "{:?} is not an address; write an IP and a port such as \"127.0.0.1:16432\", or \"\" for none",
+                g.peer_listen
+            ),
+        );
+    }
+    if g.peer_id > MAX_PEER_ID {
+        push(
+            "pgtide.peer_id".into(),
+            format!(
+                "{} is out of range: 0 (no peering) to {MAX_PEER_ID}",
+                g.peer_id
+            ),
+        );
+    }
+    for (id, addr) in &g.peers {
+        if !id
+            .parse::<u32>()
+            .is_ok_and(|n| (1..=MAX_PEER_ID).contains(&n))
+        {
+            push(
+                format!("pgtide.peers.{id}"),
+                format!("a peer's key is its peer_id, 1 to {MAX_PEER_ID}"),
+            );
+        }
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            push(
+                format!("pgtide.peers.{id}"),
+                format!("{addr:?} is not an address (the peer's peer_listen, such as \"127.0.0.1:16432\")"),
+            );
+        }
+    }
+    if !g.peers.is_empty() && g.peer_id == 0 {
+        push(
+            "pgtide.peer_id".into(),
+            "peers are listed but peer_id is 0: give this process its own number from the list"
+                .into(),
         );
     }
     if !g.metrics_listen.is_empty() && g.metrics_listen.parse::<std::net::SocketAddr>().is_err() {

@@ -110,7 +110,6 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
     ("max_db_client_connections", "pgtide has no client limit per database; max_client_conn limits clients in total and max_db_connections the server connections of each database."),
     ("max_user_client_connections", "pgtide has no client limit per user; max_client_conn limits clients in total."),
     ("max_user_connections", "pgtide has no server-connection limit per user; pool_size (per user: [users.NAME] pool_size) limits each (database, user) pool and max_db_connections each database."),
-    ("peer_id", "pgtide has no peering: one pgtide process uses every core (worker_threads), so there is no group of processes to forward cancel requests between."),
     ("pidfile", "pgtide does not daemonize or write a PID file: run it in the foreground under systemd (or another supervisor), which tracks the process."),
     ("pkt_buf", "pgtide sizes its buffers itself (they grow as needed and shrink back); max_message_size bounds one message."),
     ("query_wait_notify", "pgtide sends no notice while a client waits; waits show in SHOW POOLS and the pgtide_ metrics."),
@@ -129,7 +128,6 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
     ("server_tls_ciphers", TLS_CIPHERS),
     ("server_tls_protocols", TLS_PROTOCOLS),
     ("service_name", "the name of a Windows service; not used by pgtide."),
-    ("so_reuseport", "pgtide uses several cores in one process: set worker_threads (0 = one per core) instead of running several processes on one port."),
     ("stats_period", "SHOW STATS averages are refreshed every 15 s and the Prometheus metrics are live; there is no setting."),
     ("stats_users", "pgtide's console has no read-only role: a user needs admin_users for any console command (including PAUSE and SHUTDOWN). For read-only monitoring, scrape /metrics (metrics_listen) instead."),
     ("suspend_timeout", "pgtide has no SUSPEND or online restart (-R); on SIGTERM it lets transactions finish within shutdown_timeout."),
@@ -153,6 +151,8 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
 /// The `[pgbouncer]` options that map onto pgtide options.
 const MAPPED: &[&str] = &[
     "admin_users",
+    "peer_id",
+    "so_reuseport",
     "auth_file",
     "auth_hba_file",
     "auth_query",
@@ -437,6 +437,7 @@ pub fn import(input: &Input) -> Result<Imported, ImportError> {
         }
     }
     let mut trailing = String::new();
+    let mut peers = toml_edit::InlineTable::new();
     for s in sections.iter().filter(|s| s.name == "peers") {
         for e in &s.entries {
             let pairs = ini::parse_connstr(&e.value)
@@ -452,17 +453,44 @@ pub fn import(input: &Input) -> Result<Imported, ImportError> {
                     ));
                 }
             }
-            trailing.push_str(&comment(&format!(
-                "[peers] {} = {} (line {}): none in pgtide: {}",
-                e.key,
-                e.value,
-                e.line,
-                NO_EQUIVALENT
-                    .iter()
-                    .find(|(k, _)| *k == "peer_id")
-                    .map_or("", |(_, n)| n)
-            )));
+            let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+            let host = get("host").unwrap_or("");
+            let host = if host == "localhost" {
+                "127.0.0.1"
+            } else {
+                host
+            };
+            let addr = host.parse::<std::net::IpAddr>().ok().map(|ip| {
+                std::net::SocketAddr::new(
+                    ip,
+                    get("port").and_then(|p| p.parse().ok()).unwrap_or(6432),
+                )
+            });
+            match addr {
+                Some(addr) => {
+                    peers.insert(e.key.as_str(), Value::from(addr.to_string()));
+                }
+                None => trailing.push_str(&comment(&format!(
+                    "[peers] {} = {} (line {}): pgtide peers are TCP addresses (no Unix sockets, no host names): give that process a peer_listen address and list it in [pgtide.peers].",
+                    e.key, e.value, e.line
+                ))),
+            }
         }
+    }
+
+    let peering = settings
+        .value("peer_id")
+        .is_some_and(|v| v.trim().parse::<u32>().is_ok_and(|n| n != 0));
+    if !peers.is_empty() && !peering {
+        trailing.push_str(&comment(
+            "[peers] is listed but peer_id is 0 or not set: peering is off (as in PgBouncer), so the peers are left out.",
+        ));
+    } else if !peers.is_empty() {
+        general.set_noted(
+            "peers",
+            Value::InlineTable(peers),
+            "PgBouncer's [peers], as the addresses where each process takes forwarded cancel requests: set each process's peer_listen to its own entry.",
+        );
     }
 
     // Assemble: [pgtide], the databases, the users, then what is left to say.
@@ -856,6 +884,24 @@ fn map_general(
             Some(e) => Ok(Some(count(e, file)? != 0)),
         }
     };
+    // Several processes on one port, and cancel forwarding between them.
+    if flag("so_reuseport")? == Some(true) {
+        out.set_noted(
+            "so_reuseport",
+            true,
+            "On Linux also set the sysctl net.ipv4.tcp_migrate_req = 1, so that a process that stops hands the connections queued on it to the others instead of resetting them.",
+        );
+    }
+    if let Some(e) = s.get("peer_id") {
+        let n = count(e, file)?;
+        if n != 0 {
+            out.set_noted(
+                "peer_id",
+                i64::from(n),
+                "Each process also needs peer_listen = an address of its own (not shared through so_reuseport) where the others forward cancel requests for its keys; [pgtide.peers] lists them by peer_id.",
+            );
+        }
+    }
     let (conn, disconn) = (flag("log_connections")?, flag("log_disconnections")?);
     let log = conn.unwrap_or(true) || disconn.unwrap_or(true);
     if conn.is_none() && disconn.is_none() {

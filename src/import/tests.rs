@@ -141,6 +141,14 @@ fn a_realistic_file_maps_every_option() {
     assert!(!c.databases.contains_key("*"));
     assert_eq!(c.users["admin"].pool_mode, Some(PoolMode::Session));
     assert_eq!(c.users["admin"].pool_size, Some(2));
+    assert!(c.pgtide.so_reuseport);
+    assert_eq!(c.pgtide.peer_id, 1);
+    assert_eq!(
+        c.pgtide.peers.get("2").map(String::as_str),
+        Some("10.0.0.9:6432"),
+        "a peer with a TCP address carries over; the one on a Unix socket is a comment"
+    );
+    assert!(!c.pgtide.peers.contains_key("1"));
     assert_eq!(
         c.users["ops"].query_timeout,
         Some(crate::config::ConfigDuration::secs(30)),
@@ -152,15 +160,14 @@ fn a_realistic_file_maps_every_option() {
         "logfile = /var/log/pgbouncer/pgbouncer.log (line 32): none in pgtide",
         "pidfile = /var/run/pgbouncer/pgbouncer.pid",
         "unix_socket_dir",
-        "so_reuseport = 1",
-        "worker_threads",
+        "tcp_migrate_req",
         "reserve_pool_size = 5",
         "server_check_query",
         "ignore_startup_parameters",
         "stats_users = stats",
         "no read-only role",
-        "peer_id",
-        "[peers] 2 = host=10.0.0.9 port=6432",
+        "peer_listen",
+        "[peers] 1 = host=/tmp/pgbouncer-1",
         "connect_query=SELECT 1",
         "ALTER DATABASE forced SET timezone = 'UTC'",
         "reserve_pool_size=3",

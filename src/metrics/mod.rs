@@ -514,6 +514,10 @@ pub trait Probe: Send + Sync + 'static {
     fn refresh(&self);
     /// One check per configured database: is its primary reachable?
     fn primaries(&self) -> Vec<PrimaryCheck>;
+    /// Whether a shutdown has begun: then not ready, whatever the primaries say.
+    fn stopping(&self) -> bool {
+        false
+    }
 }
 
 /// How long `/readyz` waits for a single-host database's server to accept a connection.
@@ -521,6 +525,9 @@ const READY_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the checks of `/readyz`: `Ok` when every primary is reachable, else the reasons.
 pub async fn readiness(probe: &dyn Probe) -> Result<(), Vec<String>> {
+    if probe.stopping() {
+        return Err(vec!["pgtide is shutting down".to_string()]);
+    }
     let mut down = Vec::new();
     let mut connects = tokio::task::JoinSet::new();
     for check in probe.primaries() {

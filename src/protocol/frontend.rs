@@ -61,6 +61,15 @@ pub fn cancel_request(buf: &mut BytesMut, pid: i32, secret: i32) {
     });
 }
 
+/// A CancelRequest forwarded to the peer pgtide that owns its key.
+pub fn forwarded_cancel(buf: &mut BytesMut, pid: i32, secret: i32) {
+    with_len(buf, None, |b| {
+        b.put_i32(super::startup::FORWARDED_CANCEL_CODE);
+        b.put_i32(pid);
+        b.put_i32(secret);
+    });
+}
+
 pub fn query(buf: &mut BytesMut, sql: &str) {
     with_len(buf, Some(tag::QUERY), |b| {
         b.put_slice(sql.as_bytes());

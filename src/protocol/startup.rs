@@ -7,6 +7,10 @@ pub const PROTOCOL_3_0: i32 = 196_608;
 pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
 pub const SSL_REQUEST_CODE: i32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
+/// A CancelRequest one pgtide process forwards to the peer that handed out its key
+/// (pgtide's own code, not PostgreSQL's): the receiver handles it itself and never
+/// forwards it again, so that peers that disagree about ids cannot bounce it forever.
+pub const FORWARDED_CANCEL_CODE: i32 = 80_877_199;
 /// PostgreSQL's own limit on a startup packet.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
 
@@ -24,6 +28,8 @@ pub enum StartupPacket {
     CancelRequest {
         pid: i32,
         secret: i32,
+        /// Sent by a peer pgtide ([`FORWARDED_CANCEL_CODE`]).
+        forwarded: bool,
     },
 }
 
@@ -62,13 +68,14 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, StartupError> {
     match code {
         SSL_REQUEST_CODE => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE => Ok(StartupPacket::GssEncRequest),
-        CANCEL_REQUEST_CODE => {
+        CANCEL_REQUEST_CODE | FORWARDED_CANCEL_CODE => {
             if rest.len() != 8 {
                 return Err(StartupError::Malformed("cancel request must be 16 bytes"));
             }
             Ok(StartupPacket::CancelRequest {
                 pid: be_i32(rest),
                 secret: be_i32(&rest[4..]),
+                forwarded: code == FORWARDED_CANCEL_CODE,
             })
         }
         version => {

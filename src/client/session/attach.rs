@@ -372,6 +372,7 @@ impl Session {
 
     /// The server is the client's for this transaction.
     fn attached(&mut self, server: Checkout) {
+        self.served = true;
         self.login.cancel.attach(server.cancel.clone());
         self.tx_status = status::IDLE;
         self.server = Some(server);

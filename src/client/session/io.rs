@@ -141,7 +141,15 @@ impl Session {
                     }),
                 Some(_) => None,
             };
-            match (other, tx_deadline) {
+            let soonest = match (other, tx_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            // Draining: the end of a fresh client's grace wakes the session to tell it.
+            match (
+                soonest,
+                self.drain_grace.filter(|_| phase == Phase::Draining),
+            ) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             }

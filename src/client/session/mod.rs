@@ -36,6 +36,10 @@ use crate::stream::Stream;
 
 use io::{put_spare, read_some, splice, write_some};
 
+/// Draining: how long a client that has not had a server yet may take to send its first
+/// request (see `Session::drain_grace`).
+const DRAIN_FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The largest request, and answer, held for a retry on the primary.
 const RETRY_MAX: usize = 256 * 1024;
 
@@ -142,6 +146,12 @@ struct Session {
     /// first wait for it), and whether it was cancelled already.
     query_since: Option<tokio::time::Instant>,
     query_cancelled: bool,
+    /// Whether the client has had a server at least once.
+    served: bool,
+    /// Draining: until when a client that has not had a server yet may still send its
+    /// first request (a client that connected an instant before the drain began, such
+    /// as pgbench -C's, gets its transaction rather than 57P01).
+    drain_grace: Option<tokio::time::Instant>,
     /// transaction_timeout: when the current transaction (or autocommit request) began,
     /// as the waits saw it.
     tx_since: Option<tokio::time::Instant>,
@@ -271,6 +281,8 @@ impl Session {
             signal,
             timer: None,
             query_since: None,
+            served: false,
+            drain_grace: None,
             query_cancelled: false,
             tx_since: None,
             c2s: BytesMut::new(),
@@ -396,13 +408,27 @@ impl Session {
             Phase::Running => {}
             Phase::Draining => {
                 let idle = match self.server {
-                    None => true,
+                    // A request waiting for a server is the start of a transaction,
+                    // which runs; the client is told at its end.
+                    // So is a BEGIN pgtide answered (the client is in a transaction).
+                    None => self.c2s.is_empty() && !self.need_attach && !self.deferred_begin(),
                     Some(_) => {
                         (self.login.mode == PoolMode::Session || self.pinned().is_some())
                             && self.server_idle()
                     }
                 };
-                if idle {
+                let grace = match (self.served, self.drain_grace) {
+                    (true, _) => None,
+                    (false, None) => {
+                        let until = tokio::time::Instant::now() + DRAIN_FIRST_REQUEST_GRACE;
+                        self.drain_grace = Some(until);
+                        Some(until)
+                    }
+                    (false, Some(until)) => {
+                        Some(until).filter(|u| *u > tokio::time::Instant::now())
+                    }
+                };
+                if idle && grace.is_none() {
                     return Err(self
                         .tell(Error::pooler(
                             sqlstate::ADMIN_SHUTDOWN,
