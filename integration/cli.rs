@@ -491,6 +491,12 @@ fn sigterm_lets_an_open_transaction_commit_and_a_second_sigterm_exits_at_once() 
             .await
             .unwrap()
             .expect("login of the idle client");
+        // Idle after a transaction (a client that has run nothing yet when the drain
+        // begins may still send its first one: see the README's Signals).
+        tokio::time::timeout(TIMEOUT, idle.simple_query("SELECT 1"))
+            .await
+            .unwrap()
+            .expect("the idle client's first query");
         tokio::time::timeout(
             TIMEOUT,
             client.batch_execute("BEGIN; INSERT INTO t VALUES (1)"),

@@ -571,6 +571,18 @@ fn make_clusters(
 
 impl Probe for Shared {
     fn refresh(&self) {
+        let config = self.config();
+        let pools = self.pools();
+        for name in config.databases.keys() {
+            let open: u32 = pools
+                .iter()
+                .filter(|p| &p.database == name)
+                .map(|p| p.counts().0)
+                .sum();
+            let limit = config.pool_settings(name, "").max_db_connections;
+            self.metrics.set_db_connections(name, limit, open);
+        }
+        drop(config);
         for set in self.pool_sets() {
             let mut longest = Duration::ZERO;
             for (_, pool) in set.pools() {

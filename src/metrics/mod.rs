@@ -56,6 +56,8 @@ pub struct Metrics {
     host_timeline: IntGaugeVec,
     host_passed_over: IntGaugeVec,
     writes_refused: IntGaugeVec,
+    db_max_connections: IntGaugeVec,
+    db_connections: IntGaugeVec,
     /// Failed client logins (not labelled: user names come from the network).
     pub auth_failures: IntCounter,
 }
@@ -330,6 +332,18 @@ impl Metrics {
                 "1 when the host is out of recovery but takes no writes: it is behind a newer timeline, or pgtide cannot order it against another primary",
                 &["database", "host"],
             ),
+            db_max_connections: gauge(
+                &registry,
+                "db_max_connections",
+                "This process's max_db_connections for the database (0 = no limit): every pgtide process has its own, so N processes may open N times as many",
+                &["database"],
+            ),
+            db_connections: gauge(
+                &registry,
+                "db_connections",
+                "Server connections this process has open to the database (every host, every user)",
+                &["database"],
+            ),
             writes_refused: gauge(
                 &registry,
                 "writes_refused",
@@ -436,6 +450,16 @@ impl Metrics {
         self.host_passed_over
             .with_label_values(&dh)
             .set(i64::from(h.passed_over));
+    }
+
+    /// This process's `max_db_connections` for `database` and its server connections there.
+    pub fn set_db_connections(&self, database: &str, limit: u32, open: u32) {
+        self.db_max_connections
+            .with_label_values(&[database])
+            .set(i64::from(limit));
+        self.db_connections
+            .with_label_values(&[database])
+            .set(i64::from(open));
     }
 
     /// Whether pgtide refuses every primary of `database` (see `pgtide_writes_refused`).
