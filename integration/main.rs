@@ -23,4 +23,5 @@ mod protocol;
 mod rawpg;
 mod routing;
 mod smoke;
+mod sql_prepared;
 mod tls;

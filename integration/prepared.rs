@@ -2,7 +2,8 @@
 //! shared server-side `pgtide_<n>` statements prepared on whichever server a transaction
 //! gets. Drivers (tokio-postgres, sqlx, pgbench -M prepared), protocol-sync edge cases
 //! with the raw client (errors inside pipelines, Flush, Close, DISCARD / DEALLOCATE ALL,
-//! SQL-level PREPARE), eviction under `max_prepared_statements`, sharing of one server
+//! SQL-level PREPARE in the forms pgtide refuses; the supported ones are in
+//! `sql_prepared.rs`), eviction under `max_prepared_statements`, sharing of one server
 //! statement between clients, and session mode passing names through untouched.
 
 use std::collections::HashSet;
@@ -725,10 +726,12 @@ async fn deallocate_name_of_a_protocol_statement() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sql_level_prepare_is_rejected_in_transaction_mode() {
-    // session_state = "reject": PREPARE fails (with the default, "pin", it pins the
-    // client: see integration/isolation.rs); EXECUTE and DEALLOCATE of an unpinned client
-    // fail either way.
+async fn sql_level_prepare_among_other_statements_is_rejected_in_transaction_mode() {
+    // A Query that is one PREPARE / EXECUTE / DEALLOCATE is pgtide's own (see
+    // integration/sql_prepared.rs). Other forms — among other statements, through the
+    // extended protocol — are refused: PREPARE as session state (session_state =
+    // "reject"; with "pin" it pins the client, see integration/isolation.rs), EXECUTE and
+    // DEALLOCATE of an unpinned client either way.
     let (db, _p, addr) = setup("prep_sqlprepare", |c| {
         c.pgtide.pool_size = 1;
         c.pgtide.session_state = pgtide::config::SessionState::Reject;
@@ -736,9 +739,7 @@ async fn sql_level_prepare_is_rejected_in_transaction_mode() {
     .await;
     let c = app_at(addr, &db).await;
 
-    // DEALLOCATE of a name the client never prepared gets PostgreSQL's own answer
-    // (SQL-level PREPARE cannot have created it); DEALLOCATE of a protocol-level name is
-    // accepted (psycopg 3 evicts that way), see deallocate_name_of_a_protocol_statement.
+    // DEALLOCATE of a name the client never prepared gets PostgreSQL's own answer.
     let e = to("DEALLOCATE p", c.simple_query("DEALLOCATE p"))
         .await
         .expect_err("p does not exist");
@@ -748,14 +749,14 @@ async fn sql_level_prepare_is_rejected_in_transaction_mode() {
         "{e:?}"
     );
     for sql in [
-        "PREPARE p AS SELECT 1",
-        "EXECUTE p",
         "SELECT 1; PREPARE p2 AS SELECT 2",
+        "PREPARE p2 AS SELECT 2; SELECT 1",
+        "SELECT 1; EXECUTE p",
         "DEALLOCATE p; SELECT 1",
     ] {
         let e = to(sql, c.simple_query(sql))
             .await
-            .expect_err("SQL-level prepared statements are refused");
+            .expect_err("SQL-level prepared statements among others are refused");
         assert_eq!(
             code(&e),
             Some(&SqlState::FEATURE_NOT_SUPPORTED),
@@ -770,9 +771,12 @@ async fn sql_level_prepare_is_rejected_in_transaction_mode() {
 
     // Inside a transaction, the transaction is aborted as PostgreSQL would.
     exec(&c, "BEGIN").await;
-    let e = to("prepare in tx", c.simple_query("PREPARE p AS SELECT 1"))
-        .await
-        .expect_err("refused");
+    let e = to(
+        "prepare in tx",
+        c.simple_query("SELECT 1; PREPARE p AS SELECT 1"),
+    )
+    .await
+    .expect_err("refused");
     assert_eq!(code(&e), Some(&SqlState::FEATURE_NOT_SUPPORTED));
     let e = to("after", c.simple_query("SELECT 1"))
         .await

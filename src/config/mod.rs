@@ -29,8 +29,9 @@ pub enum PoolMode {
 }
 
 /// What a transaction-mode client that creates session state (a temp table, a session
-/// advisory lock, LISTEN, a WITH HOLD cursor, SQL PREPARE, LOAD, SET SESSION
-/// AUTHORIZATION) gets.
+/// advisory lock, LISTEN, a WITH HOLD cursor, LOAD, SET SESSION AUTHORIZATION, an SQL
+/// PREPARE among other statements or through Parse; a Query that is one PREPARE is
+/// pgtide's own and creates none) gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionState {

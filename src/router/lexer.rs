@@ -42,6 +42,13 @@ impl<'a> Lexer<'a> {
         &self.sql[self.start.min(end)..end]
     }
 
+    /// Where the token last returned by `next` begins and ends (byte offsets in the
+    /// input).
+    pub fn token_span(&self) -> (usize, usize) {
+        let end = self.pos.min(self.sql.len());
+        (self.start.min(end), end)
+    }
+
     /// True once the input has ended inside a string literal, quoted identifier, dollar
     /// quote or block comment.
     pub fn unterminated(&self) -> bool {

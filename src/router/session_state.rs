@@ -10,7 +10,8 @@
 //!   `pg_try_advisory_lock`, `pg_try_advisory_lock_shared` (not the `_xact_` ones);
 //! - `LISTEN`;
 //! - `DECLARE ... WITH HOLD` cursors;
-//! - SQL-level `PREPARE` (not `PREPARE TRANSACTION`);
+//! - SQL-level `PREPARE` (not `PREPARE TRANSACTION`; in transaction mode a Query that
+//!   is only a PREPARE is pgtide's, see [`SQL_PREPARE`]);
 //! - `LOAD`;
 //! - `SET SESSION AUTHORIZATION`.
 //!
@@ -18,6 +19,12 @@
 //! every server it gets (see `params`).
 
 use super::lexer::{contains_ci, Lexer, Token};
+
+/// [`session_state`]'s name for an SQL-level PREPARE. In transaction mode with
+/// prepared-statement tracking, a Query that is exactly one PREPARE is handled by
+/// pgtide (`prepared`, [`super::sql_prepare`]) and creates no state on the server; only
+/// other forms (among other statements, or in a Parse) are reported.
+pub const SQL_PREPARE: &str = "SQL PREPARE";
 
 /// What of `sql` creates session state, named for the client and the logs; `None` for
 /// the (very common) statement that creates none.
@@ -56,7 +63,7 @@ pub fn session_state(sql: &[u8]) -> Option<&'static str> {
             return Some("a WITH HOLD cursor");
         }
         if is(b"prepare") && !st.prepare_transaction {
-            return Some("SQL PREPARE");
+            return Some(SQL_PREPARE);
         }
         if is(b"load") {
             return Some("LOAD");
@@ -150,8 +157,9 @@ pub fn can_end(what: &str) -> bool {
 
 /// The query that counts what session state a server connection holds (temporary
 /// relations, advisory locks, channels listened to, open cursors, SQL-level prepared
-/// statements): 0 means none.
-pub const LEFT_QUERY: &str = "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) + (SELECT count(*) FROM pg_listening_channels()) + (SELECT count(*) FROM pg_cursors) + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql) + (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())";
+/// statements the client made under its own names): 0 means none. pgtide's own
+/// statements (`pgtide_<n>`, SQL-level ones included) are shared, not session state.
+pub const LEFT_QUERY: &str = "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) + (SELECT count(*) FROM pg_listening_channels()) + (SELECT count(*) FROM pg_cursors) + (SELECT count(*) FROM pg_prepared_statements WHERE from_sql AND name !~ '^pgtide_[0-9]+$') + (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema())";
 
 #[derive(Default)]
 struct Statement {

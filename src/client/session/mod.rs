@@ -488,8 +488,11 @@ impl Session {
                 self.c_ready += len;
                 self.pending += 1;
                 if self.tracked {
-                    let mut end = len;
-                    self.track_client_message(tag::QUERY, 0, &mut end);
+                    // Its answer comes before those of the messages mapped above.
+                    self.prepared
+                        .get_or_insert_with(Box::default)
+                        .pipeline
+                        .expect_query_first();
                 }
                 self.rare().hide_begin_reply = 2;
             }

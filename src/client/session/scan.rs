@@ -8,7 +8,8 @@ use crate::params::{may_change_settings, settings_named, ClientParams};
 use crate::prepared;
 use crate::protocol::backend;
 use crate::protocol::{frontend, sqlstate, status, tag};
-use crate::router::session_state::{may_end_session_state, session_state};
+use crate::router::session_state::{may_end_session_state, session_state, SQL_PREPARE};
+use crate::router::sql_prepare;
 
 pub(super) fn client_whole(t: u8) -> bool {
     matches!(t, tag::QUERY | tag::PARSE | tag::TERMINATE)
@@ -51,9 +52,13 @@ pub(super) fn server_whole_tracked(t: u8) -> bool {
 /// may change are synced from now on (`settings_changed` asks for the read-back); in
 /// transaction mode (`guard`), the session state it creates is returned, and for a pinned
 /// client a text that may end that state asks for the check after the transaction.
+/// With `maps_sql_prepare` (a Query, prepared statements tracked), a text that is one
+/// SQL-level PREPARE creates no session state: pgtide keeps the client's name
+/// (`prepared::on_client_message`).
 fn note_statement(
     sql: &[u8],
     guard: bool,
+    maps_sql_prepare: bool,
     params: &mut ClientParams,
     settings_changed: &mut bool,
     rare: Option<&mut Rare>,
@@ -68,7 +73,10 @@ fn note_statement(
     if let Some(r) = rare.filter(|r| r.pinned.is_some()) {
         r.unpin_check |= may_end_session_state(sql);
     }
-    session_state(sql)
+    match session_state(sql) {
+        Some(SQL_PREPARE) if maps_sql_prepare && sql_prepare::parse(sql).is_some() => None,
+        state => state,
+    }
 }
 
 impl Session {
@@ -156,10 +164,12 @@ impl Session {
                     .map(|(_, sql)| sql),
                 _ => None,
             };
+            let maps_sql_prepare = self.tracked && frame.tag == tag::QUERY;
             let state = text.and_then(|sql| {
                 note_statement(
                     sql,
                     guard,
+                    maps_sql_prepare,
                     &mut self.login.params,
                     &mut self.settings_changed,
                     self.rare.as_deref_mut(),
@@ -386,6 +396,7 @@ impl Session {
                         prepared::on_server_message(
                             t,
                             None,
+                            None,
                             prepared::ServerCtx {
                                 pipeline: &mut p.pipeline,
                                 server: &mut server.statements,
@@ -405,8 +416,9 @@ impl Session {
                 if let Some(server) = self.server.as_mut() {
                     let mut after = Vec::new();
                     let p = self.prepared.get_or_insert_with(Box::default);
-                    let hide = prepared::on_server_message(
+                    let action = prepared::on_server_message(
                         t,
+                        self.s2c.get(start + 5..pos),
                         error_code.as_deref(),
                         prepared::ServerCtx {
                             pipeline: &mut p.pipeline,
@@ -416,9 +428,16 @@ impl Session {
                             after: &mut after,
                         },
                     );
-                    if hide {
-                        splice(&mut self.s2c, start..pos, &[]);
-                        pos = start;
+                    match action {
+                        prepared::ServerAction::Forward => {}
+                        prepared::ServerAction::Hide => {
+                            splice(&mut self.s2c, start..pos, &[]);
+                            pos = start;
+                        }
+                        prepared::ServerAction::Replace(bytes) => {
+                            splice(&mut self.s2c, start..pos, &bytes);
+                            pos = start + bytes.len();
+                        }
                     }
                     if !after.is_empty() {
                         splice(&mut self.s2c, pos..pos, &after);
