@@ -9,12 +9,13 @@
 #   deploy/container/smoke.sh                 # runs the image: --version, probes, SIGTERM
 #
 # Environment: IMAGE (default pgtide), CARGO_TARGET_DIR (cargo's own), CONTAINER_TOOL
-# (default podman; docker/buildah build the same Containerfile).
+# (default podman; only podman was tried), TARGET (default x86_64-unknown-linux-gnu).
 #
 # Why static glibc and not musl: the x86_64-unknown-linux-musl standard library comes
 # from `rustup target add`, which downloads it; where that is possible,
 #   RUSTFLAGS= cargo build --profile dist --target x86_64-unknown-linux-musl
-# gives the same kind of binary for this Containerfile (set TARGET=x86_64-unknown-linux-musl).
+# should give the same kind of binary for this Containerfile
+# (TARGET=x86_64-unknown-linux-musl; not tried: the target cannot be installed here).
 # With glibc's crt-static, name resolution (getaddrinfo) still works: glibc >= 2.34 has
 # the `files` and `dns` NSS modules built in, which is all a container uses
 # (/etc/hosts and /etc/resolv.conf, mounted by the runtime).
