@@ -22,6 +22,8 @@ command -v pgbench >/dev/null 2>&1 || missing+=(postgresql-contrib)
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
 # promtool (from the prometheus package) checks the /metrics exposition in the tests.
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# deploy/systemd/verify.sh checks the unit file with systemd-analyze (no running systemd needed).
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # Driver matrix: pgjdbc and a JDK to compile its test program.
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
 command -v javac >/dev/null 2>&1 || missing+=(default-jdk-headless)
