@@ -1307,3 +1307,47 @@ fn the_service_manager_is_told_ready_and_stopping() {
         .expect("pgtide still running 15 s after SIGTERM");
     assert_eq!(status.code(), Some(0), "{}", child.stderr_text());
 }
+
+/// `--log-output stdout` (what the container image uses): the log lines, JSON here, go
+/// to standard output and nothing to standard error.
+#[test]
+fn the_log_can_go_to_stdout() {
+    let db = harness::fresh_database("cli_log_stdout");
+    let listen = free_addr();
+    let mut cmd = Command::new(PGTIDE);
+    cmd.env_remove("DATABASE_URL")
+        .args(["--log-format", "json", "--log-output", "stdout"])
+        .arg("--upstream")
+        .arg(format!(
+            "postgres://pgtide_trust@127.0.0.1:{}/{db}",
+            harness::primary_port()
+        ))
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0");
+    let mut child = ChildGuard::spawn(cmd, "pgtide (log to stdout)", true);
+    let stdout = child.child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(TIMEOUT)
+        .unwrap_or_else(|_| panic!("no log line on stdout:\n{}", child.stderr_text()));
+    assert!(
+        line.starts_with('{') && line.contains("\"level\""),
+        "a JSON log line on stdout: {line}"
+    );
+    child.wait_accepting(listen);
+    child.signal(libc::SIGTERM);
+    let status = child
+        .wait_timeout(Duration::from_secs(15))
+        .expect("pgtide still running 15 s after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(child.stderr_text(), "", "nothing on stderr");
+}

@@ -242,8 +242,10 @@ async fn statements_survive_their_server_connections() {
     harness::psql(
         harness::primary_port(),
         "postgres",
-        &format!("SELECT pg_terminate_backend({second})"),
+        &format!("SELECT pg_terminate_backend({second}, 10000)"),
     );
+    // (With a timeout, pg_terminate_backend waits until the backend has exited: its
+    // FATAL and the close are on the socket before the next checkout looks.)
     // The idle connection PostgreSQL closed is noticed and replaced at checkout.
     exec(&c, "BEGIN").await;
     assert_eq!(value(&c, "EXECUTE q(3)").await, "103");

@@ -36,6 +36,9 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Where the pooler's log goes (the container image logs to stdout).
+    #[arg(long, value_enum, default_value_t = LogOutput::Stderr)]
+    log_output: LogOutput,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -44,6 +47,12 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogOutput {
+    Stderr,
+    Stdout,
 }
 
 #[derive(Subcommand)]
@@ -89,7 +98,7 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, output: LogOutput) {
     let filter = match std::env::var("PGTIDE_LOG") {
         Err(_) => tracing_subscriber::EnvFilter::new("info"),
         Ok(v) => tracing_subscriber::EnvFilter::try_new(&v).unwrap_or_else(|e| {
@@ -98,11 +107,22 @@ fn init_logging(format: LogFormat) {
         }),
     };
     // Colours only on a terminal: not in files, pipes or journald.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    use std::io::IsTerminal;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let (colour, writer) = match output {
+        LogOutput::Stderr => (
+            std::io::stderr().is_terminal(),
+            BoxMakeWriter::new(std::io::stderr),
+        ),
+        LogOutput::Stdout => (
+            std::io::stdout().is_terminal(),
+            BoxMakeWriter::new(std::io::stdout),
+        ),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -169,7 +189,8 @@ fn main() -> ExitCode {
             metrics_listen,
             log_format,
         }) => {
-            init_logging(log_format.unwrap_or(cli.log_format));
+            // The demo prints its own lines on stdout: its log stays on stderr.
+            init_logging(log_format.unwrap_or(cli.log_format), LogOutput::Stderr);
             let rt = runtime(0);
             match rt.block_on(pgtide::demo::run_demo(
                 listen.or(cli.listen),
@@ -183,7 +204,7 @@ fn main() -> ExitCode {
             }
         }
         None => {
-            init_logging(cli.log_format);
+            init_logging(cli.log_format, cli.log_output);
             let loaded = match (&cli.config, &cli.upstream) {
                 (Some(path), _) => Config::from_file(path),
                 (None, Some(url)) => Config::from_upstream_with_replicas(url, &cli.replicas),
