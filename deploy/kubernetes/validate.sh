@@ -12,6 +12,8 @@
 # The venv lives outside the repository (VENV, default ~/.cache/pgtide/kubernetes-validate)
 # and is made once from requirements.txt (pinned); PyPI is needed only for that.
 set -euo pipefail
+# Absolute, as given from the caller's directory (the checks below run elsewhere).
+bin="${PGTIDE_BIN:+$(realpath -e "$PGTIDE_BIN")}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 versions="${K8S_VERSIONS:-1.30.0 1.37.0}"
 venv="${VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/pgtide/kubernetes-validate}"
@@ -35,4 +37,4 @@ for v in $versions; do
 done
 
 echo "==> consistency (check.py)"
-"$venv/bin/python" "$here/check.py" "$here" ${PGTIDE_BIN:+"$PGTIDE_BIN"}
+"$venv/bin/python" "$here/check.py" "$here" ${bin:+"$bin"}
