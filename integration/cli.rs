@@ -314,6 +314,26 @@ fn check_config_reads_the_auth_file_and_hba_file_relative_to_the_config() {
     assert!(out.contains("cannot read"), "{out}");
 }
 
+/// `pgtide` on `listen` (and a metrics port of its own: tests run side by side), with
+/// no `DATABASE_URL` from the environment; the caller names the upstream.
+fn zero_config_command(listen: SocketAddr) -> Command {
+    let mut cmd = Command::new(PGTIDE);
+    cmd.env_remove("DATABASE_URL")
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0");
+    cmd
+}
+
+/// `pgtide --upstream` for database `db` as the trust user.
+fn trust_upstream(db: &str) -> String {
+    format!(
+        "postgres://pgtide_trust@127.0.0.1:{}/{db}",
+        harness::primary_port()
+    )
+}
+
 /// `pgtide` with the upstream URL of database `db` (as `--upstream`, or in `DATABASE_URL`)
 /// listening on a free port; waits until it accepts.
 fn spawn_zero_config(db: &str, via_env: bool) -> (ChildGuard, SocketAddr) {
@@ -334,19 +354,15 @@ fn spawn_upstream(url: &str, via_env: bool) -> (ChildGuard, SocketAddr) {
 /// The same, with `--replica` URLs.
 fn spawn_upstream_with(url: &str, via_env: bool, replicas: &[String]) -> (ChildGuard, SocketAddr) {
     let listen = free_addr();
-    let mut cmd = Command::new(PGTIDE);
+    let mut cmd = zero_config_command(listen);
     for r in replicas {
         cmd.arg("--replica").arg(r);
     }
-    cmd.env_remove("DATABASE_URL");
     if via_env {
         cmd.env("DATABASE_URL", url);
     } else {
         cmd.arg("--upstream").arg(url);
     }
-    cmd.arg("--listen").arg(listen.to_string());
-    // Tests run side by side: no fixed metrics port.
-    cmd.arg("--metrics-listen").arg("127.0.0.1:0");
     let mut child = ChildGuard::spawn(cmd, "pgtide (zero-config)", false);
     child.wait_accepting(listen);
     (child, listen)
@@ -431,11 +447,7 @@ fn zero_config_with_upstream_flag_and_database_url_then_sigterm() {
 #[test]
 fn zero_config_url_without_password_means_trust() {
     let db = harness::fresh_database("cli_zero_trust");
-    let url = format!(
-        "postgres://pgtide_trust@127.0.0.1:{}/{db}",
-        harness::primary_port()
-    );
-    let (mut child, addr) = spawn_upstream(&url, false);
+    let (mut child, addr) = spawn_upstream(&trust_upstream(&db), false);
     let (ok, out, err) = psql_url(
         &format!("postgres://pgtide_trust@{addr}/{db}"),
         None,
@@ -1170,10 +1182,7 @@ fn a_taken_metrics_port_is_named_with_its_option() {
     let mut cmd = Command::new(PGTIDE);
     cmd.env_remove("DATABASE_URL")
         .arg("--upstream")
-        .arg(format!(
-            "postgres://pgtide_trust@127.0.0.1:{}/postgres",
-            harness::primary_port()
-        ))
+        .arg(trust_upstream("postgres"))
         .arg("--listen")
         .arg(free_addr().to_string())
         .arg("--metrics-listen")
@@ -1272,18 +1281,10 @@ fn the_service_manager_is_told_ready_and_stopping() {
         .set_read_timeout(Some(TIMEOUT))
         .expect("read timeout");
     let listen = free_addr();
-    let mut cmd = Command::new(PGTIDE);
-    cmd.env_remove("DATABASE_URL")
-        .env("NOTIFY_SOCKET", &path)
+    let mut cmd = zero_config_command(listen);
+    cmd.env("NOTIFY_SOCKET", &path)
         .arg("--upstream")
-        .arg(format!(
-            "postgres://pgtide_trust@127.0.0.1:{}/{db}",
-            harness::primary_port()
-        ))
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--metrics-listen")
-        .arg("127.0.0.1:0");
+        .arg(trust_upstream(&db));
     let mut child = ChildGuard::spawn(cmd, "pgtide (notify)", false);
     let recv = |what: &str| {
         let mut buf = [0u8; 256];
@@ -1314,18 +1315,10 @@ fn the_service_manager_is_told_ready_and_stopping() {
 fn the_log_can_go_to_stdout() {
     let db = harness::fresh_database("cli_log_stdout");
     let listen = free_addr();
-    let mut cmd = Command::new(PGTIDE);
-    cmd.env_remove("DATABASE_URL")
-        .args(["--log-format", "json", "--log-output", "stdout"])
+    let mut cmd = zero_config_command(listen);
+    cmd.args(["--log-format", "json", "--log-output", "stdout"])
         .arg("--upstream")
-        .arg(format!(
-            "postgres://pgtide_trust@127.0.0.1:{}/{db}",
-            harness::primary_port()
-        ))
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--metrics-listen")
-        .arg("127.0.0.1:0");
+        .arg(trust_upstream(&db));
     let mut child = ChildGuard::spawn(cmd, "pgtide (log to stdout)", true);
     let stdout = child.child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();

@@ -147,6 +147,14 @@ pub(crate) fn pg_ctl(lc: &LocalCluster, name: &str, args: &[&str]) {
     );
 }
 
+/// Starts the stopped server `name` (`primary` or `replica`) again, on its port and with
+/// its log file.
+pub(crate) fn pg_ctl_start(lc: &LocalCluster, name: &str) {
+    let log = lc.log_path(name == "replica");
+    let log = log.to_str().expect("utf-8 path").to_string();
+    pg_ctl(lc, name, &["-l", &log, "-w", "-t", "60", "start"]);
+}
+
 fn psql(lc: &Arc<LocalCluster>, port: u16, sql: &str) -> String {
     lc.psql(port, "mon", sql)
         .unwrap_or_else(|e| panic!("psql on {port}: {sql}\n{e}"))
@@ -217,9 +225,7 @@ async fn lag_outage_and_promotion_on_a_cluster_of_its_own() {
     assert_eq!(cluster.primary(), Some(P), "the primary is unaffected");
     let l = lc.clone();
     blocking(move || {
-        let log = l.log_path(true);
-        let log = log.to_str().expect("utf-8 path").to_string();
-        pg_ctl(&l, "replica", &["-l", &log, "-w", "-t", "60", "start"]);
+        pg_ctl_start(&l, "replica");
     })
     .await;
     eventually("the restarted replica is up", &cluster, |c| {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pgtide::config::{ConfigDuration, Database, HostConfig, HostRole};
 use pgtide::demo::LocalCluster;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::SimpleQueryMessage;
 
 use crate::cluster::pg_ctl;
 use crate::harness::{self, to, APP_PASSWORD, APP_USER};
@@ -37,13 +37,6 @@ async fn pgtide_for(ports: &[u16]) -> pgtide::Pooler {
     harness::start_pgtide(config).await
 }
 
-async fn client(pooler: &pgtide::Pooler, db: &str) -> Client {
-    let s = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, db);
-    to("connect", harness::connect(&s))
-        .await
-        .expect("connect through pgtide")
-}
-
 fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
     msgs.iter()
         .filter_map(|m| match m {
@@ -57,7 +50,7 @@ fn rows(msgs: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
 
 /// SHOW HOSTS' `port`, `timeline` and `writes_refused`, per host of `rt`.
 async fn hosts(pooler: &pgtide::Pooler) -> Vec<(String, Option<String>, Option<String>)> {
-    let console = client(pooler, "pgtide").await;
+    let console = harness::app_at(pooler.local_addr(), "pgtide").await;
     let msgs = to("SHOW HOSTS", console.simple_query("SHOW HOSTS"))
         .await
         .expect("SHOW HOSTS");
@@ -116,9 +109,7 @@ async fn diverge(lc: &Arc<LocalCluster>) -> (u16, u16) {
         let _ports = harness::CLUSTER_PORTS.blocking_lock();
         pg_ctl(&l, "primary", &["-m", "fast", "-w", "stop"]);
         pg_ctl(&l, "replica", &["-w", "-t", "60", "promote"]);
-        let log = l.log_path(false);
-        let log = log.to_str().expect("utf-8 path").to_string();
-        pg_ctl(&l, "primary", &["-l", &log, "-w", "-t", "60", "start"]);
+        crate::cluster::pg_ctl_start(&l, "primary");
         // The old primary takes a write the promoted node never sees: it has diverged.
         l.psql(old, "rt", "INSERT INTO w VALUES (-1)")
             .expect("diverging write");
@@ -153,7 +144,7 @@ async fn writes_never_reach_the_old_primary_whichever_host_answers_first() {
             signal(late, libc::SIGCONT);
         });
         let what = format!("hosts {order:?}, postmaster {late} late");
-        let c = client(&pooler, "rt").await;
+        let c = harness::app_at(pooler.local_addr(), "rt").await;
         for i in 0..10 {
             let msgs = to(
                 "write",
@@ -201,7 +192,7 @@ async fn writes_never_reach_the_old_primary_whichever_host_answers_first() {
     // The promoted node stops: the old one, although up and out of recovery, is refused
     // (an ERROR naming the reason; the client keeps its connection).
     let pooler = pgtide_for(&[old, new]).await;
-    let c = client(&pooler, "rt").await;
+    let c = harness::app_at(pooler.local_addr(), "rt").await;
     let msgs = to(
         "write",
         c.simple_query("INSERT INTO w VALUES (100) RETURNING inet_server_port()"),
@@ -270,7 +261,7 @@ async fn primaries_of_different_clusters_take_no_writes_and_pgtide_says_why() {
     };
     let (a, b) = (Arc::new(alone().await), Arc::new(alone().await));
     let pooler = pgtide_for(&[a.primary_port, b.primary_port]).await;
-    let c = client(&pooler, "rt").await;
+    let c = harness::app_at(pooler.local_addr(), "rt").await;
     let e = to("write", c.simple_query("CREATE TABLE nope (v int)"))
         .await
         .expect_err("writes are refused");

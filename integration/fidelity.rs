@@ -147,9 +147,7 @@ async fn a_postgresql_restart_costs_clients_a_delay_not_their_connections() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let l = lc.clone();
     blocking(move || {
-        let log = l.log_path(false);
-        let log = log.to_str().expect("utf-8 path").to_string();
-        crate::cluster::pg_ctl(&l, "primary", &["-l", &log, "-w", "-t", "60", "start"]);
+        crate::cluster::pg_ctl_start(&l, "primary");
     })
     .await;
     drop(ports);

@@ -162,6 +162,16 @@ pub async fn connect(conn_str: &str) -> Result<tokio_postgres::Client, tokio_pos
     Ok(client)
 }
 
+/// Logs in through pgtide at `addr` to `db` as app (SCRAM); panics when it cannot.
+pub async fn app_at(addr: SocketAddr, db: &str) -> tokio_postgres::Client {
+    to(
+        "connect as app",
+        connect(&tcp_connect_string(addr, APP_USER, APP_PASSWORD, db)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("app cannot connect to {addr}/{db}: {e}"))
+}
+
 /// Address of the primary or replica, for connecting straight to PostgreSQL.
 pub fn direct_addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))

@@ -436,9 +436,7 @@ async fn readyz_follows_the_primary() {
     // The primary is back: ready again.
     let l = lc.clone();
     blocking(move || {
-        let log = l.log_path(false);
-        let log = log.to_str().expect("utf-8 path").to_string();
-        crate::cluster::pg_ctl(&l, "primary", &["-l", &log, "-w", "-t", "60", "start"]);
+        crate::cluster::pg_ctl_start(&l, "primary");
     })
     .await;
     until("ready again", || async {

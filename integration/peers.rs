@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::NoTls;
 
 use crate::cli::{free_addr, ChildGuard};
-use crate::harness::{self, to, APP_PASSWORD, APP_USER};
+use crate::harness::{self, to};
 
 /// A pgtide config for `db` on `listen` (shared, SO_REUSEPORT), as peer `id` of the
 /// peers at `peers` (their `peer_listen` addresses, by id from 1).
@@ -31,13 +31,6 @@ fn peer_config(
         .collect();
     c.pgtide.pool_size = 60;
     c
-}
-
-async fn connect(addr: SocketAddr, db: &str) -> Client {
-    let s = harness::tcp_connect_string(addr, APP_USER, APP_PASSWORD, db);
-    to("connect", harness::connect(&s))
-        .await
-        .expect("connect through pgtide")
 }
 
 /// Clients of `db` that a pgtide's metrics count (all states).
@@ -98,7 +91,7 @@ async fn cancels_reach_the_process_that_runs_the_query() {
     for wave in 0..5 {
         let mut clients = Vec::new();
         for _ in 0..40 {
-            clients.push(std::sync::Arc::new(connect(listen, &db).await));
+            clients.push(std::sync::Arc::new(harness::app_at(listen, &db).await));
         }
         let (a, b) = (clients_of(&one, &db).await, clients_of(&two, &db).await);
         assert_eq!(
@@ -155,8 +148,8 @@ async fn cancels_reach_the_process_that_runs_the_query() {
     );
 
     // A forged key and a stale key cancel nothing.
-    let c = std::sync::Arc::new(connect(listen, &db).await);
-    let gone = connect(listen, &db).await;
+    let c = std::sync::Arc::new(harness::app_at(listen, &db).await);
+    let gone = harness::app_at(listen, &db).await;
     let stale = gone.cancel_token();
     drop(gone);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -317,7 +310,7 @@ async fn rolling_restarts_fail_no_transaction() {
         let (stop, db) = (stop.clone(), db.clone());
         tokio::spawn(async move {
             let (mut done, mut reconnects, mut failed) = (0i32, 0, Vec::new());
-            let mut c = connect(listen, &db).await;
+            let mut c = harness::app_at(listen, &db).await;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 match c
                     .simple_query(&format!("INSERT INTO roll VALUES ({done})"))
@@ -326,7 +319,7 @@ async fn rolling_restarts_fail_no_transaction() {
                     Ok(_) => done += 1,
                     Err(e) if e.code() == Some(&SqlState::ADMIN_SHUTDOWN) || c.is_closed() => {
                         reconnects += 1;
-                        c = connect(listen, &db).await;
+                        c = harness::app_at(listen, &db).await;
                     }
                     Err(e) => failed.push(e.to_string()),
                 }
@@ -404,7 +397,7 @@ async fn during_shutdown_delay_readyz_fails_and_clients_are_still_served() {
     .await;
     let maddr = pooler.metrics_addr().expect("metrics");
     assert_eq!(crate::metrics::get(maddr, "/readyz").await.0, 200);
-    let idle = connect(addr, &db).await;
+    let idle = harness::app_at(addr, &db).await;
     let started = Instant::now();
     pooler.shutdown();
     let (status, body) = crate::metrics::get(maddr, "/readyz").await;
@@ -413,7 +406,7 @@ async fn during_shutdown_delay_readyz_fails_and_clients_are_still_served() {
         (503, "not ready: pgtide is shutting down")
     );
     // Within the delay: new clients get in and run queries, connected ones too.
-    let fresh = connect(addr, &db).await;
+    let fresh = harness::app_at(addr, &db).await;
     for c in [&fresh, &idle] {
         to("query", c.simple_query("SELECT 1"))
             .await

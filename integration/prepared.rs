@@ -15,7 +15,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::harness::{self, APP_PASSWORD, APP_USER};
-use crate::harness::{setup, to};
+use crate::harness::{app_at, setup, to};
 // The raw client is shared with protocol.rs, which includes the same file.
 use crate::rawpg;
 use rawpg::{bind, execute, parse, query, sync, tags, Msg, RawPg};
@@ -25,20 +25,6 @@ use rawpg::{bind, execute, parse, query, sync, tags, Msg, RawPg};
 const DIV: &str = "SELECT 100 / ($1::int + (random() * 0)::int)";
 
 const TRUST: &str = "pgtide_trust";
-
-async fn app_at(addr: SocketAddr, db: &str) -> Client {
-    to(
-        "connect as app",
-        harness::connect(&harness::tcp_connect_string(
-            addr,
-            APP_USER,
-            APP_PASSWORD,
-            db,
-        )),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("app cannot connect to {addr}/{db}: {e}"))
-}
 
 async fn raw(addr: SocketAddr, db: &str) -> RawPg {
     to("raw login", RawPg::login(addr, TRUST, db, &[])).await

@@ -13,25 +13,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, SimpleQueryMessage};
 
 use crate::harness::{self, APP_PASSWORD, APP_USER};
-use crate::harness::{setup, to};
+use crate::harness::{app_at, setup, to};
 use crate::rawpg;
 use rawpg::{tags, RawPg};
 
 const TRUST: &str = "pgtide_trust";
-
-async fn app(addr: SocketAddr, db: &str) -> tokio_postgres::Client {
-    to(
-        "connect as app",
-        harness::connect(&harness::tcp_connect_string(
-            addr,
-            APP_USER,
-            APP_PASSWORD,
-            db,
-        )),
-    )
-    .await
-    .expect("app logs in through pgtide")
-}
 
 async fn trust(addr: SocketAddr, db: &str) -> tokio_postgres::Client {
     to(
@@ -97,8 +83,8 @@ async fn still_pending<T>(h: &tokio::task::JoinHandle<T>) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_queries_on_one_client() {
     let (db, _p, addr) = setup("proto_pipe", |c| c.pgtide.pool_size = 1).await;
-    let a = app(addr, &db).await;
-    let b = app(addr, &db).await;
+    let a = app_at(addr, &db).await;
+    let b = app_at(addr, &db).await;
 
     // B does its own work on the one server connection all along.
     let other = tokio::spawn(async move {
@@ -203,7 +189,7 @@ async fn raw_extended_pipeline_with_failing_batch() {
 // 3 ------------------------------------------------------------------------------------
 
 async fn make_table(addr: SocketAddr, db: &str) -> tokio_postgres::Client {
-    let a = app(addr, db).await;
+    let a = app_at(addr, db).await;
     to(
         "create table",
         a.batch_execute(
@@ -252,7 +238,7 @@ async fn copy_in_and_out_with_tokio_postgres() {
     assert_eq!(row.get::<_, i64>(1), (0..10_000i64).sum::<i64>());
 
     // Another client gets the only server connection after the COPY.
-    let other = app(addr, &db).await;
+    let other = app_at(addr, &db).await;
     assert_eq!(
         one_int(&other, "SELECT count(*)::int FROM t").await,
         10_000,
@@ -454,7 +440,7 @@ async fn extended_protocol_copy_releases_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_statement_simple_queries() {
     let (db, _p, addr) = setup("proto_multi", |c| c.pgtide.pool_size = 1).await;
-    let a = app(addr, &db).await;
+    let a = app_at(addr, &db).await;
     to(
         "batch_execute",
         a.batch_execute(
@@ -506,8 +492,8 @@ async fn multi_statement_simple_queries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_in_transaction_then_rollback() {
     let (db, _p, addr) = setup("proto_txerr", |c| c.pgtide.pool_size = 1).await;
-    let a = app(addr, &db).await;
-    let b = app(addr, &db).await;
+    let a = app_at(addr, &db).await;
+    let b = app_at(addr, &db).await;
 
     to("begin", a.batch_execute("BEGIN")).await.expect("BEGIN");
     let e = to("bad", a.batch_execute("SELECT * FROM no_such_table"))
@@ -547,7 +533,7 @@ async fn error_in_transaction_then_rollback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_query() {
     let (db, _p, addr) = setup("proto_empty", |_| {}).await;
-    let a = app(addr, &db).await;
+    let a = app_at(addr, &db).await;
     let msgs = to("empty simple_query", a.simple_query(""))
         .await
         .expect("empty query succeeds");
@@ -675,7 +661,7 @@ async fn notification_in_session_mode() {
     to("LISTEN", listener.batch_execute("LISTEN chan"))
         .await
         .expect("LISTEN");
-    let notifier = app(addr, &db).await;
+    let notifier = app_at(addr, &db).await;
     to("NOTIFY", notifier.batch_execute("NOTIFY chan, 'payload 1'"))
         .await
         .expect("NOTIFY");

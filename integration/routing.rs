@@ -45,10 +45,7 @@ async fn routed(
 }
 
 pub(crate) async fn app(pooler: &pgtide::Pooler, db: &str) -> Client {
-    let s = harness::tcp_connect_string(pooler.local_addr(), APP_USER, APP_PASSWORD, db);
-    to("connect", harness::connect(&s))
-        .await
-        .expect("connect through pgtide")
+    harness::app_at(pooler.local_addr(), db).await
 }
 
 /// Runs `sql` (simple protocol) and returns the first column of its last row.
@@ -330,9 +327,7 @@ async fn lag_outage_and_failover_keep_clients_working() {
     .await;
     let l = lc.clone();
     blocking(move || {
-        let log = l.log_path(true);
-        let log = log.to_str().expect("utf-8 path").to_string();
-        crate::cluster::pg_ctl(&l, "replica", &["-l", &log, "-w", "-t", "60", "start"]);
+        crate::cluster::pg_ctl_start(&l, "replica");
     })
     .await;
     until_value(

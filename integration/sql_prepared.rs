@@ -9,24 +9,10 @@ use std::net::SocketAddr;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::harness::{self, setup, to, APP_PASSWORD, APP_USER};
+use crate::harness::{self, app_at, setup, to, APP_USER};
 use crate::rawpg::{self, Msg, RawPg};
 
 const TRUST: &str = "pgtide_trust";
-
-async fn app_at(addr: SocketAddr, db: &str) -> Client {
-    to(
-        "connect as app",
-        harness::connect(&harness::tcp_connect_string(
-            addr,
-            APP_USER,
-            APP_PASSWORD,
-            db,
-        )),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("app cannot connect to {addr}/{db}: {e}"))
-}
 
 /// The first column of the first row of a simple query.
 async fn value(c: &Client, sql: &str) -> String {

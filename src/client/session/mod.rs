@@ -516,12 +516,16 @@ impl Session {
                 return Box::pin(self.retry_on_primary()).await;
             }
         }
-        if self.server.is_some()
+        // Cheapest first: `rare` exists only on routed databases.
+        if self
+            .rare
+            .as_ref()
+            .is_some_and(|r| r.for_write && r.server_fatal.is_none())
+            && self.server.is_some()
+            && self.tracks_this_write()
             && self.login.mode == PoolMode::Transaction
             && self.server_idle()
             && self.pinned().is_none()
-            && self.rare.as_ref().is_some_and(|r| r.server_fatal.is_none())
-            && self.tracks_this_write()
         {
             // read_your_writes = "lsn": released before the answer goes out, so that the
             // write's position (learned at release) reaches the client before its
